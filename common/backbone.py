@@ -1,0 +1,76 @@
+"""ResNet stage features C2..C5 from torchvision ResNets, and loading backbone weights.
+
+The module keeps torchvision's attribute names (conv1, bn1, layer1..layer4), so a state_dict saved
+from it, or from `torchvision.models.resnetXX()`, loads in either direction without renaming.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from common.utils import UserError
+
+RESNETS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
+           "resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101,
+           "resnet152": torchvision.models.resnet152}
+
+
+class ResNetFeatures(nn.Module):
+    """A torchvision ResNet without avgpool/fc that returns [C2, C3, C4, C5] (strides 4, 8, 16, 32)."""
+
+    def __init__(self, name="resnet50", torchvision_weights=False):
+        super().__init__()
+        if name not in RESNETS:
+            raise UserError(f"unknown backbone {name!r}; choose from {', '.join(RESNETS)}")
+        # Downloads ImageNet weights only when asked; tests never ask.
+        net = RESNETS[name](weights="IMAGENET1K_V1" if torchvision_weights else None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3") else m[-1].conv2.out_channels
+                         for m in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+def load_backbone(backbone, path):
+    """Load a ResNet state_dict in torchvision key names into `backbone`; return a one-line report.
+
+    Accepts a bare state_dict or a dict holding one under 'state_dict'/'model'/'backbone', with an
+    optional 'module.' (DDP) or 'backbone.' prefix. Keys the backbone lacks (fc.*) are reported,
+    a shape mismatch is an error naming the key."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: pretrained backbone file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or non-torch file: say which and why, no traceback
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("backbone", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state_dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    own = backbone.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the {type(backbone).__name__} "
+                            f"expects {tuple(own[k].shape)} (wrong --backbone?)")
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if len(missing) == len(own):
+        raise UserError(f"{path}: no key matches a ResNet backbone (first keys: {list(state)[:3]})")
+    report = f"loaded {len(own) - len(missing)}/{len(own)} backbone tensors from {path}"
+    if missing:
+        report += f"; missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+    if unexpected:
+        report += f"; ignored: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+    return report

@@ -1,0 +1,74 @@
+"""Distributed helpers: one setup for torchrun and plain runs, rank-0 I/O, gathering results.
+
+Under torchrun (RANK/LOCAL_RANK/WORLD_SIZE set) this starts a process group, NCCL on CUDA and
+gloo on the CPU; as a plain process it is a world of one and every collective is a no-op.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device_arg="auto"):
+    """Return (rank, world_size, device); start the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t):
+    """Mean of a tensor over ranks (in place on a copy)."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def gather_objects(obj):
+    """List of every rank's `obj` (picklable), in rank order; [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_indices(n):
+    """This rank's share of range(n) for evaluation: rank r takes r, r + world, ... and nothing is
+    padded, so gathering the shards gives each sample exactly once (DistributedSampler would
+    repeat samples to even out the shards and bias the metric)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return list(range(rank, n, world_size()))
+
+
+def convert_sync_bn(model, device):
+    """SyncBatchNorm under multi-GPU DDP (as SimSiam/MoCo); plain BN elsewhere (SyncBN is CUDA-only)."""
+    if dist.is_initialized() and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

@@ -1,0 +1,246 @@
+"""Pose-estimation metrics: COCO OKS-AP (via pycocotools), OKS-NMS, MPII PCKh and torso-normalised PCK.
+
+Conventions (coordinates are pixels of the original image):
+- COCO ground truth and results use COCO's own convention (continuous, 0-based); nothing is shifted.
+- MPII: `.mat` ground truth (`pos_gt_src`, `headboxes_src`) is MATLAB 1-based. Predictions passed to `mpii_pckh` are
+  0-based (what our MPII reader produces after subtracting 1 from the 1-based annotations, as HRNet does); the
+  evaluator adds 1 back before comparing, exactly like HRNet/SimpleBaseline's `MPIIDataset.evaluate`.
+- HRNet-format `valid.json` annotations (`joints`) are 1-based, i.e. directly comparable with `pos_gt_src`.
+"""
+import contextlib
+import io
+import os
+
+import numpy as np
+import scipy.io
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from common.utils import UserError, load_json
+
+# ----------------------------------------------------------------------------------------------------------------------
+# COCO keypoint AP
+
+# Official per-keypoint OKS sigmas (pycocotools' default kpt_oks_sigmas), order nose, eyes, ears, shoulders, elbows,
+# wrists, hips, knees, ankles (left before right).
+COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10.0
+
+COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+
+
+def _load_coco_gt(gt):
+    """A pycocotools COCO object from a path (checked here so bad paths give a UserError) or an existing object."""
+    if isinstance(gt, COCO):
+        return gt
+    coco = COCO()
+    coco.dataset = load_json(os.fspath(gt), "ground-truth annotations")
+    if not isinstance(coco.dataset, dict) or "annotations" not in coco.dataset or "images" not in coco.dataset:
+        raise UserError(f"{gt}: not a COCO annotation file (needs 'images' and 'annotations')")
+    missing_area = [a.get("id") for a in coco.dataset["annotations"] if "area" not in a]
+    if missing_area:  # COCOeval's OKS divides by the GT area; without it pycocotools dies with a bare KeyError
+        raise UserError(f"{gt}: annotation id {missing_area[0]} has no 'area' (OKS needs it)")
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
+    """OKS keypoint AP/AR with pycocotools' COCOeval.
+
+    gt: path to a COCO keypoint annotation json or a pycocotools COCO object.
+    results: list of {image_id, category_id, keypoints (3K flat), score} or a path to such a json.
+    sigmas: per-keypoint OKS sigmas (default COCO_SIGMAS); required when K != 17 (e.g. CrowdPose).
+    Returns {AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl} as floats in [0, 1].
+    """
+    coco_gt = _load_coco_gt(gt)
+    where = "results"  # names the source in error messages
+    if not isinstance(results, list):
+        where = os.fspath(results)
+        results = load_json(where, "results")
+        if not isinstance(results, list):
+            raise UserError(f"{where}: results must be a JSON list of COCO result dicts")
+    if not results:  # loadRes indexes results[0]; an empty submission simply scores zero
+        return {name: 0.0 for name in COCO_STAT_NAMES}
+
+    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    bad = [r for r in results if len(r.get("keypoints", ())) != 3 * len(sigmas)]
+    if bad:
+        raise UserError(f"{where}: image {bad[0].get('image_id')} has a keypoints list of length "
+                        f"{len(bad[0].get('keypoints', ()))}, expected {3 * len(sigmas)} (3 x {len(sigmas)} sigmas)")
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:  # loadRes would only assert, without saying which image
+        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
+
+    # loadRes writes 'area', 'bbox', 'id' into each dict: copy so the caller's list stays untouched.
+    results = [dict(r) for r in results]
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        coco_eval = COCOeval(coco_gt, coco_dt, "keypoints")
+        coco_eval.params.kpt_oks_sigmas = sigmas
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {name: float(v) for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# OKS non-maximum suppression (SimpleBaseline/HRNet lib/nms/nms.py)
+
+def oks_iou(g, d, area_g, area_d, sigmas=None, vis_thresh=None):
+    """OKS between one pose g (K,3) and candidates d (M,K,3) -> (M,).
+
+    As in HRNet's NMS (not COCOeval): the scale is the mean of the two areas, and all K joints count unless
+    vis_thresh is given, in which case only joints with confidence > vis_thresh in BOTH poses count (HRNet's
+    `list(vg > t) and list(vd > t)` actually keeps only the candidate's mask; its COCO evaluation never passes t).
+    """
+    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
+    d = np.asarray(d, dtype=np.float64).reshape(len(area_d), len(g), 3)
+    variances = (2 * sigmas) ** 2
+    sq_dist = ((d[:, :, :2] - g[None, :, :2]) ** 2).sum(-1)                      # (M, K)
+    scale = (area_g + np.asarray(area_d, dtype=np.float64))[:, None] / 2 + np.spacing(1)
+    e = sq_dist / variances / scale / 2
+    if vis_thresh is None:
+        mask = np.ones_like(e, dtype=bool)
+    else:
+        mask = (g[None, :, 2] > vis_thresh) & (d[:, :, 2] > vis_thresh)
+    count = mask.sum(1)
+    return np.where(count > 0, (np.exp(-e) * mask).sum(1) / np.maximum(count, 1), 0.0)
+
+
+def oks_nms(kpts_db, thresh=0.9, sigmas=None, vis_thresh=None):
+    """Greedy NMS on poses: keep the best-scoring pose, drop every other with OKS > thresh, repeat.
+
+    kpts_db: list of {'keypoints': (K,3), 'score': float, 'area': float}. Returns kept indices, best score first.
+    """
+    if not kpts_db:
+        return []
+    scores = np.array([p["score"] for p in kpts_db], dtype=np.float64)
+    kpts = np.stack([np.asarray(p["keypoints"], dtype=np.float64).reshape(-1, 3) for p in kpts_db])
+    areas = np.array([p["area"] for p in kpts_db], dtype=np.float64)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(int(i))
+        ovr = oks_iou(kpts[i], kpts[order[1:]], areas[i], areas[order[1:]], sigmas, vis_thresh)
+        order = order[1:][ovr <= thresh]
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MPII PCKh (the official evaluation as ported in SimpleBaseline/HRNet lib/dataset/mpii.py)
+
+MPII_JOINTS = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
+# Rows of the papers' PCKh table: each is the unweighted mean of the listed joints' PCKh, as the official table.
+MPII_GROUPS = {"Head": (9, 8), "Shoulder": (13, 12), "Elbow": (14, 11), "Wrist": (15, 10),
+               "Hip": (3, 2), "Knee": (4, 1), "Ankle": (5, 0)}
+MPII_NOT_IN_MEAN = (6, 7)  # pelvis and thorax: not part of the benchmark's mean
+MPII_SC_BIAS = 0.6         # head size = 0.6 x head-box diagonal (the official normaliser)
+MPII_TABLE = list(MPII_GROUPS) + ["Mean", "Mean@0.1"]
+
+
+def load_mpii_gt(mat_path):
+    """Read an MPII gt_valid.mat-style file -> dict(pos_gt_src (16,2,N), jnt_missing (16,N), headboxes_src (2,2,N)).
+
+    All coordinates are MATLAB 1-based; jnt_missing is 1 for joints that were not annotated."""
+    if not os.path.isfile(mat_path):
+        raise UserError(f"{mat_path}: MPII ground-truth .mat not found")
+    try:
+        mat = scipy.io.loadmat(mat_path)
+    except (ValueError, OSError, NotImplementedError, scipy.io.matlab.MatReadError) as e:
+        raise UserError(f"{mat_path}: cannot read as a .mat file ({e})") from None
+    expected = {"pos_gt_src": (16, 2), "jnt_missing": (16,), "headboxes_src": (2, 2)}
+    for key in expected:
+        if key not in mat:
+            raise UserError(f"{mat_path}: key '{key}' missing (expected the gt_valid.mat layout)")
+    gt = {key: np.asarray(mat[key], dtype=np.float64) for key in expected}
+    n = gt["pos_gt_src"].shape[-1]
+    for key, lead in expected.items():
+        if gt[key].shape != lead + (n,):
+            raise UserError(f"{mat_path}: '{key}' has shape {gt[key].shape}, expected {lead + (n,)}")
+    return gt
+
+
+def mpii_pckh(preds, gt, index=None):
+    """PCKh table of `preds` (M,16,2), 0-based pixels, against the .mat columns `index` (M,) (None = all N, in order).
+
+    Returns {Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle, Mean, Mean@0.1} in percent plus 'per_joint' (16 PCKh@0.5
+    values, NaN for a joint with no annotated instance in the subset)."""
+    preds = np.asarray(preds, dtype=np.float64)
+    index = np.arange(gt["pos_gt_src"].shape[-1]) if index is None else np.asarray(index)
+    if preds.shape != (len(index), 16, 2):
+        raise UserError(f"predictions have shape {preds.shape}, expected ({len(index)}, 16, 2)")
+    pos_gt = gt["pos_gt_src"][:, :, index]                                 # (16, 2, M), 1-based
+    visible = gt["jnt_missing"][:, index] == 0                             # (16, M)
+    boxes = gt["headboxes_src"][:, :, index]
+    headsize = MPII_SC_BIAS * np.linalg.norm(boxes[1] - boxes[0], axis=0)  # (M,)
+    pos_pred = np.transpose(preds, (1, 2, 0)) + 1.0                        # 0-based -> 1-based, like HRNet
+    scaled_err = np.linalg.norm(pos_pred - pos_gt, axis=1) / headsize      # (16, M)
+
+    count = visible.sum(1)
+    in_mean = np.ones(16, dtype=bool)
+    in_mean[list(MPII_NOT_IN_MEAN)] = False
+
+    def pck(thr):
+        # `<=` as in the official code: a prediction exactly at thr x head size is correct.
+        hits = ((scaled_err <= thr) & visible).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_joint = 100.0 * hits / count
+            # The official mean weights each joint's PCKh by its share of annotated joints (jnt_ratio), which
+            # equals all hits over all annotated joints, pelvis and thorax excluded.
+            mean = 100.0 * hits[in_mean].sum() / count[in_mean].sum()
+        return per_joint, mean
+
+    per_joint, mean = pck(0.5)
+    _, mean_01 = pck(0.1)
+    table = {name: float(np.mean(per_joint[list(joints)])) for name, joints in MPII_GROUPS.items()}
+    table.update({"Mean": float(mean), "Mean@0.1": float(mean_01), "per_joint": per_joint.tolist()})
+    return table
+
+
+def match_mpii_gt(annotations, gt, tol=1.0):
+    """Column of the .mat for each person of an HRNet-format valid.json list -> (M,) int array.
+
+    A person matches the column whose annotated joints have the same missing pattern and lie within `tol` pixels
+    (both 1-based: valid.json stores the MATLAB coordinates). Lets a subset of the validation split be evaluated."""
+    pos_gt = np.transpose(gt["pos_gt_src"], (2, 0, 1))  # (N, 16, 2)
+    annotated = gt["jnt_missing"].T == 0                 # (N, 16)
+    index = np.empty(len(annotations), dtype=np.int64)
+    for i, person in enumerate(annotations):
+        joints = np.asarray(person["joints"], dtype=np.float64)
+        vis = np.asarray(person["joints_vis"]) > 0
+        same_pattern = (annotated == vis).all(1)
+        # Largest joint error over the annotated joints; columns with another missing pattern are ruled out.
+        err = np.where(vis, np.linalg.norm(pos_gt - joints, axis=2), 0.0).max(1)
+        err[~same_pattern] = np.inf
+        best = int(err.argmin())
+        if err[best] > tol:
+            raise UserError(f"person {i} ({person.get('image', '?')}): no ground-truth column within {tol} px "
+                            f"(closest {err[best]:.2f} px)")
+        index[i] = best
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Torso-normalised PCK (MRPose Eq. 3)
+
+def pck_torso(pred, gt, visible, thr=0.2, rhip=12, lsho=5):
+    """PCK with r = thr: joint i is correct when ||y_i - y^_i|| / ||y_rhip - y_lsho|| <= thr.
+
+    pred, gt: (N,K,2); visible: (N,K) bool, joints to score. Defaults are COCO indices (right hip 12, left
+    shoulder 5). Samples whose torso is not annotated (either joint invisible, or zero length) cannot be normalised
+    and are skipped. Returns (per_joint (K,) percent, mean percent over all counted joints); NaN where nothing
+    counted."""
+    pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    visible = np.asarray(visible, dtype=bool)
+    torso = np.linalg.norm(gt[:, rhip] - gt[:, lsho], axis=-1)                   # (N,)
+    usable = visible[:, rhip] & visible[:, lsho] & (torso > 0)
+    counted = visible & usable[:, None]
+    dist = np.linalg.norm(pred - gt, axis=-1) / np.where(usable, torso, 1.0)[:, None]
+    hits = (dist <= thr) & counted
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_joint = 100.0 * hits.sum(0) / counted.sum(0)
+        mean = 100.0 * hits.sum() / counted.sum()
+    return per_joint, float(mean)

@@ -1,0 +1,116 @@
+"""Small helpers shared by every script: user-facing errors, atomic writes, seeding, progress."""
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, corrupt image, wrong checkpoint).
+
+    Scripts catch it at the top level and print its one-line message instead of a traceback."""
+
+
+def run_main(main):
+    """Run `main()`, turning a UserError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        # a DataLoader worker re-raises with the worker's traceback in the message: keep its last line
+        msg = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f), mode="w")
+
+
+def load_json(path, what="file"):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Progress:
+    """One progress line every `every` iterations: iteration, loss, img/s, ETA."""
+
+    def __init__(self, total, every=20, enabled=True, prefix=""):
+        self.total, self.every, self.enabled, self.prefix = total, every, enabled, prefix
+        self.t0 = self.last_t = time.time()
+        self.count = 0
+
+    def step(self, it, n_images, **values):
+        self.count += n_images
+        if not self.enabled or (it + 1) % self.every and it + 1 != self.total:
+            return
+        now = time.time()
+        rate = self.count / max(now - self.last_t, 1e-9)
+        eta = (self.total - it - 1) * (now - self.t0) / (it + 1)
+        vals = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"{self.prefix}[{it + 1}/{self.total}] {vals} {rate:.1f} img/s eta {eta / 60:.1f} min", flush=True)
+        self.last_t, self.count = now, 0
+
+
+def save_checkpoint(path, state):
+    """torch.save through a temp file + rename, so a crash never leaves a truncated checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, what="checkpoint"):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def rng_state():
+    """Every RNG a run draws from, for exact resumption."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array travels as a tensor: weights_only loading refuses pickled ndarrays
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,249 @@
+"""Unit tests of the top-down core: targets, decoding, crop geometry, flip test, models, backbone I/O."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import mrpose
+from common.backbone import ResNetFeatures, load_backbone
+from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset
+from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
+from common.transforms import affine_matrix, apply_affine, heatmap_to_image, invert_affine, warp_image
+from common.utils import UserError
+
+
+def hrnet_targets(joints, vis, input_size, heatmap_size, sigma=2):
+    """HRNet's JointsDataset.generate_target, per joint in Python, written out as the reference."""
+    k = len(joints)
+    w, h = heatmap_size
+    target = np.zeros((k, h, w), np.float32)
+    weight = (vis > 0).astype(np.float32)
+    tmp = sigma * 3
+    stride = np.array(input_size) / np.array(heatmap_size)
+    for j in range(k):
+        mu_x = int(joints[j][0] / stride[0] + 0.5)
+        mu_y = int(joints[j][1] / stride[1] + 0.5)
+        ul = [int(mu_x - tmp), int(mu_y - tmp)]
+        br = [int(mu_x + tmp + 1), int(mu_y + tmp + 1)]
+        if ul[0] >= w or ul[1] >= h or br[0] < 0 or br[1] < 0:
+            weight[j] = 0
+            continue
+        size = 2 * tmp + 1
+        x = np.arange(0, size, 1, np.float32)
+        y = x[:, None]
+        g = np.exp(-((x - size // 2) ** 2 + (y - size // 2) ** 2) / (2 * sigma ** 2))
+        g_x = max(0, -ul[0]), min(br[0], w) - ul[0]
+        g_y = max(0, -ul[1]), min(br[1], h) - ul[1]
+        img_x = max(0, ul[0]), min(br[0], w)
+        img_y = max(0, ul[1]), min(br[1], h)
+        if weight[j] > 0.5:
+            target[j][img_y[0]:img_y[1], img_x[0]:img_x[1]] = g[g_y[0]:g_y[1], g_x[0]:g_x[1]]
+    return target, weight
+
+
+def test_batched_targets_equal_hrnet_loop():
+    rng = np.random.default_rng(0)
+    joints = rng.uniform(-40, 230, size=(6, 17, 2)).astype(np.float32)  # many off the crop
+    vis = (rng.random((6, 17)) > 0.2).astype(np.float32)
+    target, weight = gaussian_targets(torch.from_numpy(joints), torch.from_numpy(vis), (192, 256), (48, 64))
+    for b in range(6):
+        ref_t, ref_w = hrnet_targets(joints[b], vis[b], (192, 256), (48, 64))
+        np.testing.assert_allclose(target[b].numpy(), ref_t, atol=1e-6)
+        np.testing.assert_array_equal(weight[b].numpy(), ref_w)
+    assert 0 < weight.sum() < weight.numel()  # the case mixes kept and dropped joints
+
+
+def test_target_decode_round_trip_within_half_heatmap_pixel():
+    rng = np.random.default_rng(1)
+    joints = torch.from_numpy(rng.uniform(12, 180, size=(4, 17, 2)).astype(np.float32))
+    target, _ = gaussian_targets(joints, torch.ones(4, 17), (192, 256), (48, 64))
+    coords, maxvals = decode_heatmaps(target)
+    # HRNet targets sit on the nearest heatmap pixel: the round trip is exact up to that rounding
+    err = (coords * 4 - joints).abs()
+    assert err.max() <= 2.0 + 1e-4  # half a heatmap pixel = 2 input pixels
+    assert torch.allclose(maxvals, torch.ones_like(maxvals))
+
+
+def test_quarter_offset_decoding_of_subpixel_gaussian():
+    # a Gaussian centred between pixels: argmax + quarter shift lands within 0.25 px of the centre
+    h, w = 32, 24
+    centers = torch.tensor([[10.1, 7.3], [10.4, 20.45], [5.0, 5.0], [12.7, 3.6]])
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    maps = torch.stack([torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 8) for cx, cy in centers])[None]
+    coords, _ = decode_heatmaps(maps)
+    assert (coords[0] - centers).abs().max() <= 0.25 + 1e-6
+    plain = maps.reshape(1, 4, -1).argmax(-1)
+    plain_xy = torch.stack([plain % w, plain // w], -1).float()
+    assert ((coords[0] - centers).norm(dim=-1) <= (plain_xy[0] - centers).norm(dim=-1) + 1e-6).all()
+
+
+def test_decode_zero_heatmap_gives_origin_with_zero_confidence():
+    coords, maxvals = decode_heatmaps(torch.zeros(1, 2, 8, 6))
+    assert torch.equal(coords, torch.zeros(1, 2, 2)) and torch.equal(maxvals, torch.zeros(1, 2))
+
+
+def test_affine_matrix_matches_hrnet_three_point_construction():
+    def hrnet_affine(center, scale, rot, out):
+        # HRNet get_affine_transform with scale in pixels (HRNet multiplies its scale by 200 first)
+        src_w, dst_w, dst_h = scale[0], out[0], out[1]
+        r = math.radians(rot)
+        src_dir = np.array([-src_w * -0.5 * math.sin(r), src_w * -0.5 * math.cos(r)])
+        src = np.array([center, center + src_dir, np.zeros(2)], np.float32)
+        dst = np.array([[dst_w * 0.5, dst_h * 0.5], [dst_w * 0.5, dst_h * 0.5 - dst_w * 0.5], [0, 0]], np.float32)
+        for p in (src, dst):
+            d = p[0] - p[1]
+            p[2] = p[1] + np.array([-d[1], d[0]])
+        a = np.hstack([src, np.ones((3, 1))])
+        return np.linalg.solve(a, dst).T
+
+    for center, scale, rot in [((100.0, 80.0), (150.0, 200.0), 0.0), ((50.0, 120.0), (90.0, 120.0), 25.0),
+                               ((300.5, 10.0), (60.0, 80.0), -40.0)]:
+        ours = affine_matrix(np.array(center), np.array(scale), rot, (192, 256))
+        np.testing.assert_allclose(ours, hrnet_affine(np.array(center), np.array(scale), rot, (192, 256)), atol=1e-3)
+
+
+def _dot_image(points, size=(240, 200), radius=2):
+    """Black image with a distinct colour dot per point; returns it and the colours."""
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    colours = [(255, (37 * j) % 256, (91 * j) % 256) for j in range(len(points))]
+    for (x, y), c in zip(points, colours):
+        xi, yi = int(round(x)), int(round(y))
+        img[yi - radius:yi + radius + 1, xi - radius:xi + radius + 1] = c
+    return Image.fromarray(img), colours
+
+
+@pytest.mark.parametrize("rot,flip", [(0.0, False), (30.0, False), (-20.0, True), (0.0, True)])
+def test_warp_moves_joints_with_their_pixels(rot, flip):
+    pts = np.array([[60.0, 50.0], [150.0, 70.0], [100.0, 120.0], [80.0, 160.0], [170.0, 150.0]])
+    img, _ = _dot_image(pts)
+    m = affine_matrix(np.array([115.0, 105.0]), np.array([180.0, 240.0]), rot, (96, 128), flip=flip, image_width=240)
+    crop = np.asarray(warp_image(img, m, (96, 128))).astype(np.float32).sum(-1)
+    moved = apply_affine(pts, m)
+    for x, y in moved:
+        # the bright dot is centred on the moved joint: its intensity centroid nearby is within 0.5 px
+        x0, y0 = int(round(x)), int(round(y))
+        win = crop[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
+        yy, xx = np.mgrid[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
+        assert win.sum() > 0
+        assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5
+    np.testing.assert_allclose(apply_affine(moved, invert_affine(m)), pts, atol=1e-6)
+
+
+def test_training_crops_keep_joint_identity_under_flip(tmp_path):
+    # distinct colour per joint: after any augmentation, returned joint j sits on the dot drawn for the
+    # joint that j now stands for (left and right swap under a flip)
+    rng = np.random.default_rng(0)
+    pts = np.stack([rng.uniform(60, 180, 17), rng.uniform(50, 250, 17)], 1)
+    img, colours = _dot_image(pts, size=(240, 300), radius=3)
+    img.save(tmp_path / "a.png")
+    rec = dict(image=str(tmp_path / "a.png"), image_id=1, center=np.array([120.0, 150.0], np.float32),
+               scale=np.array([225.0, 300.0], np.float32), joints=pts.astype(np.float32),
+               visible=np.ones(17, np.float32), area=1.0, score=1.0)
+    ds = TopDownDataset([rec], (96, 128), COCO_FLIP_PAIRS, COCO_UPPER, train=True, scale_factor=0.2,
+                        rot_factor=20, flip=True, seed=3)
+    perm = list(range(17))
+    for a, b in COCO_FLIP_PAIRS:
+        perm[a], perm[b] = b, a
+    flips_seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        crop = s["image"].numpy().transpose(1, 2, 0) * np.array([0.229, 0.224, 0.225]) + np.array([0.485, 0.456, 0.406])
+        crop = crop * 255
+        # which original joint is at returned joint 0 (nose has no pair) and 5 (left shoulder)?
+        flipped = None
+        for j in (5, 7, 9):
+            x, y = s["joints"][j].round().int().tolist()
+            if not (0 <= x < 96 and 0 <= y < 128):
+                continue
+            pixel = crop[y, x]
+            dist_same = np.abs(pixel - colours[j]).sum()
+            dist_swap = np.abs(pixel - colours[perm[j]]).sum()
+            assert min(dist_same, dist_swap) < 60, "joint is not on a dot"
+            flipped = dist_swap < dist_same
+        flips_seen.add(flipped)
+    assert {True, False} <= flips_seen  # both branches were exercised
+
+
+def test_flip_back_with_shift_reproduces_unflipped_heatmaps():
+    # joints at x = 4m + 1 (input px): the mirrored crop's heatmap, flipped back and shifted one pixel
+    # right as in the flip test, equals the heatmap of the unflipped crop
+    w_in, h_in = 96, 128
+    joints = torch.tensor([[[4 * m + 1.0, 4 * m + 9.0] for m in range(3, 20)]])
+    vis = torch.ones(1, 17)
+    ref, _ = gaussian_targets(joints, vis, (w_in, h_in), (24, 32))
+    perm = list(range(17))
+    for a, b in COCO_FLIP_PAIRS:
+        perm[a], perm[b] = b, a
+    mirrored = joints.clone()
+    mirrored[..., 0] = w_in - 1 - mirrored[..., 0]
+    mirrored = mirrored[:, perm]
+    heat, _ = gaussian_targets(mirrored, vis, (w_in, h_in), (24, 32))
+    back = flip_back(heat, COCO_FLIP_PAIRS)
+    back = torch.cat([back[..., :1], back[..., :-1]], dim=-1)
+    assert torch.allclose(back[..., 1:], ref[..., 1:], atol=1e-6)
+
+
+def test_heatmap_to_image_inverts_the_test_crop():
+    center, scale = np.array([300.0, 200.0]), np.array([150.0, 200.0])
+    m = affine_matrix(center, scale, 0.0, (48, 64))
+    pts = np.array([[250.0, 150.0], [330.0, 280.0]])
+    hm = torch.from_numpy(apply_affine(pts, m)).float()[None]
+    back = heatmap_to_image(hm, torch.tensor(center[None]).float(), torch.tensor(scale[None]).float(), (48, 64))
+    np.testing.assert_allclose(back[0].numpy(), pts, atol=1e-3)
+
+
+R50_PARAMS = {"simplebaseline": 33_999_697, "mrheatnet1": 34_017_785, "mrheatnet2": 34_022_409,
+              "mrfeanet1": 41_341_265, "mrfeanet2": 80_141_137}
+
+
+@pytest.mark.parametrize("arch", list(R50_PARAMS))
+def test_parameter_counts_match_official_code(arch):
+    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet50"])
+    model, _ = mrpose.build_model(args)
+    assert sum(p.numel() for p in model.parameters()) == R50_PARAMS[arch]
+
+
+@pytest.mark.parametrize("arch", list(R50_PARAMS))
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
+def test_every_arch_trains_on_basic_block_backbones(arch, backbone):
+    # the official MRFeaNet crashes on ResNet-18/34; MRHeatNet1's official in-place add breaks backward
+    args = mrpose.get_args(["--data", "mpii", "--arch", arch, "--backbone", backbone, "--input-size", "64", "96"])
+    model, _ = mrpose.build_model(args)
+    out = model(torch.randn(2, 3, 96, 64))
+    assert out.shape == (2, 16, 24, 16)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_head_starts_from_small_gaussian_weights():
+    args = mrpose.get_args(["--data", "coco", "--arch", "mrheatnet1", "--backbone", "resnet18"])
+    model, _ = mrpose.build_model(args)
+    head = [m.weight for n, m in model.named_modules() if not n.startswith("backbone")
+            and isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert head and all(0.0005 < w.std().item() < 0.002 for w in head)
+
+
+def test_backbone_loads_torchvision_state_dict_and_reports_fc(tmp_path):
+    ref = torchvision.models.resnet18()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    feats = ResNetFeatures("resnet18")
+    report = load_backbone(feats, str(tmp_path / "r18.pth"))
+    assert "120/120" in report and "ignored: fc.weight, fc.bias" in report
+    for k, v in feats.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k])
+    x = torch.randn(1, 3, 64, 64)
+    ref.eval(), feats.eval()
+    with torch.no_grad():
+        c5 = feats(x)[3]
+        expected = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+    assert torch.allclose(c5, expected)
+
+
+def test_backbone_shape_mismatch_is_a_clear_error(tmp_path):
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(UserError, match="r50.pth: .*shape"):
+        load_backbone(ResNetFeatures("resnet18"), str(tmp_path / "r50.pth"))
