@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from common.utils import UserError, run_main, save_json
 
 # Bump whenever drawing or annotation changes, so cached datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 KEYPOINT_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -87,7 +87,7 @@ def _sample_pose(rng):
     The only left/right cue in the image is the face (eyes and nose vs. hair), so horizontal-flip
     augmentation with the usual left/right label swap stays consistent with the pixels.
     """
-    front = rng.random() < 0.75
+    front = rng.random() < 0.9
     left_side = 1.0 if front else -1.0          # image side (+1 = right) of the person's left limbs
     kp = np.zeros((17, 2))
 

@@ -1,0 +1,526 @@
+"""Throughput of the shipped MRPose code on the current device: training, data pipeline, evaluation.
+
+    python -m eval.bench                                  # CPU: a few minutes on 2 cores
+    python -m eval.bench --device cuda --out bench.json   # GPU: the five heads on ResNet-50, MFU
+    python -m eval.bench --quick                          # smoke test: ResNet-18 only, < 1 min on a CPU
+
+1. Training: the step of mrpose.py's loop (forward, gaussian_targets on the device, joints MSE,
+   Adam) on models built by mrpose.build_model at the paper's COCO input 256x192, 17 joints.
+   Each (arch, backbone, mode) runs in a fresh process, so its peak memory is its own.
+2. Data: samples/s of one worker on real COCO images and boxes: TopDownDataset with the COCO
+   preset's augmentation plus batched gaussian_targets, against a re-implementation of the
+   reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
+3. Evaluation: img/s of mrpose.predict's inner loop (forward, flip test, decode, back-projection).
+
+It only measures and prints; nothing here asserts a speed.
+"""
+import argparse
+import copy
+import datetime
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import default_collate
+
+import mrpose
+from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
+from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, heatmap_to_image, warp_image
+from common.utils import UserError, run_main, save_json
+
+ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"]
+# CPU default: the baseline and the paper's best head on ResNet-50, and the baseline on ResNet-18
+CPU_PAIRS = [("simplebaseline", "resnet50"), ("mrfeanet2", "resnet50"), ("simplebaseline", "resnet18")]
+# mode -> mrpose.py flags; CPU shows whether channels_last alone helps, CUDA the fast training setting
+MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
+# dense bf16 peak (no sparsity) for the MFU; H100 SXM and H200 share the same tensor cores
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SHARED_COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "shared", "data", "coco_mini")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--archs", nargs="+", choices=ALL_ARCHS, default=None,
+                   help="default: all five on CUDA; simplebaseline mrfeanet2 on the CPU")
+    p.add_argument("--backbones", nargs="+", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                   help="default resnet50 (CPU: plus simplebaseline-resnet18); the first one is also the evaluation model")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 8 on the CPU")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 50 on CUDA, 3 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 10 on CUDA, 1 on the CPU)")
+    p.add_argument("--samples", type=int, default=None, help="data pipeline samples per implementation (default 256)")
+    p.add_argument("--coco-root", default=SHARED_COCO,
+                   help="COCO folder with annotations/person_keypoints_train2017.json and train2017/")
+    p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
+    p.add_argument("--out", default=None, help="also write every table as JSON here")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    if args.device == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA device available")
+    args.device = torch.device("cuda" if cuda else "cpu")
+    if args.quick:
+        args.archs, args.backbones = args.archs or ["simplebaseline"], args.backbones or ["resnet18"]
+        args.batch_size = args.batch_size or 2
+    if args.archs is None and args.backbones is None and not cuda:
+        args.pairs = CPU_PAIRS
+    else:
+        archs = args.archs or (ALL_ARCHS if cuda else ["simplebaseline", "mrfeanet2"])
+        args.pairs = [(a, b) for b in (args.backbones or ["resnet50"]) for a in archs]
+    args.eval_backbone = (args.backbones or ["resnet50"])[0]
+    args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else ["fp32", "channels_last"]
+    args.batch_size = args.batch_size or (32 if cuda else 8)
+    args.iters = args.iters or (1 if args.quick else 50 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 1)
+    args.samples = args.samples or (16 if args.quick else 256)
+    args.threads = torch.get_num_threads()
+    return args
+
+
+def mrpose_args(arch, backbone, batch_size, mode):
+    """mrpose.py's own arguments for the COCO preset: 192x256 input, 48x64 heatmaps, 17 joints."""
+    return mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", backbone,
+                            "--batch-size", str(batch_size)] + MODES[mode])
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def peak_bf16_flops(name):
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(batch_size, args, device, seed=0):
+    """A loader-like CPU batch (pinned on CUDA, as mrpose's loader): images, joints inside the crop,
+    about 80% of the joints labeled."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = args.input_size
+    batch = {"image": torch.randn(batch_size, 3, h, w, generator=g),
+             "joints": torch.rand(batch_size, args.num_joints, 2, generator=g) * torch.tensor([w, h]),
+             "visible": (torch.rand(batch_size, args.num_joints, generator=g) < 0.8).float(),
+             "center": torch.full((batch_size, 2), 100.0), "scale": torch.full((batch_size, 2), 200.0)}
+    return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
+
+
+def forward_flops(model, x):
+    """FLOPs of one forward pass over x, counted by torch's FlopCounterMode on one image (linear in batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x[:1])
+    model.train()
+    return counter.get_total_flops() * x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Training throughput
+
+def train_step(model, optimizer, scheduler, scaler, batch, args, device):
+    """One iteration of mrpose.main's training loop, line for line."""
+    x = mrpose.to_memory_format(batch["image"].to(device, non_blocking=True), args)
+    target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
+                                      args.input_size, args.heatmap_size, args.sigma)
+    with mrpose.autocast(args, device):
+        output = model(x)
+    loss = joints_mse_loss(output.float(), target, weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+def train_config(cfg):
+    """Time one (arch, backbone, mode); runs in its own process so peak memory is this config's."""
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = mrpose_args(cfg["arch"], cfg["backbone"], cfg["batch_size"], cfg["mode"])
+    model = mrpose.build_model(args)[0].to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [10 ** 9], gamma=0.1)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+    batch = synthetic_batch(cfg["batch_size"], args, device)
+    flops = 3 * forward_flops(model, mrpose.to_memory_format(batch["image"].to(device), args))  # fwd + 2x bwd
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for _ in range(cfg["warmup"]):
+        train_step(model, optimizer, scheduler, scaler, batch, args, device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        loss = train_step(model, optimizer, scheduler, scaler, batch, args, device)
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dict(arch=cfg["arch"], backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
+                img_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3, peak_mib=peak,
+                step_tflop=flops / 1e12, tflop_per_s=flops / dt / 1e12, loss=float(loss))
+
+
+def bench_training(args, peak_flops):
+    rows = []
+    spawn = multiprocessing.get_context("spawn")  # fresh process: CUDA-safe, and its own RSS high-water mark
+    for arch, backbone in args.pairs:
+        for mode in args.modes:
+            cfg = dict(arch=arch, backbone=backbone, mode=mode, device=args.device.type, batch_size=args.batch_size,
+                       iters=args.iters, warmup=args.warmup, threads=args.threads)
+            with spawn.Pool(1) as pool:
+                row = pool.apply(train_config, (cfg,))
+            if args.device.type == "cuda":
+                row["mfu"] = row["tflop_per_s"] * 1e12 / peak_flops if peak_flops else None
+            rows.append(row)
+            print(f"  train {arch} {backbone} {mode}: {row['img_per_s']:.1f} img/s", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data pipeline. The reference below re-implements HRNet's JointsDataset.__getitem__ for COCO
+# training (lib/dataset/JointsDataset.py, lib/utils/transforms.py) without cv2, which must not be
+# installed: PIL decodes (straight to RGB, where cv2 decodes BGR and HRNet converts) and the same
+# PIL bilinear warp as mrpose stands in for cv2.warpAffine. Everything else is HRNet's code path:
+# global numpy/random draws, a deep copy of the record, the three-point affine, the per-joint
+# transform loop, torchvision ToTensor + Normalize, and generate_target's per-joint Python loop.
+
+def ref_get_dir(src_point, rot_rad):
+    sn, cs = np.sin(rot_rad), np.cos(rot_rad)
+    return [src_point[0] * cs - src_point[1] * sn, src_point[0] * sn + src_point[1] * cs]
+
+
+def ref_get_3rd_point(a, b):
+    direct = a - b
+    return b + np.array([-direct[1], direct[0]], dtype=np.float32)
+
+
+def ref_get_affine_transform(center, scale, rot, output_size):
+    """HRNet's get_affine_transform (shift 0); cv2.getAffineTransform is the 3-point solve."""
+    scale_tmp = scale * 200.0
+    src_w, dst_w, dst_h = scale_tmp[0], output_size[0], output_size[1]
+    rot_rad = np.pi * rot / 180
+    src_dir = ref_get_dir([0, src_w * -0.5], rot_rad)
+    dst_dir = np.array([0, dst_w * -0.5], np.float32)
+    src, dst = np.zeros((3, 2), dtype=np.float32), np.zeros((3, 2), dtype=np.float32)
+    src[0, :] = center
+    src[1, :] = center + src_dir
+    dst[0, :] = [dst_w * 0.5, dst_h * 0.5]
+    dst[1, :] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
+    src[2:, :] = ref_get_3rd_point(src[0, :], src[1, :])
+    dst[2:, :] = ref_get_3rd_point(dst[0, :], dst[1, :])
+    return np.linalg.solve(np.hstack([src, np.ones((3, 1), np.float32)]).astype(np.float64), dst).T
+
+
+def ref_affine_transform(pt, t):
+    new_pt = np.array([pt[0], pt[1], 1.0]).T
+    return np.dot(t, new_pt)[:2]
+
+
+def ref_fliplr_joints(joints, joints_vis, width, matched_parts):
+    joints[:, 0] = width - joints[:, 0] - 1
+    for a, b in matched_parts:
+        joints[a, :], joints[b, :] = joints[b, :], joints[a, :].copy()
+        joints_vis[a, :], joints_vis[b, :] = joints_vis[b, :], joints_vis[a, :].copy()
+    return joints * joints_vis, joints_vis
+
+
+class ReferenceJointsDataset(torch.utils.data.Dataset):
+    """reference-style (HRNet per-joint loop): HRNet's COCO training sample, targets built per sample."""
+
+    def __init__(self, records, image_size=(192, 256), heatmap_size=(48, 64), sigma=2.0, scale_factor=0.4,
+                 rotation_factor=15.0, prob_half_body=0.3):
+        # HRNet's records: joints_3d (K, 3), joints_3d_vis (K, 3), scale in units of 200 px.
+        # rotation_factor 15 with HRNet's law clip(N(0, rf), ±2rf) is mrpose's ±30° COCO preset.
+        self.db = [dict(image=r["image"], center=r["center"].copy(), scale=r["scale"] / 200.0, score=r["score"],
+                        joints_3d=np.concatenate([r["joints"], np.zeros((len(r["joints"]), 1), np.float32)], 1),
+                        joints_3d_vis=np.repeat(r["visible"][:, None], 3, 1) * np.array([1, 1, 0], np.float32))
+                   for r in records]
+        self.num_joints, self.flip_pairs, self.upper_body_ids = 17, COCO_FLIP_PAIRS, COCO_UPPER
+        self.image_size, self.heatmap_size = np.array(image_size), np.array(heatmap_size)
+        self.out_size = (int(image_size[0]), int(image_size[1]))
+        self.aspect_ratio, self.pixel_std, self.sigma = image_size[0] / image_size[1], 200, sigma
+        self.scale_factor, self.rotation_factor, self.flip = scale_factor, rotation_factor, True
+        self.num_joints_half_body, self.prob_half_body = 8, prob_half_body
+        self.transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist())])
+
+    def __len__(self):
+        return len(self.db)
+
+    def half_body_transform(self, joints, joints_vis):
+        upper_joints, lower_joints = [], []
+        for joint_id in range(self.num_joints):
+            if joints_vis[joint_id][0] > 0:
+                (upper_joints if joint_id in self.upper_body_ids else lower_joints).append(joints[joint_id])
+        if np.random.randn() < 0.5 and len(upper_joints) > 2:
+            selected_joints = upper_joints
+        else:
+            selected_joints = lower_joints if len(lower_joints) > 2 else upper_joints
+        if len(selected_joints) < 2:
+            return None, None
+        selected_joints = np.array(selected_joints, dtype=np.float32)
+        center = selected_joints.mean(axis=0)[:2]
+        left_top, right_bottom = np.amin(selected_joints, axis=0), np.amax(selected_joints, axis=0)
+        w, h = right_bottom[0] - left_top[0], right_bottom[1] - left_top[1]
+        if w > self.aspect_ratio * h:
+            h = w * 1.0 / self.aspect_ratio
+        elif w < self.aspect_ratio * h:
+            w = h * self.aspect_ratio
+        return center, np.array([w / self.pixel_std, h / self.pixel_std], dtype=np.float32) * 1.5
+
+    def generate_target(self, joints, joints_vis):
+        """HRNet's Gaussian target: a Python loop over joints, a 13x13 numpy patch pasted per joint."""
+        target_weight = np.ones((self.num_joints, 1), dtype=np.float32)
+        target_weight[:, 0] = joints_vis[:, 0]
+        target = np.zeros((self.num_joints, self.heatmap_size[1], self.heatmap_size[0]), dtype=np.float32)
+        tmp_size = self.sigma * 3
+        for joint_id in range(self.num_joints):
+            feat_stride = self.image_size / self.heatmap_size
+            mu_x = int(joints[joint_id][0] / feat_stride[0] + 0.5)
+            mu_y = int(joints[joint_id][1] / feat_stride[1] + 0.5)
+            ul = [int(mu_x - tmp_size), int(mu_y - tmp_size)]
+            br = [int(mu_x + tmp_size + 1), int(mu_y + tmp_size + 1)]
+            if ul[0] >= self.heatmap_size[0] or ul[1] >= self.heatmap_size[1] or br[0] < 0 or br[1] < 0:
+                target_weight[joint_id] = 0
+                continue
+            size = 2 * tmp_size + 1
+            x = np.arange(0, size, 1, np.float32)
+            y = x[:, np.newaxis]
+            x0 = y0 = size // 2
+            g = np.exp(- ((x - x0) ** 2 + (y - y0) ** 2) / (2 * self.sigma ** 2))
+            g_x = max(0, -ul[0]), min(br[0], self.heatmap_size[0]) - ul[0]
+            g_y = max(0, -ul[1]), min(br[1], self.heatmap_size[1]) - ul[1]
+            img_x = max(0, ul[0]), min(br[0], self.heatmap_size[0])
+            img_y = max(0, ul[1]), min(br[1], self.heatmap_size[1])
+            if target_weight[joint_id] > 0.5:
+                target[joint_id][img_y[0]:img_y[1], img_x[0]:img_x[1]] = g[g_y[0]:g_y[1], g_x[0]:g_x[1]]
+        return target, target_weight
+
+    def __getitem__(self, idx):
+        db_rec = copy.deepcopy(self.db[idx])
+        data_numpy = np.asarray(Image.open(db_rec["image"]).convert("RGB"))  # cv2.imread + BGR2RGB
+        joints, joints_vis = db_rec["joints_3d"], db_rec["joints_3d_vis"]
+        c, s, score, r = db_rec["center"], db_rec["scale"], db_rec["score"], 0
+        if np.sum(joints_vis[:, 0]) > self.num_joints_half_body and np.random.rand() < self.prob_half_body:
+            c_half_body, s_half_body = self.half_body_transform(joints, joints_vis)
+            if c_half_body is not None and s_half_body is not None:
+                c, s = c_half_body, s_half_body
+        sf, rf = self.scale_factor, self.rotation_factor
+        s = s * np.clip(np.random.randn() * sf + 1, 1 - sf, 1 + sf)
+        r = np.clip(np.random.randn() * rf, -rf * 2, rf * 2) if random.random() <= 0.6 else 0
+        if self.flip and random.random() <= 0.5:
+            data_numpy = data_numpy[:, ::-1, :]
+            joints, joints_vis = ref_fliplr_joints(joints, joints_vis, data_numpy.shape[1], self.flip_pairs)
+            c[0] = data_numpy.shape[1] - c[0] - 1
+        trans = ref_get_affine_transform(c, s, r, self.image_size)
+        # cv2.warpAffine(data_numpy, trans, (w, h), flags=cv2.INTER_LINEAR)
+        crop = np.array(warp_image(Image.fromarray(np.ascontiguousarray(data_numpy)), trans, self.out_size))
+        x = self.transform(crop)
+        for i in range(self.num_joints):
+            if joints_vis[i, 0] > 0.0:
+                joints[i, 0:2] = ref_affine_transform(joints[i, 0:2], trans)
+        target, target_weight = self.generate_target(joints, joints_vis)
+        meta = {"image": db_rec["image"], "filename": "", "imgnum": 0, "joints": joints, "joints_vis": joints_vis,
+                "center": c, "scale": s, "rotation": r, "score": score}
+        return x, torch.from_numpy(target), torch.from_numpy(target_weight), meta
+
+
+def time_pipeline(load_sample, make_targets, n, batch_size):
+    """Seconds for n samples in one process: samples collated per batch, then the batch targets
+    (mrpose only: the reference made them per sample)."""
+    t0 = time.perf_counter()
+    for start in range(0, n, batch_size):
+        batch = default_collate([load_sample(i) for i in range(start, min(n, start + batch_size))])
+        make_targets(batch)
+    return time.perf_counter() - t0
+
+
+def bench_data(args):
+    ann = os.path.join(args.coco_root, "annotations", "person_keypoints_train2017.json")
+    images = os.path.join(args.coco_root, "train2017")
+    if not os.path.isfile(ann):
+        return [], None, f"skipped: no COCO annotations at {ann} (give --coco-root)"
+    coco_args = mrpose_args("simplebaseline", "resnet18", args.batch_size, "fp32")
+    aspect = coco_args.input_size[0] / coco_args.input_size[1]
+    records = read_coco(load_coco(ann), images, aspect)[0]
+    for path in {r["image"] for r in records}:  # both pipelines start from a warm page cache
+        with open(path, "rb") as f:
+            f.read()
+
+    ours = TopDownDataset(records, coco_args.input_size, COCO_FLIP_PAIRS, COCO_UPPER, train=True,
+                          scale_factor=coco_args.scale_factor, rot_factor=coco_args.rot_factor, half_body_prob=0.3)
+
+    def ours_sample(i):
+        ours.set_epoch(i // len(ours))  # cycling the records draws fresh augmentations each pass
+        return ours[i % len(ours)]
+
+    def ours_targets(batch):
+        return gaussian_targets(batch["joints"], batch["visible"], coco_args.input_size, coco_args.heatmap_size,
+                                coco_args.sigma)
+
+    ref = ReferenceJointsDataset(records, coco_args.input_size, coco_args.heatmap_size, coco_args.sigma,
+                                 coco_args.scale_factor, coco_args.rot_factor / 2, prob_half_body=0.3)
+    np.random.seed(0)
+    random.seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    rows = []
+    for name, sample, targets in [("mrpose (TopDownDataset + batched gaussian_targets)", ours_sample, ours_targets),
+                                  ("reference-style (HRNet per-joint loop)", lambda i: ref[i % len(ref)], lambda b: None)]:
+        dt = time_pipeline(sample, targets, args.samples, args.batch_size)
+        rows.append(dict(pipeline=name, samples=args.samples, samples_per_s=args.samples / dt,
+                         ms_per_sample=dt / args.samples * 1e3))
+
+    # the target step alone, on the joints of real augmented samples
+    samples = [ours_sample(i) for i in range(args.batch_size)]
+    joints, visible = torch.stack([s["joints"] for s in samples]), torch.stack([s["visible"] for s in samples])
+    reps = max(1, args.samples // args.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        ours_targets({"joints": joints, "visible": visible})
+    ours_t = (time.perf_counter() - t0) / (reps * args.batch_size)
+    ref_vis = np.repeat(visible.numpy()[..., None], 3, -1)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for j, v in zip(joints.numpy(), ref_vis):
+            ref.generate_target(j, v)
+    ref_t = (time.perf_counter() - t0) / (reps * args.batch_size)
+    rows[0]["target_ms_per_sample"], rows[1]["target_ms_per_sample"] = ours_t * 1e3, ref_t * 1e3
+    torch.set_num_threads(threads)
+    speedup = dict(pipeline=rows[0]["samples_per_s"] / rows[1]["samples_per_s"], targets=ref_t / ours_t)
+    return rows, speedup, f"{len(records)} persons in {len({r['image'] for r in records})} images of {ann}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Evaluation throughput
+
+@torch.no_grad()
+def predict_step(model, batch, args, device):
+    """The body of mrpose.predict's loop for one batch (model already in eval mode)."""
+    x = batch["image"].to(device, non_blocking=True)
+    with mrpose.autocast(args, device):
+        heat = model(mrpose.to_memory_format(x, args)).float()
+        if args.flip_test:
+            flipped = flip_back(model(mrpose.to_memory_format(x.flip(3), args)).float(), COCO_FLIP_PAIRS)
+            flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+            heat = (heat + flipped) * 0.5
+    coords, conf = decode_heatmaps(heat.cpu())  # the copy to the host synchronises CUDA
+    return heatmap_to_image(coords, batch["center"], batch["scale"], args.heatmap_size), conf
+
+
+def bench_eval(args):
+    rows = []
+    modes = ["fp32"] if args.device.type == "cpu" else args.modes
+    for mode in modes:
+        margs = mrpose_args("simplebaseline", args.eval_backbone, args.batch_size, mode)
+        torch.manual_seed(0)
+        model = mrpose.build_model(margs)[0].to(args.device).eval()
+        if margs.channels_last:
+            model.to(memory_format=torch.channels_last)
+        batch = synthetic_batch(args.batch_size, margs, args.device)
+        for _ in range(args.warmup):
+            predict_step(model, batch, margs, args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            predict_step(model, batch, margs, args.device)
+        dt = (time.perf_counter() - t0) / args.iters
+        rows.append(dict(arch="simplebaseline", backbone=args.eval_backbone, mode=mode, batch=args.batch_size,
+                         flip_test=margs.flip_test, img_per_s=args.batch_size / dt, ms_per_iter=dt * 1e3))
+        print(f"  eval {args.eval_backbone} {mode}: {rows[-1]['img_per_s']:.1f} img/s", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+def format_table(rows, columns):
+    """Aligned plain-text table; columns are (key, header, format), numbers right-aligned."""
+    def cell(row, key, fmt):
+        v = row.get(key)
+        return "n/a" if v is None else format(v, fmt)
+    cells = [[h for _, h, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    numeric = [f != "s" for _, _, f in columns]
+    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, numeric)).rstrip()
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main():
+    args = get_args()
+    cuda = args.device.type == "cuda"
+    name = device_name(args.device)
+    peak = peak_bf16_flops(name) if cuda else None
+    header = dict(device=name, device_type=args.device.type, torch=torch.__version__, threads=args.threads,
+                  cpu_count=os.cpu_count(), load_avg_1min=os.getloadavg()[0], date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                  peak_bf16_tflops=peak / 1e12 if peak else None)
+    print(f"device: {name} ({args.device.type})\ntorch: {torch.__version__}\n"
+          f"threads: {args.threads} of {os.cpu_count()} CPUs (load average {header['load_avg_1min']:.2f} at start)\n"
+          f"date: {header['date']}\n"
+          f"timing: {args.warmup} warm-up + {args.iters} timed iterations, batch {args.batch_size}", flush=True)
+
+    train = bench_training(args, peak)
+    data, speedup, data_note = bench_data(args)
+    evals = bench_eval(args)
+
+    mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
+    train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
+                  ("img_per_s", "img/s", ".1f"), ("ms_per_iter", "ms/iter", ".1f"), mem,
+                  ("tflop_per_s", "model TFLOP/s", ".2f")]
+    if cuda:
+        train_cols.append(("mfu", "MFU (bf16 peak)", ".1%"))
+    print(f"\n== 1. training step, 256x192 input, 17 joints, batch {args.batch_size} "
+          f"(forward, gaussian_targets, joints MSE, Adam; 1 step = 3x forward FLOPs) ==")
+    print(format_table(train, train_cols))
+    if cuda and peak is None:
+        print(f"MFU n/a: no known bf16 peak for {name}")
+
+    print(f"\n== 2. data pipeline, one process (workers=0) on 1 thread as a loader worker, 256x192, COCO preset augmentation + half-body 0.3 ==")
+    if data:
+        print(format_table(data, [("pipeline", "pipeline", "s"), ("samples_per_s", "samples/s", ".1f"),
+                                  ("ms_per_sample", "ms/sample", ".2f"),
+                                  ("target_ms_per_sample", "targets alone ms/sample", ".3f")]))
+        print(f"{data_note}\nspeed-up of mrpose over reference-style: {speedup['pipeline']:.2f}x per sample "
+              f"(whole pipeline), {speedup['targets']:.1f}x for the targets alone")
+    else:
+        print(data_note)
+
+    print(f"\n== 3. evaluation (predict: forward + flip test + decode), batch {args.batch_size} ==")
+    print(format_table(evals, [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
+                               ("img_per_s", "img/s", ".1f"), ("ms_per_iter", "ms/iter", ".1f")]))
+    if args.out:
+        save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
+                                 eval=evals))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

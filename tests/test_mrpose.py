@@ -1,0 +1,185 @@
+"""End-to-end tests of mrpose.py: outputs, DDP, resume, bad input, the oracle on real data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mrpose
+from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
+from common.heatmap import gaussian_targets, joints_mse_loss
+from data.demo import make_demo
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
+         "--print-freq", "1"]
+
+
+def run(args, expect=0, torchrun=False):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+                              if torchrun else []) + ["mrpose.py"] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 24-image demo set in COCO format, and the flags that point mrpose.py at it."""
+    root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=24, n_val=8)
+    flags = ["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+             "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
+             "--val-images", f"{root}/val2017"]
+    return root, flags
+
+
+def test_demo_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    p = run(["--data", "demo", "--iters", "3", "--batch-size", "8", "--workers", "0", "--out", out])
+    assert "val: AP" in p.stdout
+    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "results.json", "predictions.png"]:
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APm", "APl", "AR"}
+    results = json.loads((out / "results.json").read_text())
+    assert results and len(results[0]["keypoints"]) == 51
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["iteration"] == 3 and np.isfinite(log[-1]["loss"]) and "metrics" in log[-1]
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "args", "rng"} <= set(ckpt)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert not list(out.glob(".tmp-*"))  # nothing half-written is left behind
+
+
+def test_summary_prints_parameters_and_flops():
+    p = run(["--data", "coco", "--arch", "mrfeanet2", "--backbone", "resnet50", "--summary"])
+    assert "80,141,137 parameters" in p.stdout and "GFLOPs" in p.stdout
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    _, flags = tiny
+    common = flags + SMALL + ["--lr-steps", "1", "--no-flip-test"]
+    run(common + ["--epochs", "2", "--out", tmp_path / "straight"])
+    run(common + ["--epochs", "1", "--out", tmp_path / "resumed"])
+    run(common + ["--epochs", "2", "--out", tmp_path / "resumed", "--resume"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 2 * (a["iteration"] // 2) > 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path):
+    _, flags = tiny
+    out = tmp_path / "ddp"
+    p = run(flags + SMALL + ["--iters", "2", "--lr-steps", "100", "--out", out], torchrun=True)
+    assert "val: AP" in p.stdout
+    ddp_metrics = json.loads((out / "metrics.json").read_text())
+    single = tmp_path / "single"
+    run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", single])
+    assert json.loads((single / "metrics.json").read_text()) == ddp_metrics
+    ddp_eval = tmp_path / "ddp_eval"
+    run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", ddp_eval], torchrun=True)
+    assert json.loads((ddp_eval / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    _, flags = tiny
+    out = tmp_path / "run"
+    run(flags + SMALL + ["--epochs", "1", "--lr-steps", "100", "--out", out])
+    before = (out / "checkpoint.pth").read_bytes()
+    p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "100", "--lr", "1e38", "--out", out], expect=2)
+    assert "non-finite loss" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def _one_line_error(p, *needles):
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
+    root, flags = tiny
+    p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, tmp_path / "nowhere", "not found")
+    missing = tmp_path / "missing.json"
+    p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out", tmp_path / "o"],
+            expect=2)
+    _one_line_error(p, missing, "not found")
+    # a checkpoint of another backbone
+    run(flags + SMALL + ["--iters", "1", "--lr-steps", "9", "--no-flip-test", "--out", tmp_path / "r18"])
+    p = run(flags + ["--backbone", "resnet34", "--eval-only", "--weights", tmp_path / "r18" / "checkpoint.pth",
+                     "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, "checkpoint.pth", "does not fit")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    p = run(flags + SMALL + ["--eval-only", "--weights", junk, "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, junk, "not a readable")
+
+
+def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
+    root, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    ann = json.loads((bad / "annotations" / "person_keypoints_train2017.json").read_text())
+    victim = bad / "train2017" / ann["images"][0]["file_name"]
+    victim.write_bytes(b"\xff\xd8 truncated jpeg")
+    flags = ["--data", "coco", "--ann", bad / "annotations" / "person_keypoints_train2017.json",
+             "--images", bad / "train2017", "--val-ann", bad / "annotations" / "person_keypoints_val2017.json",
+             "--val-images", bad / "val2017"]
+    p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, victim.name, "unreadable image")
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+    for a in ann["annotations"]:
+        a["keypoints"] = [0] * 51
+        a["num_keypoints"] = 0
+    empty = bad / "annotations" / "empty.json"
+    empty.write_text(json.dumps(ann))
+    flags[2] = empty
+    p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, empty, "no trainable person")
+
+
+def test_loss_falls_on_real_coco_batches():
+    if not (SHARED / "coco_mini").is_dir():
+        pytest.skip("../shared/data not present")
+    torch.manual_seed(0)
+    coco = load_coco(str(SHARED / "coco_mini" / "annotations" / "person_keypoints_train2017.json"))
+    records, _ = read_coco(coco, str(SHARED / "coco_mini" / "train2017"), 0.75)
+    ds = TopDownDataset(records[:8], (64, 96), COCO_FLIP_PAIRS, COCO_UPPER, train=True)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18"]))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    target, weight = gaussian_targets(batch["joints"], batch["visible"], (64, 96), (16, 24))
+    losses = []
+    for _ in range(25):
+        loss = joints_mse_loss(model(batch["image"]), target, weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@needs_shared
+def test_oracle_on_real_coco_and_mpii(tmp_path):
+    coco = SHARED / "coco"
+    p = run(["--data", "coco", "--val-ann", coco / "annotations" / "test_coco.json", "--val-images", coco / "images",
+             "--eval-only", "--oracle", "--workers", "0", "--out", tmp_path / "c"])
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["AP"] >= 0.95, p.stdout
+    mpii = SHARED / "mpii"
+    run(["--data", "mpii", "--val-ann", mpii / "annot" / "test_mpii.json", "--val-images", mpii / "images",
+         "--gt-mat", mpii / "annot" / "detections_our_format.mat", "--eval-only", "--oracle", "--workers", "0",
+         "--out", tmp_path / "m"])
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["Mean"] >= 99
