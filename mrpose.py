@@ -29,8 +29,9 @@ from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_
 from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image
-from common.utils import (Progress, UserError, load_checkpoint, rng_state, run_main, save_checkpoint,
+from common.utils import (Progress, UserError, load_checkpoint, load_json, rng_state, run_main, save_checkpoint,
                           save_json, seed_everything, set_rng_state)
+from data.demo import default_demo_root, make_demo
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
@@ -263,14 +264,28 @@ def summary(model, input_size):
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def coco_paths(root, split):
-    if root is None or not os.path.isdir(root):
-        raise UserError(f"{root}: data root not found (give --data-root, or --ann/--images)")
-    ann = os.path.join(root, "annotations", f"person_keypoints_{split}2017.json")
-    images = os.path.join(root, f"{split}2017")
-    if not os.path.isdir(images):
-        images = os.path.join(root, "images", f"{split}2017")
-    return ann, images
+def data_paths(args):
+    """Annotation files and image folders of --data under --data-root; --ann/--images/--val-ann/
+    --val-images/--gt-mat override any of them."""
+    root = args.data_root
+    if args.data == "demo":
+        root = default_demo_root(args.seed)
+    elif root is not None and not os.path.isdir(root):
+        raise UserError(f"{root}: data root not found")
+    paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])
+    if root and args.data == "mpii":  # the HRNet layout
+        paths.update(train_ann=os.path.join(root, "annot", "train.json"), val_ann=os.path.join(root, "annot", "valid.json"),
+                     train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"),
+                     gt_mat=os.path.join(root, "annot", "gt_valid.mat"))
+    elif root:  # the COCO layout, images in ROOT/{split}2017 or ROOT/images/{split}2017
+        for split in ("train", "val"):
+            images = os.path.join(root, f"{split}2017")
+            paths[f"{split}_ann"] = os.path.join(root, "annotations", f"person_keypoints_{split}2017.json")
+            paths[f"{split}_images"] = images if os.path.isdir(images) else os.path.join(root, "images", f"{split}2017")
+    for key, flag in [("train_ann", "ann"), ("train_images", "images"), ("val_ann", "val_ann"),
+                      ("val_images", "val_images"), ("gt_mat", "gt_mat")]:
+        paths[key] = getattr(args, flag) or paths[key]
+    return paths
 
 
 def split_labeled(records, n, seed):
@@ -286,51 +301,40 @@ def split_labeled(records, n, seed):
 def build_data(args, train):
     """(train_dataset or None, val_dataset, evaluation info) for --data."""
     aspect = args.input_size[0] / args.input_size[1]
+    if args.data == "demo":
+        if dist.is_main():
+            make_demo(default_demo_root(args.seed), seed=args.seed)  # generated once, then cached
+        dist.barrier()
+    paths = data_paths(args)
+    needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
+        (["gt_mat"] if args.data == "mpii" else [])
+    if any(paths[k] is None for k in needed):
+        raise UserError(f"--data {args.data} needs --data-root (or --{'/--'.join(k.replace('_', '-') for k in needed)})")
+    train_records = None
     if args.data == "mpii":
-        root = args.data_root
-        if root is not None and not os.path.isdir(root):
-            raise UserError(f"{root}: data root not found")
-        path = lambda *p: os.path.join(root, *p) if root else None  # noqa: E731
-        train_ann, train_images = args.ann or path("annot", "train.json"), args.images or path("images")
-        val_ann, val_images = args.val_ann or path("annot", "valid.json"), args.val_images or path("images")
-        gt_mat = args.gt_mat or path("annot", "gt_valid.mat")
-        if val_ann is None or gt_mat is None:
-            raise UserError("--data mpii needs --data-root (or --val-ann, --val-images and --gt-mat)")
-        val_records, _ = read_mpii(val_ann, val_images, aspect)
-        gt = load_mpii_gt(gt_mat)
-        info = dict(kind="mpii", gt=gt, index=match_mpii_gt(json.load(open(val_ann)), gt),
-                    skeleton=MPII_SKELETON)
+        val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)
+        gt = load_mpii_gt(paths["gt_mat"])
+        info = dict(kind="mpii", gt=gt, index=match_mpii_gt(load_json(paths["val_ann"]), gt), skeleton=MPII_SKELETON)
         flip_pairs, upper = MPII_FLIP_PAIRS, MPII_UPPER
-        train_records = read_mpii(train_ann, train_images, aspect)[0] if train else None
+        if train:
+            train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
     else:
-        if args.data == "demo":
-            from data.demo import default_demo_root, make_demo
-            root = default_demo_root(args.seed)
-            if dist.is_main():
-                make_demo(root, seed=args.seed)
-            dist.barrier()
-        else:
-            root = args.data_root
-        need_root = lambda split: coco_paths(root, split)  # noqa: E731
-        train_ann, train_images = (args.ann, args.images) if args.ann else need_root("train") if train else (None, None)
-        val_ann, val_images = (args.val_ann, args.val_images) if args.val_ann else need_root("val")
-        coco = load_coco(val_ann)
-        val_records, skipped = read_coco(coco, val_images, aspect, det_json=args.det_json, det_thresh=args.det_thresh)
+        coco = load_coco(paths["val_ann"])
+        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
         info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON)
         flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
-        train_records = None
         if train:
-            train_records, skipped = read_coco(load_coco(train_ann), train_images, aspect)
-            if dist.is_main():
-                print(f"train: {len(train_records)} persons from {train_ann}; skipped {skipped}")
+            train_records, skipped = read_coco(load_coco(paths["train_ann"]), paths["train_images"], aspect)
+    if train and dist.is_main():
+        print(f"train: {len(train_records)} persons from {paths['train_ann']}; skipped {skipped}")
     if train and args.labeled:
         train_records, unlabeled = split_labeled(train_records, args.labeled, args.seed)
         if dist.is_main():
             print(f"--labeled {args.labeled}: {len(train_records)} persons; {len(unlabeled)} images left unlabeled")
     if train and not train_records:
-        raise UserError(f"{train_ann}: no trainable person (every annotation lacks labeled joints)")
+        raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
     if not val_records:
-        raise UserError(f"{val_ann}: no person to evaluate")
+        raise UserError(f"{paths['val_ann']}: no person to evaluate")
     val = TopDownDataset(val_records, args.input_size, flip_pairs, upper)
     train_ds = TopDownDataset(train_records, args.input_size, flip_pairs, upper, train=True,
                               scale_factor=args.scale_factor, rot_factor=args.rot_factor, flip=args.flip,
@@ -504,8 +508,8 @@ def main():
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         model.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch} ")
-        loss_sum, n_seen, t0 = torch.zeros((), device=device), 0, time.time()
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
+        loss_sum, n_iters, n_seen, t0 = torch.zeros((), device=device), 0, 0, time.time()
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
@@ -522,12 +526,13 @@ def main():
             scheduler.step()
             it += 1
             loss_sum += loss.detach()
+            n_iters += 1
             n_seen += x.shape[0] * world
             if (i + 1) % args.print_freq == 0:
                 check_finite(loss, it, ckpt_path)
                 progress.step(i, args.print_freq * per_rank * world, loss=dist.all_reduce_mean(loss.detach()).item(),
                               lr=optimizer.param_groups[0]["lr"])
-        epoch_loss = dist.all_reduce_mean(loss_sum / max(1, i + 1))
+        epoch_loss = dist.all_reduce_mean(loss_sum / max(1, n_iters))
         check_finite(epoch_loss, it, ckpt_path)
         log = dict(epoch=epoch + 1, iteration=it, loss=epoch_loss.item(), lr=optimizer.param_groups[0]["lr"],
                    img_per_s=n_seen / (time.time() - t0))

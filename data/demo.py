@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from common.utils import UserError, run_main, save_json
 
 # Bump whenever drawing or annotation changes, so cached datasets are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 KEYPOINT_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -263,7 +263,7 @@ def _background(rng, size):
     im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(im)
-    for _ in range(int(rng.integers(3, 13))):
+    for _ in range(int(rng.integers(2, 9))):
         x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
         w, h = rng.uniform(0.05, 0.4, 2) * size
         colour, kind = _random_colour(rng, 0, 256), rng.integers(4)
@@ -316,7 +316,7 @@ def render_image(seed, split, index, size):
     """Draw one image. Returns (RGB PIL image, list of per-person annotation dicts without ids)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     im = _background(rng, size)
-    n_people = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    n_people = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     people = _place([_Person(rng) for _ in range(n_people)], rng, size)
 
     draw = ImageDraw.Draw(im)

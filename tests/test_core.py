@@ -247,3 +247,26 @@ def test_backbone_shape_mismatch_is_a_clear_error(tmp_path):
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="r50.pth: .*shape"):
         load_backbone(ResNetFeatures("resnet18"), str(tmp_path / "r50.pth"))
+
+
+def test_reduced_jpeg_decode_keeps_dots_on_their_joints(tmp_path):
+    # a large JPEG cropped small takes the DCT-scaled decode path; the dots must stay on the joints
+    pts = np.array([[200.0, 300.0], [600.0, 250.0], [400.0, 500.0], [300.0, 700.0], [500.0, 650.0]])
+    img, _ = _dot_image(pts, size=(800, 900), radius=12)
+    img.save(tmp_path / "big.jpg", quality=95)
+    rec = dict(image=str(tmp_path / "big.jpg"), image_id=1, center=np.array([400.0, 480.0], np.float32),
+               scale=np.array([600.0, 800.0], np.float32), joints=np.zeros((17, 2), np.float32),
+               visible=np.zeros(17, np.float32), area=1.0, score=1.0)
+    rec["joints"][:5] = pts
+    ds = TopDownDataset([rec], (96, 128), COCO_FLIP_PAIRS, COCO_UPPER)
+    from common.datasets import load_image
+    small, size = load_image(rec["image"], scale=96 / 600)
+    assert size == (800, 900) and small.width == 200  # decoded at 1/4
+    s = ds[0]
+    crop = (s["image"].numpy() * np.array([0.229, 0.224, 0.225])[:, None, None]).sum(0) + 10
+    crop -= np.median(crop)
+    for x, y in s["joints"][:5].numpy():
+        x0, y0 = int(round(x)), int(round(y))
+        win = np.clip(crop[y0 - 3:y0 + 4, x0 - 3:x0 + 4], 0, None)
+        yy, xx = np.mgrid[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
+        assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5

@@ -1,0 +1,455 @@
+"""Multi-Scale Contrastive Learning (MSCL) pretraining for human pose estimation.
+
+A SimSiam-style siamese network (one shared ResNet, two augmented views, stop-gradient) that
+contrasts four scales at once: ResNet stages conv2_x..conv5_x fused by an enhanced FPN (Sec. 3.1,
+Eqs. (1)-(2)), a projector and a predictor per scale (Eqs. (3)-(4)), a symmetric negative-cosine
+loss per scale (Eqs. (5)-(6)) and their weighted sum (Eq. (7)). The pretrained ResNet is exported
+as `backbone.pth` in torchvision key names for `mrpose.py --pretrained` (Sec. 4.3 transfer).
+One file: arguments, data, model, loss, DDP training, export.
+
+    python mscl.py --data demo                                                   # laptop CPU, minutes
+    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1
+    torchrun --nproc_per_node=4 mscl.py --data coco --data-root /data/coco           # Table 5 #3
+    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...             # SimSiam, exactly
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import ImageFilter
+from torch.nn.parallel import DistributedDataParallel
+
+from common import dist
+from common.backbone import RESNETS, ResNetFeatures
+from common.datasets import list_images, read_image
+from common.plots import plot_curves
+from common.utils import (Progress, UserError, atomic_write, load_checkpoint, rng_state, run_main,
+                          save_checkpoint, seed_everything, set_rng_state)
+
+# ----------------------------------------------------------------------------------------------
+# Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
+
+PRESETS = {
+    # ImageNet (Sec. 4.1): ResNet-50, 224 px, total batch 256 (4 GPUs x 64), SGD lr 0.05 x batch/256,
+    # cosine decay, 100 epochs
+    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256),
+    # COCO train2017 images, unlabeled (Sec. 4.7.2, Table 5 #3): lr 0.3 instead of 0.05, 800 epochs
+    "coco": dict(backbone="resnet50", crop_size=224, epochs=800, lr=0.3, batch_size=256),
+    # any folder of images (--images DIR): the ImageNet recipe
+    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256),
+    # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a few CPU minutes (not a
+    # paper setting)
+    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", "--arch", dest="backbone", default=None, choices=list(RESNETS))
+    # model (Sec. 3)
+    p.add_argument("--dim", type=int, default=512, help="FPN vector and projector output width (Eq. 3)")
+    p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width (Eq. 4)")
+    p.add_argument("--fpn-width", type=int, default=256, help="width of the Conv1 laterals (paper silent; FPN's 256)")
+    p.add_argument("--scale-weights", type=float, nargs=4, default=[1.0, 2.0, 2.0, 5.0], metavar="λ",
+                   help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4's best 1:2:2:5)")
+    p.add_argument("--no-fpn", dest="fpn", action="store_false",
+                   help="Table 5 #2: global-average-pooled stage features straight into the projectors")
+    p.add_argument("--single-scale", action="store_true", help="Table 5 #1: conv5_x only (the SimSiam baseline)")
+    p.add_argument("--shared-heads", action="store_true",
+                   help="one projector and one predictor for all scales (default: one per scale; needs the FPN)")
+    # data
+    p.add_argument("--data", default="demo", choices=list(PRESETS))
+    p.add_argument("--data-root", default=None, help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
+    p.add_argument("--images", default=None, help="a folder of images (any layout; overrides --data-root)")
+    p.add_argument("--crop-size", type=int, default=None, help="RandomResizedCrop output side (paper 224)")
+    # optimisation (Sec. 4.1)
+    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule")
+    p.add_argument("--iters", type=int, default=None,
+                   help="stop after this many iterations in total (the cosine schedule still spans --epochs; "
+                        "a later --resume continues at the next epoch)")
+    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 256")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    p.add_argument("--fix-pred-lr", action="store_true", help="keep the predictors' lr constant (SimSiam)")
+    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    # outputs
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    p.add_argument("--out", default=None)
+    p.add_argument("--print-freq", type=int, default=20)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.data].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.shared_heads and not args.fpn and not args.single_scale:
+        raise UserError("--shared-heads needs the FPN: without it the four scales have different widths")
+    if min(args.scale_weights) < 0 or sum(args.scale_weights) <= 0:
+        raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a positive sum")
+    mode = "simsiam" if args.single_scale and not args.fpn else "single" if args.single_scale else \
+        "nofpn" if not args.fpn else "mscl"
+    args.out = args.out or os.path.join("runs", f"mscl-{args.data}-{mode}-{args.backbone}")
+    return args
+
+
+def scale_weights(args):
+    """Eq. (7)'s λ_i normalised to sum 1; a single scale has λ = 1."""
+    if args.single_scale:
+        return [1.0]
+    total = sum(args.scale_weights)
+    return [w / total for w in args.scale_weights]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: two MoCo v2 views of every image (Sec. 4.2; MoCo v2's main_moco.py augmentation)
+
+IMAGENET_NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+class GaussianBlur:
+    """MoCo v2's blur: PIL Gaussian blur with σ drawn uniformly from [0.1, 2] (pixels)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def moco_v2_augmentation(size):
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        IMAGENET_NORMALIZE,
+    ])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Unlabeled images; each item is two independent augmentations of one image."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        img = read_image(self.files[i])
+        return self.transform(img), self.transform(img)
+
+
+def image_folder(args):
+    """The training images of --data (labels and annotations are never read)."""
+    if args.images:
+        return args.images
+    if args.data == "demo":
+        from data.demo import default_demo_root, make_demo
+        root = default_demo_root(args.seed)
+        if dist.is_main():
+            make_demo(root, seed=args.seed)
+        dist.barrier()
+        return os.path.join(root, "train2017")
+    if args.data == "folder":
+        raise UserError("--data folder needs --images DIR")
+    root = args.data_root
+    if root is None or not os.path.isdir(root):
+        raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
+    candidates = ["train"] if args.data == "imagenet" else ["train2017", os.path.join("images", "train2017")]
+    for c in candidates:
+        if os.path.isdir(os.path.join(root, c)):
+            return os.path.join(root, c)
+    raise UserError(f"{root}: no {' or '.join(candidates)} folder inside (give --images DIR for another layout)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (Sec. 3, Figs. 1-2)
+
+class FeaturePyramid(nn.Module):
+    """Enhanced FPN, Eqs. (1)-(2): a 512-d vector F_i per stage feature f_i.
+
+    F_i = Pool-Conv2(Conv1(f_i) + Up(Conv1(f_{i+1})))  for i < top,   F_top = Pool-Conv2(Conv1(f_top)).
+    Given the stages in use (all four, or conv5_x alone), the last one is the top."""
+
+    def __init__(self, in_channels, width=256, out_dim=512):
+        super().__init__()
+        # paper silent; Conv1 is a 1x1 lateral conv with bias to `width` (256 as in FPN [30]), no BN/ReLU
+        self.conv1 = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
+        # paper silent on order: "Pool-Conv2" is applied left to right as "FC-BN-ReLU" in Eq. (3) is, so
+        # global max-pooling first, then Conv2; on the pooled 1x1 map a padded 3x3 conv equals its centre
+        # tap, so Conv2 is the 1x1 conv (with bias) of "kernel sizes of 1 and 3", width -> out_dim
+        self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, 1) for _ in in_channels)
+
+    def forward(self, feats):
+        lateral = [conv(f) for conv, f in zip(self.conv1, feats)]
+        out = []
+        for i, lat in enumerate(lateral):
+            if i + 1 < len(lateral):
+                # Eq. (1): each level fuses the NEXT level's lateral only (no accumulated top-down path);
+                # paper silent; Up = nearest-neighbour upsampling to f_i's size (as FPN [30])
+                lat = lat + F.interpolate(lateral[i + 1], size=lat.shape[-2:], mode="nearest")
+            # Eqs. (1)-(2): paper silent; Pool = global max-pooling ("max-pooling", output is a vector)
+            pooled = F.adaptive_max_pool2d(lat, 1)
+            out.append(torch.flatten(self.conv2[i](pooled), 1))
+        return out
+
+
+def projector(in_dim, dim):
+    """Eq. (3): FC-BN-ReLU, FC-BN-ReLU, FC-BN, exactly SimSiam's (builder.py): the hidden width is the
+    input width (512 with the FPN, as the paper says), the hidden FCs have no bias, the output BN has
+    no affine parameters and the output FC's bias is frozen (it is followed by a BN)."""
+    head = nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                         nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                         nn.Linear(in_dim, dim), nn.BatchNorm1d(dim, affine=False))
+    head[6].bias.requires_grad = False
+    return head
+
+
+def predictor(dim, pred_dim):
+    """Eq. (4): FC(dim -> pred_dim)-BN-ReLU-FC(pred_dim -> dim), exactly SimSiam's (first FC without bias)."""
+    return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+                         nn.Linear(pred_dim, dim))
+
+
+class MSCL(nn.Module):
+    """Shared ResNet -> (FPN) -> per-scale projector z and predictor p, for both views (Fig. 1).
+
+    --single-scale --no-fpn is SimSiam: avgpooled conv5_x -> projector -> predictor."""
+
+    def __init__(self, backbone="resnet50", dim=512, pred_dim=128, fpn=True, single_scale=False,
+                 shared_heads=False, fpn_width=256):
+        super().__init__()
+        self.backbone = ResNetFeatures(backbone)
+        # SimSiam builds its encoder with zero_init_residual=True: the last BN of each residual block
+        # starts at 0 (torchvision's init, applied after construction; it draws no random numbers)
+        for m in self.backbone.modules():
+            if isinstance(m, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+        self.levels = [3] if single_scale else [0, 1, 2, 3]  # f1..f4 = conv2_x..conv5_x
+        channels = [self.backbone.channels[i] for i in self.levels]
+        self.neck = FeaturePyramid(channels, fpn_width, dim) if fpn else None
+        in_dims = [dim] * len(channels) if fpn else channels
+        n_heads = 1 if shared_heads else len(self.levels)
+        self.shared = shared_heads
+        self.projectors = nn.ModuleList(projector(d, dim) for d in in_dims[:n_heads])
+        self.predictors = nn.ModuleList(predictor(dim, pred_dim) for _ in range(n_heads))
+
+    def head(self, k):
+        return 0 if self.shared else k
+
+    def encode(self, x):
+        """One view -> the projector outputs z_i (Eq. 3) of every scale."""
+        feats = self.backbone(x)
+        feats = [feats[i] for i in self.levels]
+        if self.neck is not None:
+            vectors = self.neck(feats)
+        else:  # global average pooling, as ResNet/SimSiam (paper silent for the multi-scale no-FPN ablation)
+            vectors = [torch.flatten(F.adaptive_avg_pool2d(f, 1), 1) for f in feats]
+        return [self.projectors[self.head(k)](v) for k, v in enumerate(vectors)]
+
+    def forward(self, x1, x2):
+        """Lists over scales of p1, p2 (predictor outputs, Eq. 4) and z1, z2 (projector outputs).
+        z is returned attached; the loss applies the stop-gradient (Eq. 6)."""
+        z1, z2 = self.encode(x1), self.encode(x2)
+        p1 = [self.predictors[self.head(k)](z) for k, z in enumerate(z1)]
+        p2 = [self.predictors[self.head(k)](z) for k, z in enumerate(z2)]
+        return p1, p2, z1, z2
+
+
+def D(p, z):
+    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z (Eq. 6).
+
+    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper branch
+    predicts the lower one", gradient stopped on the lower branch, views swapped) and SimSiam, on which
+    it builds, both mean: each view's prediction p against the other view's projection z, detached."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def mscl_loss(p1, p2, z1, z2, weights):
+    """(Eq. (7) total, [Eq. (6) loss of each scale])."""
+    per_scale = [0.5 * D(a, zb) + 0.5 * D(b, za) for a, b, za, zb in zip(p1, p2, z1, z2)]  # Eq. (6)
+    total = sum(w * loss for w, loss in zip(weights, per_scale))  # Eq. (7)
+    return total, per_scale
+
+
+@torch.no_grad()
+def collapse_monitor(z):
+    """SimSiam Sec. 4.1: std over the batch of the L2-normalised z, averaged over channels;
+    about 1/sqrt(dim) for a healthy representation, 0 on collapse."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation (SimSiam's main_simsiam.py)
+
+def build_optimizer(model, init_lr, args):
+    """SGD; the predictors form their own group so --fix-pred-lr can hold their lr."""
+    pred = [p for n, p in model.named_parameters() if n.startswith("predictors.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("predictors.")]
+    groups = [{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": args.fix_pred_lr}]
+    return torch.optim.SGD(groups, init_lr, momentum=args.momentum, weight_decay=args.wd)
+
+
+def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
+    """Cosine decay once per epoch over `epochs` (SimSiam); a fix_lr group keeps init_lr."""
+    cur_lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = init_lr if group["fix_lr"] else cur_lr
+    return cur_lr
+
+
+def autocast(args, device):
+    if args.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def check_finite(loss, it, ckpt_path):
+    if not torch.isfinite(loss).all():
+        raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is {ckpt_path}")
+
+
+def parameter_digest(model):
+    """sha1 of every parameter's bytes: equal on all ranks when DDP keeps them in step."""
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def main():
+    args = get_args()
+    rank, world, device = dist.setup(args.device)
+    main_proc = dist.is_main()
+    seed_everything(args.seed + rank)
+    weights = scale_weights(args)
+    names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
+    files = list_images(image_folder(args))
+    model = MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
+                 args.fpn_width)
+    model = dist.convert_sync_bn(model, device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
+    train_ds = TwoViews(files, moco_v2_augmentation(args.crop_size))
+    per_rank = args.batch_size // world
+    if per_rank < 2 or per_rank * world > len(train_ds):
+        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} images "
+                        f"(BatchNorm needs at least 2 images per rank)")
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    iters_per_epoch = len(loader)
+    total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
+
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    init_lr = args.lr * args.batch_size / 256  # SimSiam's linear scaling of the base lr
+    optimizer = build_optimizer(model, init_lr, args)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+    start_epoch, it, history = 0, 0, []
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise UserError(f"{ckpt_path}: does not fit this model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}; check --backbone/--no-fpn/--single-scale/--shared-heads)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, it = ckpt["epoch"], ckpt["iteration"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+        if main_proc:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+    if main_proc:
+        os.makedirs(args.out, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"MSCL {args.backbone}, scales {' '.join(names)} (λ {' '.join(f'{w:.3f}' for w in weights)}), "
+              f"{'FPN' if args.fpn else 'no FPN'}, {'shared' if args.shared_heads else 'per-scale'} heads: "
+              f"{n_params:,} parameters; {len(train_ds)} images at {args.crop_size} px; {iters_per_epoch} it/epoch "
+              f"x {args.epochs} epochs on {world} x {device}; lr {args.lr} x {args.batch_size}/256 = {init_lr:.5g}",
+              flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        if it >= total_iters:
+            break
+        sampler.set_epoch(epoch)
+        lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
+        model.train()
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch} ")
+        # running sums: total loss, each scale's loss, each scale's collapse monitor on z1
+        sums, n_iter, n_pairs, t0 = torch.zeros(1 + 2 * len(names), device=device), 0, 0, time.time()
+        for i, (x1, x2) in enumerate(loader):
+            if it >= total_iters:
+                break
+            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            with autocast(args, device):
+                p1, p2, z1, z2 = ddp_model(x1, x2)
+            loss, per_scale = mscl_loss(p1, p2, z1, z2, weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            it += 1
+            n_iter += 1
+            n_pairs += x1.shape[0] * world
+            sums += torch.stack([loss.detach()] + [s.detach() for s in per_scale] + [collapse_monitor(z) for z in z1])
+            if (i + 1) % args.print_freq == 0:
+                check_finite(loss, it, ckpt_path)
+                progress.step(i, args.print_freq * per_rank * world, loss=dist.all_reduce_mean(loss.detach()).item(),
+                              lr=lr)
+        means = dist.all_reduce_mean(sums / max(1, n_iter))
+        check_finite(means, it, ckpt_path)
+        means = means.tolist()
+        k = len(names)
+        history.append(dict(epoch=epoch + 1, iteration=it, loss=means[0], loss_scales=dict(zip(names, means[1:1 + k])),
+                            z_std=dict(zip(names, means[1 + k:])), z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
+                            pairs_per_s=n_pairs / (time.time() - t0)))
+        rngs = dist.gather_objects(rng_state())
+        if main_proc:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": it,
+                                        "args": vars(args), "rng": rngs})
+            # the ResNet alone in torchvision key names: resnetXX().load_state_dict(.., strict=False) misses
+            # only fc.*, and mrpose.py --pretrained loads it as is
+            save_checkpoint(os.path.join(args.out, "backbone.pth"), model.backbone.state_dict())
+            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in history)), mode="w")
+            plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
+                        {"total (Eq. 7)": [e["loss"] for e in history],
+                         **{n: [e["loss_scales"][n] for e in history] for n in names}}, xlabel="epoch")
+            log = history[-1]
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} ("
+                  + " ".join(f"{n} {v:.4f}" for n, v in log["loss_scales"].items()) + "), z std "
+                  + " ".join(f"{n} {v:.4f}" for n, v in log["z_std"].items())
+                  + f" (healthy ~{log['z_std_healthy']:.4f}), lr {lr:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+    if world > 1:  # DDP keeps every rank's parameters identical; show it
+        print(f"rank {rank}/{world}: parameters sha1 {parameter_digest(model)}", flush=True)
+    if main_proc:
+        print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

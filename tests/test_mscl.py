@@ -1,0 +1,320 @@
+"""Tests of mscl.py: FPN shapes and wiring, stop-gradient, Eq. (7), exact SimSiam equivalence, training
+signal, outputs and export, DDP, resume, bad input."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import mrpose
+import mscl
+from common.utils import UserError
+from data.demo import make_demo
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--backbone", "resnet18", "--crop-size", "32", "--batch-size", "8", "--workers", "0", "--print-freq", "1"]
+
+
+def free_port():
+    """A free TCP port for torchrun (--master_port=0 hangs in the c10d store with this torch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, expect=0, torchrun=False):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                               f"--master_port={free_port()}"]
+                              if torchrun else []) + ["mscl.py"] + [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 demo training images (192 px) and the flags that point mscl.py at them."""
+    root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=16, n_val=4)
+    return Path(root) / "train2017", ["--data", "folder", "--images", str(Path(root) / "train2017")]
+
+
+def two_views(n=8, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_fpn_levels_at_224_and_eq1_wiring():
+    torch.manual_seed(0)
+    model = mscl.MSCL("resnet50").eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(2, 3, 224, 224))
+        assert [tuple(f.shape[1:]) for f in feats] == [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+        vectors = model.neck(feats)
+        assert [tuple(v.shape) for v in vectors] == [(2, 512)] * 4
+        p1, p2, z1, z2 = model(torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224))
+        assert [tuple(t.shape) for t in p1 + p2 + z1 + z2] == [(2, 512)] * 16
+        # Eq. (1): F_i fuses f_i with f_{i+1} only (not the accumulated top-down path of the original FPN)
+        changed = [f.clone() for f in feats]
+        changed[3] = torch.randn_like(feats[3])  # f4 changes: F3, F4 change; F1, F2 do not
+        after = model.neck(changed)
+        assert torch.equal(after[0], vectors[0]) and torch.equal(after[1], vectors[1])
+        assert not torch.allclose(after[2], vectors[2]) and not torch.allclose(after[3], vectors[3])
+        changed = [f.clone() for f in feats]
+        changed[1] = torch.randn_like(feats[1])  # f2 changes: F1 and F2
+        after = model.neck(changed)
+        assert not torch.allclose(after[0], vectors[0]) and not torch.allclose(after[1], vectors[1])
+        assert torch.equal(after[2], vectors[2]) and torch.equal(after[3], vectors[3])
+    # heads: Eq. (3) 512-512-512 with a non-affine output BN, Eq. (4) 512-128-512, one pair per scale
+    assert len(model.projectors) == len(model.predictors) == 4
+    proj, pred = model.projectors[0], model.predictors[0]
+    assert [m.out_features for m in proj if isinstance(m, nn.Linear)] == [512, 512, 512]
+    assert not proj[7].affine and not proj[6].bias.requires_grad
+    assert [(m.in_features, m.out_features) for m in pred if isinstance(m, nn.Linear)] == [(512, 128), (128, 512)]
+    shared = mscl.MSCL("resnet18", shared_heads=True)
+    assert len(shared.projectors) == len(shared.predictors) == 1
+
+
+def test_stop_gradient_target_side_carries_no_gradient():
+    torch.manual_seed(0)
+    model = mscl.MSCL("resnet18").train()
+    p1, p2, z1, z2 = model(*two_views())
+    weights = [0.1, 0.2, 0.2, 0.5]
+    loss, _ = mscl.mscl_loss(p1, p2, z1, z2, weights)
+    for k in range(4):
+        for p, z in ((p1[k], z1[k]), (p2[k], z2[k])):
+            g_z = torch.autograd.grad(loss, z, retain_graph=True)[0]  # every path from z to the loss
+            g_p = torch.autograd.grad(loss, p, retain_graph=True)[0]
+            via_predictor = torch.autograd.grad(p, z, grad_outputs=g_p, retain_graph=True)[0]
+            assert g_z.abs().sum() > 0
+            assert torch.allclose(g_z, via_predictor, rtol=1e-5, atol=1e-9)  # nothing through the target side
+    # the check has teeth: without the stop-gradient the gradient at z differs
+    no_sg = sum(w * 0.5 * (-F.cosine_similarity(a, zb).mean() - F.cosine_similarity(b, za).mean())
+                for w, a, b, za, zb in zip(weights, p1, p2, z1, z2))
+    g_z = torch.autograd.grad(no_sg, z1[3], retain_graph=True)[0]
+    g_p = torch.autograd.grad(no_sg, p1[3], retain_graph=True)[0]
+    assert not torch.allclose(g_z, torch.autograd.grad(p1[3], z1[3], grad_outputs=g_p)[0], rtol=1e-3, atol=1e-7)
+    # at the loss itself: leaf targets get no gradient at all, predictions do
+    p = [torch.randn(4, 16, requires_grad=True) for _ in range(2)]
+    z = [torch.randn(4, 16, requires_grad=True) for _ in range(2)]
+    loss, _ = mscl.mscl_loss([p[0]], [p[1]], [z[0]], [z[1]], [1.0])
+    grads = torch.autograd.grad(loss, p + z, allow_unused=True)
+    assert grads[0] is not None and grads[1] is not None and grads[2] is None and grads[3] is None
+
+
+def test_eq7_weights_normalised_and_total_is_weighted_sum():
+    args = mscl.get_args([])
+    assert mscl.scale_weights(args) == pytest.approx([0.1, 0.2, 0.2, 0.5])
+    w = mscl.scale_weights(mscl.get_args(["--scale-weights", "2", "2", "2", "4"]))
+    assert sum(w) == pytest.approx(1) and w == pytest.approx([0.2, 0.2, 0.2, 0.4])
+    assert mscl.scale_weights(mscl.get_args(["--single-scale", "--scale-weights", "1", "1", "1", "7"])) == [1.0]
+    with pytest.raises(UserError):
+        mscl.get_args(["--scale-weights", "1", "-1", "1", "1"])
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = ([torch.randn(6, 32, generator=g) for _ in range(4)] for _ in range(4))
+    weights = mscl.scale_weights(args)
+    total, per_scale = mscl.mscl_loss(p1, p2, z1, z2, weights)
+    for k in range(4):  # Eq. (6) per scale
+        expect = 0.5 * -F.cosine_similarity(p1[k], z2[k]).mean() + 0.5 * -F.cosine_similarity(p2[k], z1[k]).mean()
+        assert torch.allclose(per_scale[k], expect)
+    assert torch.allclose(total, sum(w * l for w, l in zip([0.1, 0.2, 0.2, 0.5], per_scale)))
+
+
+# An independent SimSiam, as facebookresearch/simsiam simsiam/builder.py and main_simsiam.py write it.
+class SimSiam(nn.Module):
+    def __init__(self, base_encoder, dim=2048, pred_dim=512):
+        super().__init__()
+        self.encoder = base_encoder(num_classes=dim, zero_init_residual=True)
+        prev_dim = self.encoder.fc.weight.shape[1]
+        self.encoder.fc = nn.Sequential(nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim),
+                                        nn.ReLU(inplace=True),
+                                        nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim),
+                                        nn.ReLU(inplace=True),
+                                        self.encoder.fc, nn.BatchNorm1d(dim, affine=False))
+        self.encoder.fc[6].bias.requires_grad = False
+        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+
+    def forward(self, x1, x2):
+        z1, z2 = self.encoder(x1), self.encoder(x2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        return p1, p2, z1.detach(), z2.detach()
+
+
+def test_single_scale_no_fpn_is_exactly_simsiam():
+    torch.manual_seed(0)
+    ref = SimSiam(torchvision.models.resnet18).train()
+    ours = mscl.MSCL("resnet18", dim=2048, pred_dim=512, fpn=False, single_scale=True).train()
+    # same structure: a one-to-one key mapping, same shapes, same trainable set, same zero-init residual BNs
+    rename = lambda k: ("projectors.0." + k[len("encoder.fc."):] if k.startswith("encoder.fc.") else  # noqa: E731
+                        "predictors.0." + k[len("predictor."):] if k.startswith("predictor.") else
+                        "backbone." + k[len("encoder."):])
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert sorted(map(rename, ref_state)) == sorted(our_state)
+    assert all(ref_state[k].shape == our_state[rename(k)].shape for k in ref_state)
+    for k in ref_state:  # zero_init_residual and the non-affine output BN reproduced by our constructor
+        if k.endswith(("bn2.weight", "bn3.weight")) and "layer" in k:
+            assert torch.equal(ref_state[k], our_state[rename(k)]), k
+    ref_params, our_params = dict(ref.named_parameters()), dict(ours.named_parameters())
+    assert {rename(k) for k, p in ref_params.items() if p.requires_grad} == \
+        {k for k, p in our_params.items() if p.requires_grad}
+    ours.load_state_dict({rename(k): v for k, v in ref_state.items()})
+
+    x1, x2 = two_views(8, 64)
+    p1, p2, z1, z2 = ref(x1, x2)
+    criterion = nn.CosineSimilarity(dim=1)
+    ref_loss = -(criterion(p1, z2).mean() + criterion(p2, z1).mean()) * 0.5
+    ref_loss.backward()
+    q1, q2, y1, y2 = ours(x1, x2)
+    loss, _ = mscl.mscl_loss(q1, q2, y1, y2, mscl.scale_weights(
+        mscl.get_args(["--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512"])))
+    loss.backward()
+    assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6), (loss.item(), ref_loss.item())
+    n = 0
+    for k, p in ref_params.items():
+        if p.grad is None:
+            assert our_params[rename(k)].grad is None, k
+            continue
+        q = our_params[rename(k)].grad
+        assert torch.allclose(q, p.grad, rtol=1e-4, atol=1e-7), (k, (q - p.grad).abs().max().item())
+        n += 1
+    assert n == sum(p.requires_grad for p in ref_params.values())
+    for k, v in ref.state_dict().items():  # BN running statistics too
+        assert torch.allclose(v.float(), ours.state_dict()[rename(k)].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_few_steps_lower_the_loss_without_collapse(images):
+    folder, _ = images
+    torch.manual_seed(0)
+    ds = mscl.TwoViews(sorted(str(p) for p in folder.iterdir()), mscl.moco_v2_augmentation(32))
+    x1, x2 = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    assert x1.shape == (8, 3, 32, 32) and not torch.equal(x1, x2)
+    args = mscl.get_args(["--backbone", "resnet18"])
+    model = mscl.MSCL("resnet18").train()
+    optimizer = mscl.build_optimizer(model, 0.05, args)
+    weights = mscl.scale_weights(args)
+    losses = []
+    for _ in range(8):
+        p1, p2, z1, z2 = model(x1, x2)
+        loss, _ = mscl.mscl_loss(p1, p2, z1, z2, weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for z in z1:
+        assert mscl.collapse_monitor(z) > 0.2 / 512 ** 0.5
+
+
+def test_cosine_schedule_and_fixed_predictor_lr():
+    args = mscl.get_args(["--fix-pred-lr"])
+    model = mscl.MSCL("resnet18")
+    opt = mscl.build_optimizer(model, 0.1, args)
+    assert opt.param_groups[1]["params"] == list(model.predictors.parameters())
+    assert mscl.adjust_learning_rate(opt, 0.1, 0, 10) == pytest.approx(0.1)
+    assert mscl.adjust_learning_rate(opt, 0.1, 5, 10) == pytest.approx(0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and opt.param_groups[1]["lr"] == 0.1
+
+
+# ---------------------------------------------------------------------------------------------- script
+
+def test_run_writes_outputs_and_export_loads_into_torchvision_and_mrpose(images, tmp_path):
+    _, flags = images
+    out = tmp_path / "run"
+    p = run(flags + SMALL + ["--epochs", "2", "--out", out])
+    assert "= 0.0015625" in p.stdout  # effective lr = base 0.05 x 8 / 256 is printed
+    for name in ["checkpoint.pth", "backbone.pth", "log.jsonl", "loss.png"]:
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".tmp-*"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and log[-1]["iteration"] == 4
+    assert set(log[-1]["loss_scales"]) == set(log[-1]["z_std"]) == {"F1", "F2", "F3", "F4"}
+    assert log[-1]["loss"] == pytest.approx(sum(w * log[-1]["loss_scales"][n] for w, n in
+                                                zip([0.1, 0.2, 0.2, 0.5], ["F1", "F2", "F3", "F4"])), abs=1e-5)
+    assert all(v > 0.2 / 512 ** 0.5 for v in log[-1]["z_std"].values())
+    assert log[-1]["pairs_per_s"] > 0 and log[-1]["lr"] > 0
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "iteration", "args", "rng"} <= set(ckpt)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # the export: torchvision's resnet misses exactly fc.*; mrpose loads every backbone tensor
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert torch.equal(net.layer4[1].conv2.weight, ckpt["model"]["backbone.layer4.1.conv2.weight"])
+    args = mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--pretrained", str(out / "backbone.pth")])
+    model, report = mrpose.build_model(args)
+    n = len(model.backbone.state_dict())
+    assert f"loaded {n}/{n} backbone tensors" in report and "missing" not in report
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, ckpt["model"]["backbone.layer1.0.conv1.weight"])
+
+
+def test_resume_continues_exactly(images, tmp_path):
+    _, flags = images
+    common = flags + SMALL + ["--epochs", "2"]  # 16 images / batch 8: 2 iterations per epoch
+    run(common + ["--out", tmp_path / "straight"])
+    run(common + ["--iters", "2", "--out", tmp_path / "resumed"])  # stops after epoch 1 of the same schedule
+    run(common + ["--resume", "--out", tmp_path / "resumed"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 4 and a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    logs = [[json.loads(line) for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+            for r in ("straight", "resumed")]
+    assert [(e["epoch"], e["loss"], e["lr"]) for e in logs[0]] == [(e["epoch"], e["loss"], e["lr"]) for e in logs[1]]
+
+
+def test_torchrun_two_ranks_hold_identical_weights(images, tmp_path):
+    _, flags = images
+    out = tmp_path / "ddp"
+    p = run(flags + SMALL + ["--iters", "3", "--epochs", "3", "--out", out], torchrun=True)
+    digests = dict(re.findall(r"rank (\d)/2: parameters sha1 ([0-9a-f]{40})", p.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], p.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["iteration"] == 3
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert len(ckpt["rng"]) == 2
+
+
+def _one_line_error(p, *needles):
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def test_bad_inputs_and_nonfinite_loss(images, tmp_path):
+    folder, flags = images
+    p = run(["--data", "imagenet", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, tmp_path / "nowhere", "not found")
+    p = run(["--data", "folder", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, "--images")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run(["--data", "folder", "--images", empty, "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, empty, "no images")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in sorted(folder.iterdir())[:7]:
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")  # 8 images, batch 8: it is read
+    p = run(["--data", "folder", "--images", bad] + SMALL + ["--epochs", "1", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, "broken.jpg", "unreadable image")
+    # a non-finite loss stops the run with a message and keeps the last good checkpoint
+    out = tmp_path / "run"
+    run(flags + SMALL + ["--epochs", "1", "--out", out])
+    before = (out / "checkpoint.pth").read_bytes()
+    p = run(flags + SMALL + ["--epochs", "1", "--lr", "1e38", "--out", out], expect=2)
+    assert "non-finite loss" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "checkpoint.pth").read_bytes() == before
