@@ -10,7 +10,6 @@ torchvision ResNet, trained top-down with the joints MSE of Eq. (1) and evaluate
     python mrpose.py --data coco --data-root /data/coco --eval-only --weights runs/x/best.pth
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -29,8 +28,8 @@ from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_
 from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image
-from common.utils import (Progress, UserError, load_checkpoint, load_json, rng_state, run_main, save_checkpoint,
-                          save_json, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, autocast, check_finite, load_checkpoint, load_json, rng_state,
+                          run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
 from data.demo import default_demo_root, make_demo
 
 # ----------------------------------------------------------------------------------------------
@@ -39,20 +38,20 @@ from data.demo import default_demo_root, make_demo
 PRESETS = {
     # COCO: 256x192, rotation ±30°, scale ±40%, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=170, lr_steps=(120, 150), lr=1e-3,
-                 scale_factor=0.4, rot_factor=30.0, batch_size=64),
+                 scale_factor=0.4, rot_factor=30.0, batch_size=64, workers=4),
     # MPII: 256x256, rotation ±30°, scale ±25%, flip; drops at 90 and 120, 140 epochs
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=140, lr_steps=(90, 120), lr=1e-3,
-                 scale_factor=0.25, rot_factor=30.0, batch_size=64),
-    # demo: ResNet-18 from scratch within 10 minutes on a 2-core CPU (not a paper setting): a small
-    # input, a short schedule with a higher lr, no rotation (the demo poses are already tilted)
-    "demo": dict(backbone="resnet18", input_size=(64, 96), epochs=6, lr_steps=(4, 5), lr=2e-3,
-                 scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2),
+                 scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4),
+    # demo: ResNet-18 from scratch within 10 minutes on a 2-core CPU (not a paper setting): a small input,
+    # a short schedule with a higher lr, no rotation (the demo people are already tilted)
+    "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=4, lr_steps=(3,), lr=2e-3,
+                 scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1),
 }
 # MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50, GT boxes, no flip test
 PROTOCOLS = {
     "mscl-coco": dict(data="coco", arch="simplebaseline", backbone="resnet50", iters=36000,
                       lr_steps=(24000, 30000), flip_test=False),
-    "mscl-mpii": dict(data="mpii", arch="simplebaseline", backbone="resnet50", iters=30000,
+    "mscl-mpii": dict(data="mpii", arch="simplebaseline", backbone="resnet50", iters=30000, input_size=(192, 256),
                       lr_steps=(15000, 21000), flip_test=False),
 }
 
@@ -88,7 +87,7 @@ def get_args(argv=None):
     p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-3)")
     p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")
@@ -407,12 +406,6 @@ def evaluate(model, dataset, args, device, info, oracle=False):
 # ----------------------------------------------------------------------------------------------
 # Training helpers
 
-def autocast(args, device):
-    if args.amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
-
-
 def to_memory_format(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
@@ -560,11 +553,6 @@ def main():
         if last:
             break
     dist.cleanup()
-
-
-def check_finite(loss, it, ckpt_path):
-    if not torch.isfinite(loss).all():
-        raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is {ckpt_path}")
 
 
 def format_metrics(m):

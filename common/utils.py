@@ -1,4 +1,5 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, seeding, progress."""
+import contextlib
 import json
 import os
 import random
@@ -114,3 +115,16 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(args, device):
+    """--amp: bf16 autocast, or fp16 (the caller then scales the loss with a GradScaler)."""
+    if args.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def check_finite(loss, it, ckpt_path):
+    """Stop on a NaN/inf loss before anything is written; the last checkpoint stays as it was."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is {ckpt_path}")

@@ -34,7 +34,7 @@ import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, heatmap_to_image, warp_image
-from common.utils import UserError, run_main, save_json
+from common.utils import UserError, autocast, run_main, save_json
 
 ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"]
 # CPU default: the baseline and the paper's best head on ResNet-50, and the baseline on ResNet-18
@@ -60,6 +60,8 @@ def get_args(argv=None):
     p.add_argument("--samples", type=int, default=None, help="data pipeline samples per implementation (default 256)")
     p.add_argument("--coco-root", default=SHARED_COCO,
                    help="COCO folder with annotations/person_keypoints_train2017.json and train2017/")
+    p.add_argument("--mscl-batches", type=int, nargs="*", default=[8, 64],
+                   help="batch sizes of the MSCL-vs-SimSiam pretraining section (none: skip it)")
     p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
     p.add_argument("--out", default=None, help="also write every table as JSON here")
     args = p.parse_args(argv)
@@ -71,6 +73,7 @@ def get_args(argv=None):
     if args.quick:
         args.archs, args.backbones = args.archs or ["simplebaseline"], args.backbones or ["resnet18"]
         args.batch_size = args.batch_size or 2
+        args.mscl_batches = []
     if args.archs is None and args.backbones is None and not cuda:
         args.pairs = CPU_PAIRS
     else:
@@ -142,7 +145,7 @@ def train_step(model, optimizer, scheduler, scaler, batch, args, device):
     x = mrpose.to_memory_format(batch["image"].to(device, non_blocking=True), args)
     target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
                                       args.input_size, args.heatmap_size, args.sigma)
-    with mrpose.autocast(args, device):
+    with autocast(args, device):
         output = model(x)
     loss = joints_mse_loss(output.float(), target, weight)
     optimizer.zero_grad(set_to_none=True)
@@ -424,7 +427,7 @@ def bench_data(args):
 def predict_step(model, batch, args, device):
     """The body of mrpose.predict's loop for one batch (model already in eval mode)."""
     x = batch["image"].to(device, non_blocking=True)
-    with mrpose.autocast(args, device):
+    with autocast(args, device):
         heat = model(mrpose.to_memory_format(x, args)).float()
         if args.flip_test:
             flipped = flip_back(model(mrpose.to_memory_format(x.flip(3), args)).float(), COCO_FLIP_PAIRS)
@@ -453,6 +456,65 @@ def bench_eval(args):
         rows.append(dict(arch="simplebaseline", backbone=args.eval_backbone, mode=mode, batch=args.batch_size,
                          flip_test=margs.flip_test, img_per_s=args.batch_size / dt, ms_per_iter=dt * 1e3))
         print(f"  eval {args.eval_backbone} {mode}: {rows[-1]['img_per_s']:.1f} img/s", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. MSCL pretraining: pairs/s of mscl.py's training step against SimSiam's at the same batch
+
+def mscl_config(cfg):
+    """Time one mscl.py training step configuration in its own process (own peak memory)."""
+    import mscl
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = mscl.get_args(["--data", "imagenet", "--batch-size", str(cfg["batch_size"])] + cfg["flags"])
+    model = mscl.MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
+                      args.fpn_width).to(device).train()
+    optimizer = mscl.build_optimizer(model, args.lr * args.batch_size / 256, args)
+    weights = mscl.scale_weights(args)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(cfg["batch_size"], 3, 224, 224, generator=g).to(device) for _ in range(2))
+
+    def step():
+        with autocast(args, device):
+            p1, p2, z1, z2 = model(x1, x2)
+        loss, _ = mscl.mscl_loss(p1, p2, z1, z2, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dict(model=cfg["name"], batch=cfg["batch_size"], pairs_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3,
+                peak_mib=peak)
+
+
+def bench_mscl(args):
+    """MSCL (four scales, FPN, ResNet-50) against SimSiam (--single-scale --no-fpn --dim 2048 --pred-dim 512)."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    amp = ["--amp", "bf16"] if args.device.type == "cuda" else []
+    for batch in args.mscl_batches:
+        for name, flags in [("SimSiam", ["--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512"]),
+                            ("MSCL", [])]:
+            cfg = dict(name=name, flags=flags + amp, batch_size=batch, device=args.device.type, threads=args.threads,
+                       iters=args.iters, warmup=args.warmup)
+            with spawn.Pool(1) as pool:
+                rows.append(pool.apply(mscl_config, (cfg,)))
+            print(f"  mscl {name} batch {batch}: {rows[-1]['pairs_per_s']:.2f} pairs/s", flush=True)
+        rows[-1]["vs_simsiam"] = rows[-1]["pairs_per_s"] / rows[-2]["pairs_per_s"]
     return rows
 
 
@@ -490,6 +552,7 @@ def main():
     train = bench_training(args, peak)
     data, speedup, data_note = bench_data(args)
     evals = bench_eval(args)
+    pretrain = bench_mscl(args) if args.mscl_batches else []
 
     mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
     train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
@@ -503,7 +566,7 @@ def main():
     if cuda and peak is None:
         print(f"MFU n/a: no known bf16 peak for {name}")
 
-    print(f"\n== 2. data pipeline, one process (workers=0) on 1 thread as a loader worker, 256x192, COCO preset augmentation + half-body 0.3 ==")
+    print("\n== 2. data pipeline, one process (workers=0) on 1 thread as a loader worker, 256x192, COCO preset augmentation + half-body 0.3 ==")
     if data:
         print(format_table(data, [("pipeline", "pipeline", "s"), ("samples_per_s", "samples/s", ".1f"),
                                   ("ms_per_sample", "ms/sample", ".2f"),
@@ -516,9 +579,13 @@ def main():
     print(f"\n== 3. evaluation (predict: forward + flip test + decode), batch {args.batch_size} ==")
     print(format_table(evals, [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
                                ("img_per_s", "img/s", ".1f"), ("ms_per_iter", "ms/iter", ".1f")]))
+    if pretrain:
+        print(f"\n== 4. MSCL pretraining step, ResNet-50, two 224x224 views ({'bf16 autocast' if cuda else 'fp32'}) ==")
+        print(format_table(pretrain, [("model", "model", "s"), ("batch", "batch", "d"), ("pairs_per_s", "pairs/s", ".2f"),
+                                      ("ms_per_iter", "ms/iter", ".1f"), mem, ("vs_simsiam", "vs SimSiam", ".2f")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
-                                 eval=evals))
+                                 eval=evals, mscl=pretrain))
         print(f"\nwrote {args.out}")
 
 

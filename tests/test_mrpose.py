@@ -1,10 +1,6 @@
 """End-to-end tests of mrpose.py: outputs, DDP, resume, bad input, the oracle on real data."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,21 +10,15 @@ import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
 from common.heatmap import gaussian_targets, joints_mse_loss
 from data.demo import make_demo
+from helpers import SHARED, run_script
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
          "--print-freq", "1"]
 
 
 def run(args, expect=0, torchrun=False):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-                              if torchrun else []) + ["mrpose.py"] + [str(a) for a in args]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
+    return run_script("mrpose.py", args, expect, torchrun)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,7 @@
 """Tests of mscl.py: FPN shapes and wiring, stop-gradient, Eq. (7), exact SimSiam equivalence, training
 signal, outputs and export, DDP, resume, bad input."""
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,26 +14,13 @@ import mrpose
 import mscl
 from common.utils import UserError
 from data.demo import make_demo
+from helpers import run_script
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--backbone", "resnet18", "--crop-size", "32", "--batch-size", "8", "--workers", "0", "--print-freq", "1"]
 
 
-def free_port():
-    """A free TCP port for torchrun (--master_port=0 hangs in the c10d store with this torch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, expect=0, torchrun=False):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                               f"--master_port={free_port()}"]
-                              if torchrun else []) + ["mscl.py"] + [str(a) for a in args]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
+    return run_script("mscl.py", args, expect, torchrun)
 
 
 @pytest.fixture(scope="module")

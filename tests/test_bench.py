@@ -1,0 +1,19 @@
+"""The benchmark runs end to end and reports every section (it measures; it never asserts a speed)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_prints_and_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "eval.bench", "--quick", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for section in ("== 1. training step", "== 3. evaluation"):
+        assert section in p.stdout
+    result = json.loads(out.read_text())
+    assert result["train"] and all(r["img_per_s"] > 0 for r in result["train"])
+    assert result["eval"] and result["eval"][0]["img_per_s"] > 0
