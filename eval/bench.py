@@ -55,13 +55,14 @@ def get_args(argv=None):
     p.add_argument("--backbones", nargs="+", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
                    help="default resnet50 (CPU: plus simplebaseline-resnet18); the first one is also the evaluation model")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 8 on the CPU")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 50 on CUDA, 3 on the CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 10 on CUDA, 1 on the CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 50 on CUDA, 5 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 10 on CUDA, 2 on the CPU)")
     p.add_argument("--samples", type=int, default=None, help="data pipeline samples per implementation (default 256)")
     p.add_argument("--coco-root", default=SHARED_COCO,
                    help="COCO folder with annotations/person_keypoints_train2017.json and train2017/")
-    p.add_argument("--mscl-batches", type=int, nargs="*", default=[8, 64],
-                   help="batch sizes of the MSCL-vs-SimSiam pretraining section (none: skip it)")
+    p.add_argument("--mscl-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the MSCL-vs-SimSiam pretraining section (default 8 64 on CUDA, 8 on the "
+                        "CPU; none: skip it)")
     p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
     p.add_argument("--out", default=None, help="also write every table as JSON here")
     args = p.parse_args(argv)
@@ -82,8 +83,10 @@ def get_args(argv=None):
     args.eval_backbone = (args.backbones or ["resnet50"])[0]
     args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else ["fp32", "channels_last"]
     args.batch_size = args.batch_size or (32 if cuda else 8)
-    args.iters = args.iters or (1 if args.quick else 50 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 1)
+    if args.mscl_batches is None:
+        args.mscl_batches = [8, 64] if cuda else [8]
+    args.iters = args.iters or (1 if args.quick else 50 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 2)
     args.samples = args.samples or (16 if args.quick else 256)
     args.threads = torch.get_num_threads()
     return args
