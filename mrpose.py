@@ -176,8 +176,7 @@ class MRHeatNet1(SimpleBaseline):
 
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
-        self.side1, self.side1_up = side_conv(c, k), nn.Sequential(
-            nn.ConvTranspose2d(k, k, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(k), nn.ReLU(inplace=True))
+        self.side1, self.side1_up = side_conv(c, k), deconv(k, k)
         self.side2, self.side2_up = side_conv(c, k), bare_deconv(k)
         self.init_head()
 
@@ -195,8 +194,7 @@ class MRHeatNet2(SimpleBaseline):
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
         self.side1 = side_conv(c, k)
-        self.side1_up = nn.Sequential(nn.ConvTranspose2d(k, k, 4, stride=2, padding=1, bias=False),
-                                      nn.BatchNorm2d(k), nn.ReLU(inplace=True), bare_deconv(k))
+        self.side1_up = nn.Sequential(deconv(k, k), bare_deconv(k))
         self.side2, self.side2_up = side_conv(c, k), bare_deconv(k)
         self.init_head()
 
@@ -465,8 +463,7 @@ def main():
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=False)
+                                         pin_memory=device.type == "cuda", drop_last=True)
     iters_per_epoch = len(loader)
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
