@@ -27,7 +27,7 @@ from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, MPII_FL
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
 from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
-from common.transforms import heatmap_to_image
+from common.transforms import heatmap_to_image, normalize
 from common.utils import (Progress, UserError, autocast, check_finite, load_checkpoint, load_json, rng_state,
                           run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
 from data.demo import default_demo_root, make_demo
@@ -352,7 +352,7 @@ def predict(model, dataset, args, device, info, oracle=False):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     out_index, out_coords, out_conf, shown = [], [], [], None
     for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
+        x = normalize(batch["image"].to(device, non_blocking=True))
         if oracle:  # the ground truth itself through the identical path
             heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
         else:
@@ -503,7 +503,7 @@ def main():
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
-            x = to_memory_format(batch["image"].to(device, non_blocking=True), args)
+            x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
             target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
                                               args.input_size, args.heatmap_size, args.sigma)
             with autocast(args, device):

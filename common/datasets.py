@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from common.transforms import (affine_matrix, apply_affine, box_to_center_scale, half_body_center_scale,
-                               to_tensor_normalized, warp_image)
+                               to_tensor_uint8, warp_image)
 from common.utils import UserError, load_json
 
 COCO_JOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -217,7 +217,7 @@ class TopDownDataset(torch.utils.data.Dataset):
         joints = apply_affine(joints, m).astype(np.float32)
         if flip:
             joints, visible = joints[self.flip_perm], visible[self.flip_perm]
-        return {"image": torch.from_numpy(to_tensor_normalized(crop)), "joints": torch.from_numpy(joints),
+        return {"image": to_tensor_uint8(crop), "joints": torch.from_numpy(joints),
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
                 "center": torch.from_numpy(np.asarray(center, np.float32)),
                 "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}

@@ -5,9 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from common.utils import atomic_write  # noqa: E402
 
 
@@ -19,15 +17,14 @@ def _save(fig, path):
 
 
 def plot_predictions(path, images, joints, confidences, skeleton, conf_thresh=0.2, cols=4):
-    """A grid of input crops (normalised CHW tensors) with predicted skeletons in crop pixels."""
+    """A grid of input crops (uint8 CHW tensors) with predicted skeletons in crop pixels."""
     n = len(images)
     rows = max(1, (n + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, pts, conf in zip(axes.flat, images, joints, confidences):
-        rgb = np.clip(img.numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
-        ax.imshow(rgb)
+        ax.imshow(img.permute(1, 2, 0).numpy())
         ok = conf > conf_thresh
         for a, b in skeleton:
             if ok[a] and ok[b]:

@@ -9,6 +9,7 @@ image first (x -> width - 1 - x), so the same matrix moves the pixels and the jo
 import math
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -68,10 +69,17 @@ def warp_image(img, m, output_size):
                          resample=Image.BILINEAR)
 
 
-def to_tensor_normalized(img):
-    """PIL RGB -> float32 CHW array, ImageNet-normalised (what torchvision's ResNets expect)."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return ((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+def to_tensor_uint8(img):
+    """PIL RGB -> uint8 CHW tensor. Loaders pass bytes; `normalize` makes floats a batch at a time on
+    the training device (4x less to move between processes, no per-sample float math)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def normalize(x):
+    """uint8 images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets expect)."""
+    mean = torch.tensor(IMAGENET_MEAN * 255, device=x.device).view(1, 3, 1, 1)
+    inv_std = torch.tensor(1 / (IMAGENET_STD * 255), device=x.device).view(1, 3, 1, 1)
+    return x.to(torch.float32, copy=True).sub_(mean).mul_(inv_std)  # in place: one fresh buffer, not three
 
 
 def half_body_center_scale(joints, visible, upper_ids, aspect_ratio, rng):

@@ -9,6 +9,7 @@ import torch
 import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
 from common.heatmap import gaussian_targets, joints_mse_loss
+from common.transforms import normalize
 from data.demo import make_demo
 from helpers import SHARED, run_script
 
@@ -158,7 +159,7 @@ def test_loss_falls_on_real_coco_batches():
     target, weight = gaussian_targets(batch["joints"], batch["visible"], (64, 96), (16, 24))
     losses = []
     for _ in range(25):
-        loss = joints_mse_loss(model(batch["image"]), target, weight)
+        loss = joints_mse_loss(model(normalize(batch["image"])), target, weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
