@@ -315,7 +315,9 @@ def build_data(args, train):
     if args.data == "mpii":
         val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)
         gt = load_mpii_gt(paths["gt_mat"])
-        info = dict(kind="mpii", gt=gt, index=match_mpii_gt(load_json(paths["val_ann"]), gt), skeleton=MPII_SKELETON)
+        # .mat column of each kept person (the reader skips persons without labeled joints; image_id = position)
+        index = match_mpii_gt(load_json(paths["val_ann"]), gt)[[r["image_id"] for r in val_records]]
+        info = dict(kind="mpii", gt=gt, index=index, skeleton=MPII_SKELETON)
         flip_pairs, upper = MPII_FLIP_PAIRS, MPII_UPPER
         if train:
             train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
@@ -373,7 +375,9 @@ def predict(model, dataset, args, device, info, oracle=False):
         out_coords.append(heatmap_to_image(coords, batch["center"], batch["scale"], args.heatmap_size))
         out_conf.append(conf)
         out_index.append(batch["index"])
-    parts = dist.gather_objects((torch.cat(out_index), torch.cat(out_coords), torch.cat(out_conf)))
+    k = args.num_joints  # a rank whose shard is empty (fewer samples than ranks) sends empty tensors
+    parts = dist.gather_objects((torch.cat(out_index + [torch.zeros(0, dtype=torch.long)]),
+                                 torch.cat(out_coords + [torch.zeros(0, k, 2)]), torch.cat(out_conf + [torch.zeros(0, k)])))
     index, coords, conf = (torch.cat([p[i] for p in parts]) for i in range(3))
     order = index.argsort()
     return coords[order].numpy(), conf[order].numpy(), shown
@@ -416,15 +420,29 @@ def load_weights(model, path):
     """Model weights from a checkpoint (ours, or a bare state_dict); a clear error if they don't fit."""
     state = load_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    wrong = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if wrong:
         k = wrong[0]
+        expected = tuple(own[k].shape) if k in own else "nothing"
         found = tuple(state[k].shape) if k in state else "nothing"
         raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
-                        f"{tuple(own[k].shape)}, found {found}; check --arch/--backbone/--data)")
+                        f"{expected}, found {found}; check --arch/--backbone/--head-channels/--data)")
     model.load_state_dict(state)
+
+
+def check_resume_args(path, saved, args):
+    """--resume continues the saved run: the model and the schedule must not change (--epochs/--iters may
+    grow, which is how an interrupted run is finished)."""
+    for k in ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp"):
+        was, now = saved.get(k), getattr(args, k)
+        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
+        if k in saved and was != now:
+            raise UserError(f"{path}: saved with --{k.replace('_', '-')} {was}, this run has {now}; "
+                            f"resume with the same settings or use another --out")
 
 
 def main_metric(metrics):
@@ -485,6 +503,7 @@ def main():
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args)
         load_weights(model, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -523,8 +542,9 @@ def main():
             n_iters += 1
             n_seen += x.shape[0] * world
             if (i + 1) % args.print_freq == 0:
-                check_finite(loss, it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world, loss=dist.all_reduce_mean(loss.detach()).item(),
+                mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
+                check_finite(mean_loss, it, ckpt_path)
+                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(),
                               lr=optimizer.param_groups[0]["lr"])
         epoch_loss = dist.all_reduce_mean(loss_sum / max(1, n_iters))
         check_finite(epoch_loss, it, ckpt_path)
@@ -532,6 +552,7 @@ def main():
                    img_per_s=n_seen / (time.time() - t0))
         last = it >= total_iters
         if (epoch + 1) % eval_every == 0 or last:
+            dist.broadcast_buffers(model)
             metrics, results, shown = evaluate(model, val_ds, args, device, info)
             log["metrics"] = metrics
             if main_proc:

@@ -36,13 +36,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def load_coco(ann_file):
-    """pycocotools COCO object for a keypoint json, with a one-line error for a bad file."""
+    """pycocotools COCO object for a keypoint json (read once), with a one-line error for a bad file."""
     from pycocotools.coco import COCO
-    load_json(ann_file, "annotation file")  # clear error for a missing or broken file
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(ann_file)
-    if "annotations" not in coco.dataset or "images" not in coco.dataset:
-        raise UserError(f"{ann_file}: not a COCO annotation file (no 'images'/'annotations')")
+    coco = COCO()
+    coco.dataset = load_json(os.fspath(ann_file), "annotation file")
+    if not isinstance(coco.dataset, dict) or "annotations" not in coco.dataset or "images" not in coco.dataset:
+        raise UserError(f"{ann_file}: not a COCO annotation file (needs 'images' and 'annotations')")
+    missing_area = [a.get("id") for a in coco.dataset["annotations"] if "area" not in a]
+    if missing_area:  # COCOeval's OKS divides by the GT area; without it pycocotools dies with a bare KeyError
+        raise UserError(f"{ann_file}: annotation id {missing_area[0]} has no 'area' (OKS needs it)")
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints "creating index..."
+        coco.createIndex()
     return coco
 
 
@@ -211,7 +215,7 @@ class TopDownDataset(torch.utils.data.Dataset):
         m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)
         m_img = m
         if img.width != width:  # a reduced JPEG decode: its pixel i covers file pixels [k·i, k·i + k)
-            k = round(width / img.width)
+            k = 2 ** round(math.log2(width / img.width))  # 2, 4 or 8 (img.width is rounded up)
             m_img = m @ np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1]])
         crop = warp_image(img, m_img, self.input_size)
         joints = apply_affine(joints, m).astype(np.float32)

@@ -50,6 +50,15 @@ def all_reduce_mean(t):
     return t / dist.get_world_size()
 
 
+def broadcast_buffers(model):
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each forward,
+    then every rank updates its copy with its own batch: without this, ranks would evaluate slightly
+    different models, none of them exactly the one rank 0 saves."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def gather_objects(obj):
     """List of every rank's `obj` (picklable), in rank order; [obj] without a process group."""
     if not dist.is_initialized():

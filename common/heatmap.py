@@ -57,7 +57,7 @@ def decode_heatmaps(heatmaps):
     maxvals, idx = flat.max(dim=-1)
     x, y = idx % w, torch.div(idx, w, rounding_mode="floor")
     coords = torch.stack([x, y], dim=-1).to(heatmaps.dtype)
-    # the shift needs both neighbours, so only strictly interior maxima move (HRNet: 1 < px < w-1)
+    # the shift needs both neighbours; HRNet's condition 1 < px < w-1 also leaves column/row 1 alone
     hm = heatmaps.reshape(b * k, h, w)
     xi, yi = x.reshape(-1).clamp(1, w - 2), y.reshape(-1).clamp(1, h - 2)
     n = torch.arange(b * k, device=heatmaps.device)

@@ -16,6 +16,7 @@ import scipy.io
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from common.datasets import load_coco
 from common.utils import UserError, load_json
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -28,22 +29,6 @@ COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 
 
-def _load_coco_gt(gt):
-    """A pycocotools COCO object from a path (checked here so bad paths give a UserError) or an existing object."""
-    if isinstance(gt, COCO):
-        return gt
-    coco = COCO()
-    coco.dataset = load_json(os.fspath(gt), "ground-truth annotations")
-    if not isinstance(coco.dataset, dict) or "annotations" not in coco.dataset or "images" not in coco.dataset:
-        raise UserError(f"{gt}: not a COCO annotation file (needs 'images' and 'annotations')")
-    missing_area = [a.get("id") for a in coco.dataset["annotations"] if "area" not in a]
-    if missing_area:  # COCOeval's OKS divides by the GT area; without it pycocotools dies with a bare KeyError
-        raise UserError(f"{gt}: annotation id {missing_area[0]} has no 'area' (OKS needs it)")
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints "creating index..."
-        coco.createIndex()
-    return coco
-
-
 def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     """OKS keypoint AP/AR with pycocotools' COCOeval.
 
@@ -52,7 +37,7 @@ def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     sigmas: per-keypoint OKS sigmas (default COCO_SIGMAS); required when K != 17 (e.g. CrowdPose).
     Returns {AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl} as floats in [0, 1].
     """
-    coco_gt = _load_coco_gt(gt)
+    coco_gt = gt if isinstance(gt, COCO) else load_coco(gt)
     where = "results"  # names the source in error messages
     if not isinstance(results, list):
         where = os.fspath(results)
@@ -62,6 +47,10 @@ def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     if not results:  # loadRes indexes results[0]; an empty submission simply scores zero
         return {name: 0.0 for name in COCO_STAT_NAMES}
 
+    fields = {"image_id", "category_id", "keypoints", "score"}
+    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
+    if malformed:
+        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
     sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
     bad = [r for r in results if len(r.get("keypoints", ())) != 3 * len(sigmas)]
     if bad:

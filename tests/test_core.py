@@ -1,5 +1,6 @@
 """Unit tests of the top-down core: targets, decoding, crop geometry, flip test, models, backbone I/O."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.transforms import (affine_matrix, apply_affine, heatmap_to_image, invert_affine, normalize, to_tensor_uint8,
                                warp_image)
-from common.utils import UserError
+from common.utils import UserError, atomic_write
 
 
 def hrnet_targets(joints, vis, input_size, heatmap_size, sigma=2):
@@ -280,3 +281,19 @@ def test_reduced_jpeg_decode_keeps_dots_on_their_joints(tmp_path):
         win = np.clip(crop[y0 - 3:y0 + 4, x0 - 3:x0 + 4], 0, None)
         yy, xx = np.mgrid[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
         assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5
+
+
+def test_atomic_write_leaves_old_file_on_failure_and_normal_permissions(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def killed_halfway(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, killed_halfway)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

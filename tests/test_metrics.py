@@ -89,6 +89,20 @@ def test_coco_missing_gt_is_user_error(tmp_path):
         coco_keypoint_eval(str(tmp_path / "nope.json"), [], verbose=False)
 
 
+def test_coco_malformed_results_and_gt_without_area_are_user_errors(tmp_path):
+    gt = tiny_coco(tmp_path / "gt.json")
+    results = gt_as_results(gt)
+    del results[0]["score"]
+    with pytest.raises(UserError, match="every result needs.*score"):
+        coco_keypoint_eval(str(tmp_path / "gt.json"), results, verbose=False)
+    with pytest.raises(UserError, match="every result needs"):
+        coco_keypoint_eval(str(tmp_path / "gt.json"), [[1, 2]], verbose=False)
+    del gt["annotations"][0]["area"]
+    (tmp_path / "noarea.json").write_text(json.dumps(gt))
+    with pytest.raises(UserError, match="noarea.json.*no 'area'"):
+        coco_keypoint_eval(str(tmp_path / "noarea.json"), gt_as_results(gt), verbose=False)
+
+
 @needs_shared
 def test_coco_real_gt_self_ap():
     gt = json.loads(COCO_GT.read_text())

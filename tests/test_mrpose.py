@@ -78,6 +78,8 @@ def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path
     single = tmp_path / "single"
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", single])
     assert json.loads((single / "metrics.json").read_text()) == ddp_metrics
+    # every rank evaluated rank 0's saved weights, BatchNorm statistics included
+    assert json.loads((out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
     ddp_eval = tmp_path / "ddp_eval"
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", ddp_eval], torchrun=True)
     assert json.loads((ddp_eval / "results.json").read_text()) == json.loads((single / "results.json").read_text())
@@ -121,6 +123,17 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     junk.write_text("not a checkpoint")
     p = run(flags + SMALL + ["--eval-only", "--weights", junk, "--out", tmp_path / "o"], expect=2)
     _one_line_error(p, junk, "not a readable")
+    state = torch.load(tmp_path / "r18" / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    torch.save(dict(state, **{"extra.weight": torch.zeros(1)}), tmp_path / "extra.pth")
+    p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "extra.pth", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, "extra.pth", "does not fit", "extra.weight")
+    torch.save([1, 2], tmp_path / "list.pth")
+    p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "list.pth", "--out", tmp_path / "o"], expect=2)
+    _one_line_error(p, "list.pth", "not a model checkpoint")
+    # --resume with another learning rate would silently keep the saved schedule
+    p = run(flags + SMALL + ["--iters", "2", "--lr-steps", "9", "--lr", "5e-3", "--no-flip-test", "--resume",
+                             "--out", tmp_path / "r18"], expect=2)
+    _one_line_error(p, "checkpoint.pth", "--lr")
 
 
 def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
