@@ -405,9 +405,9 @@ def main():
             n_pairs += x1.shape[0] * world
             sums += torch.stack([loss.detach()] + [s.detach() for s in per_scale] + [collapse_monitor(z) for z in z1])
             if (i + 1) % args.print_freq == 0:
-                check_finite(loss, it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world, loss=dist.all_reduce_mean(loss.detach()).item(),
-                              lr=lr)
+                mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
+                check_finite(mean_loss, it, ckpt_path)
+                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(), lr=lr)
         means = dist.all_reduce_mean(sums / max(1, n_iter))
         check_finite(means, it, ckpt_path)
         means = means.tolist()
