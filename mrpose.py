@@ -416,9 +416,10 @@ def to_memory_format(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
-def load_weights(model, path):
-    """Model weights from a checkpoint (ours, or a bare state_dict); a clear error if they don't fit."""
-    state = load_checkpoint(path)
+def load_weights(model, path, state=None):
+    """Model weights from a checkpoint (ours, or a bare state_dict; `state` if already loaded from `path`);
+    a clear error if they don't fit."""
+    state = load_checkpoint(path) if state is None else state
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
@@ -504,7 +505,7 @@ def main():
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_args(ckpt_path, ckpt.get("args", {}), args)
-        load_weights(model, ckpt_path)
+        load_weights(model, ckpt_path, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])

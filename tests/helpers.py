@@ -26,3 +26,11 @@ def run_script(script, args, expect=0, torchrun=False):
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
+
+
+def assert_one_line_error(p, *needles):
+    """The process failed with a single `error: ...` line on stderr that names every needle."""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])

@@ -11,7 +11,7 @@ from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_co
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.transforms import normalize
 from data.demo import make_demo
-from helpers import SHARED, run_script
+from helpers import SHARED, assert_one_line_error, run_script
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
@@ -99,41 +99,34 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
-def _one_line_error(p, *needles):
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-
-
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     root, flags = tiny
     p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, tmp_path / "nowhere", "not found")
+    assert_one_line_error(p, tmp_path / "nowhere", "not found")
     missing = tmp_path / "missing.json"
     p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out", tmp_path / "o"],
             expect=2)
-    _one_line_error(p, missing, "not found")
+    assert_one_line_error(p, missing, "not found")
     # a checkpoint of another backbone
     run(flags + SMALL + ["--iters", "1", "--lr-steps", "9", "--no-flip-test", "--out", tmp_path / "r18"])
     p = run(flags + ["--backbone", "resnet34", "--eval-only", "--weights", tmp_path / "r18" / "checkpoint.pth",
                      "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, "checkpoint.pth", "does not fit")
+    assert_one_line_error(p, "checkpoint.pth", "does not fit")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     p = run(flags + SMALL + ["--eval-only", "--weights", junk, "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, junk, "not a readable")
+    assert_one_line_error(p, junk, "not a readable")
     state = torch.load(tmp_path / "r18" / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
     torch.save(dict(state, **{"extra.weight": torch.zeros(1)}), tmp_path / "extra.pth")
     p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "extra.pth", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, "extra.pth", "does not fit", "extra.weight")
+    assert_one_line_error(p, "extra.pth", "does not fit", "extra.weight")
     torch.save([1, 2], tmp_path / "list.pth")
     p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "list.pth", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, "list.pth", "not a model checkpoint")
+    assert_one_line_error(p, "list.pth", "not a model checkpoint")
     # --resume with another learning rate would silently keep the saved schedule
     p = run(flags + SMALL + ["--iters", "2", "--lr-steps", "9", "--lr", "5e-3", "--no-flip-test", "--resume",
                              "--out", tmp_path / "r18"], expect=2)
-    _one_line_error(p, "checkpoint.pth", "--lr")
+    assert_one_line_error(p, "checkpoint.pth", "--lr")
 
 
 def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
@@ -147,7 +140,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
              "--images", bad / "train2017", "--val-ann", bad / "annotations" / "person_keypoints_val2017.json",
              "--val-images", bad / "val2017"]
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, victim.name, "unreadable image")
+    assert_one_line_error(p, victim.name, "unreadable image")
     assert not (tmp_path / "o" / "checkpoint.pth").exists()
     for a in ann["annotations"]:
         a["keypoints"] = [0] * 51
@@ -156,7 +149,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
     empty.write_text(json.dumps(ann))
     flags[3] = empty
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, empty, "no trainable person")
+    assert_one_line_error(p, empty, "no trainable person")
 
 
 def test_loss_falls_on_real_coco_batches():

@@ -14,7 +14,7 @@ import mrpose
 import mscl
 from common.utils import UserError
 from data.demo import make_demo
-from helpers import run_script
+from helpers import assert_one_line_error, run_script
 
 SMALL = ["--backbone", "resnet18", "--crop-size", "32", "--batch-size", "8", "--workers", "0", "--print-freq", "1"]
 
@@ -270,30 +270,23 @@ def test_torchrun_two_ranks_hold_identical_weights(images, tmp_path):
     assert len(ckpt["rng"]) == 2
 
 
-def _one_line_error(p, *needles):
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
-
-
 def test_bad_inputs_and_nonfinite_loss(images, tmp_path):
     folder, flags = images
     p = run(["--data", "imagenet", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, tmp_path / "nowhere", "not found")
+    assert_one_line_error(p, tmp_path / "nowhere", "not found")
     p = run(["--data", "folder", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, "--images")
+    assert_one_line_error(p, "--images")
     empty = tmp_path / "empty"
     empty.mkdir()
     p = run(["--data", "folder", "--images", empty, "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, empty, "no images")
+    assert_one_line_error(p, empty, "no images")
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in sorted(folder.iterdir())[:7]:
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")  # 8 images, batch 8: it is read
     p = run(["--data", "folder", "--images", bad] + SMALL + ["--epochs", "1", "--out", tmp_path / "o"], expect=2)
-    _one_line_error(p, "broken.jpg", "unreadable image")
+    assert_one_line_error(p, "broken.jpg", "unreadable image")
     # a non-finite loss stops the run with a message and keeps the last good checkpoint
     out = tmp_path / "run"
     run(flags + SMALL + ["--epochs", "1", "--out", out])
