@@ -10,7 +10,7 @@
 2. Data: samples/s of one worker on real COCO images and boxes: TopDownDataset with the COCO
    preset's augmentation plus batched gaussian_targets, against a re-implementation of the
    reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
-3. Evaluation: img/s of mrpose.predict's inner loop (forward, flip test, decode, back-projection).
+3. Evaluation: img/s of common.topdown.predict's inner loop (forward, flip test, decode, back-projection).
 
 It only measures and prints; nothing here asserts a speed.
 """
@@ -33,6 +33,7 @@ from torch.utils.data import default_collate
 import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
+from common.topdown import to_memory_format
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, heatmap_to_image, normalize, warp_image
 from common.utils import UserError, autocast, run_main, save_json
 
@@ -145,7 +146,7 @@ def forward_flops(model, x):
 
 def train_step(model, optimizer, scheduler, scaler, batch, args, device):
     """One iteration of mrpose.main's training loop, line for line."""
-    x = mrpose.to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
+    x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
     target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
                                       args.input_size, args.heatmap_size, args.sigma)
     with autocast(args, device):
@@ -173,7 +174,7 @@ def train_config(cfg):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [10 ** 9], gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     batch = synthetic_batch(cfg["batch_size"], args, device)
-    flops = 3 * forward_flops(model, mrpose.to_memory_format(normalize(batch["image"].to(device)), args))  # fwd + 2x bwd
+    flops = 3 * forward_flops(model, to_memory_format(normalize(batch["image"].to(device)), args))  # fwd + 2x bwd
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -434,12 +435,12 @@ def bench_data(args):
 
 @torch.no_grad()
 def predict_step(model, batch, args, device):
-    """The body of mrpose.predict's loop for one batch (model already in eval mode)."""
+    """The body of common.topdown.predict's loop for one batch (model already in eval mode)."""
     x = normalize(batch["image"].to(device, non_blocking=True))
     with autocast(args, device):
-        heat = model(mrpose.to_memory_format(x, args)).float()
+        heat = model(to_memory_format(x, args)).float()
         if args.flip_test:
-            flipped = flip_back(model(mrpose.to_memory_format(x.flip(3), args)).float(), COCO_FLIP_PAIRS)
+            flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), COCO_FLIP_PAIRS)
             flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
             heat = (heat + flipped) * 0.5
     coords, conf = decode_heatmaps(heat.cpu())  # the copy to the host synchronises CUDA
