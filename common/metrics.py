@@ -242,7 +242,7 @@ def pck_torso(pred, gt, visible, thr=0.2, rhip=12, lsho=5):
 
 CROWDPOSE_STAT_NAMES = ["AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard"]
 # crowdposetools' summarize calls get_type_result(first=0.2, second=0.8): easy < 0.2 <= medium < 0.8 <= hard, in
-# every commit. The CrowdPose and ICON papers' text says easy 0-0.1, medium 0.1-0.8; published numbers use 0.2.
+# every commit. ICON's text says easy 0-0.1, medium 0.1-0.8; the published CrowdPose numbers come from the toolkit.
 CROWD_EASY, CROWD_HARD = 0.2, 0.8
 
 

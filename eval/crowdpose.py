@@ -19,7 +19,7 @@ def main():
                         help="results json: list of {image_id, category_id, keypoints (3 x 14), score}")
     parser.add_argument("--out", help="write the metrics dict here as JSON")
     parser.add_argument("--crowd-easy", type=float, default=CROWD_EASY,
-                        help="crowd index below which an image is easy (toolkit 0.2; the papers' text says 0.1)")
+                        help="crowd index below which an image is easy (toolkit 0.2; ICON's text says 0.1)")
     parser.add_argument("--crowd-hard", type=float, default=CROWD_HARD,
                         help="crowd index from which an image is hard")
     args = parser.parse_args()
