@@ -248,7 +248,8 @@ def check_crowdpose(dataset, name):
     in place (it ignores any area in the file): COCOeval then computes the official OKS."""
     for img in dataset["images"]:
         if not isinstance(img.get("crowdIndex"), (int, float)):
-            raise UserError(f"{name}: image id {img.get('id')} has no numeric 'crowdIndex' (not a CrowdPose annotation file?)")
+            raise UserError(f"{name}: image id {img.get('id')} has no numeric 'crowdIndex' "
+                            f"(not a CrowdPose annotation file?)")
     for a in dataset["annotations"]:
         missing = [f for f in ("image_id", "bbox", "keypoints", "num_keypoints", "iscrowd") if f not in a]
         if missing:

@@ -281,8 +281,8 @@ def crowdpose_eval(gt, results, verbose=True, easy=CROWD_EASY, hard=CROWD_HARD):
         raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
     bad = [r for r in results if len(r["keypoints"]) != 3 * len(CROWDPOSE_SIGMAS)]
     if bad:
-        raise UserError(f"{where}: image {bad[0]['image_id']} has a keypoints list of length {len(bad[0]['keypoints'])}, "
-                        f"expected {3 * len(CROWDPOSE_SIGMAS)} (14 CrowdPose joints x 3)")
+        raise UserError(f"{where}: image {bad[0]['image_id']} has a keypoints list of length "
+                        f"{len(bad[0]['keypoints'])}, expected {3 * len(CROWDPOSE_SIGMAS)} (14 CrowdPose joints x 3)")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
