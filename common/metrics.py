@@ -29,6 +29,29 @@ COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 
 
+def load_results(results, coco_gt, num_joints):
+    """Keypoint results (a list, or a path to a json list) checked against the ground truth, so that a malformed
+    entry is a one-line error naming the source instead of an assertion deep inside pycocotools' loadRes."""
+    where = "results"
+    if not isinstance(results, list):
+        where = os.fspath(results)
+        results = load_json(where, "results")
+        if not isinstance(results, list):
+            raise UserError(f"{where}: results must be a JSON list of COCO result dicts")
+    fields = {"image_id", "category_id", "keypoints", "score"}
+    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
+    if malformed:
+        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
+    bad = [r for r in results if len(r["keypoints"]) != 3 * num_joints]
+    if bad:
+        raise UserError(f"{where}: image {bad[0]['image_id']} has a keypoints list of length "
+                        f"{len(bad[0]['keypoints'])}, expected {3 * num_joints} ({num_joints} joints x 3)")
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:  # loadRes would only assert, without saying which image
+        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
+    return results
+
+
 def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     """OKS keypoint AP/AR with pycocotools' COCOeval.
 
@@ -38,27 +61,10 @@ def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     Returns {AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl} as floats in [0, 1].
     """
     coco_gt = gt if isinstance(gt, COCO) else load_coco(gt)
-    where = "results"  # names the source in error messages
-    if not isinstance(results, list):
-        where = os.fspath(results)
-        results = load_json(where, "results")
-        if not isinstance(results, list):
-            raise UserError(f"{where}: results must be a JSON list of COCO result dicts")
+    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    results = load_results(results, coco_gt, len(sigmas))
     if not results:  # loadRes indexes results[0]; an empty submission simply scores zero
         return {name: 0.0 for name in COCO_STAT_NAMES}
-
-    fields = {"image_id", "category_id", "keypoints", "score"}
-    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
-    if malformed:
-        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
-    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
-    bad = [r for r in results if len(r.get("keypoints", ())) != 3 * len(sigmas)]
-    if bad:
-        raise UserError(f"{where}: image {bad[0].get('image_id')} has a keypoints list of length "
-                        f"{len(bad[0].get('keypoints', ()))}, expected {3 * len(sigmas)} (3 x {len(sigmas)} sigmas)")
-    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
-    if unknown:  # loadRes would only assert, without saying which image
-        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
 
     # loadRes writes 'area', 'bbox', 'id' into each dict: copy so the caller's list stays untouched.
     results = [dict(r) for r in results]
@@ -267,25 +273,9 @@ def crowdpose_eval(gt, results, verbose=True, easy=CROWD_EASY, hard=CROWD_HARD):
         coco_gt = gt
     else:
         coco_gt = load_crowdpose(gt)
-    where = "results"
-    if not isinstance(results, list):
-        where = os.fspath(results)
-        results = load_json(where, "results")
-        if not isinstance(results, list):
-            raise UserError(f"{where}: results must be a JSON list of keypoint results")
+    results = load_results(results, coco_gt, len(CROWDPOSE_SIGMAS))
     if not results:  # loadRes indexes results[0]; an empty submission scores zero
         return {name: 0.0 for name in CROWDPOSE_STAT_NAMES}
-    fields = {"image_id", "category_id", "keypoints", "score"}
-    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
-    if malformed:
-        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
-    bad = [r for r in results if len(r["keypoints"]) != 3 * len(CROWDPOSE_SIGMAS)]
-    if bad:
-        raise UserError(f"{where}: image {bad[0]['image_id']} has a keypoints list of length "
-                        f"{len(bad[0]['keypoints'])}, expected {3 * len(CROWDPOSE_SIGMAS)} (14 CrowdPose joints x 3)")
-    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
-    if unknown:
-        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes writes into the dicts: copies
