@@ -297,3 +297,24 @@ def test_atomic_write_leaves_old_file_on_failure_and_normal_permissions(tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_augmentation_draws_follow_the_official_law_and_presets():
+    """SimpleBaseline/SimMRPose JointsDataset: s ~ clip(N(1, sf), 1 ± sf); r ~ clip(N(0, rf), ±2rf) with p 0.6."""
+    from scipy.stats import norm
+
+    from common.datasets import draw_scale_rotation
+    rng, n, sf, rf = np.random.default_rng(0), 40000, 0.3, 40.0
+    s, r = np.array([draw_scale_rotation(rng, sf, rf) for _ in range(n)]).T
+
+    def clipped_std(c):  # std of clip(N(0, 1), -c, c): the mass beyond ±c sits on the bounds
+        return math.sqrt((2 * norm.cdf(c) - 1) - 2 * c * norm.pdf(c) + 2 * c * c * norm.sf(c))
+
+    rotated = r[r != 0]
+    assert abs(len(rotated) / n - 0.6) < 0.01
+    assert np.abs(rotated).max() <= 2 * rf and (np.abs(rotated) > 1.5 * rf).mean() > 0.1  # N(0, rf/2) would not reach 1.5rf
+    assert abs(rotated.std() / (rf * clipped_std(2)) - 1) < 0.02
+    assert s.min() >= 1 - sf and s.max() <= 1 + sf and abs((s == 1 + sf).mean() - norm.sf(1)) < 0.01
+    assert abs((s - 1).std() / (sf * clipped_std(1)) - 1) < 0.02
+    coco, mpii = mrpose.get_args(["--data", "coco"]), mrpose.get_args(["--data", "mpii"])
+    assert (coco.rot_factor, coco.scale_factor, mpii.rot_factor, mpii.scale_factor) == (40, 0.3, 30, 0.25)
