@@ -37,16 +37,18 @@ PRESETS = {
     # produced Tables I/III (ROT_FACTOR 40, SCALE_FACTOR 0.3, common.datasets.draw_scale_rotation); the paper's
     # text gives the pair swapped ("rotation ±30°, scale ±40%")
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=170, lr_steps=(120, 150), lr=1e-3,
-                 scale_factor=0.3, rot_factor=40.0, batch_size=64, workers=4, head_channels=256, channels_last=False),
+                 scale_factor=0.3, rot_factor=40.0, batch_size=64, workers=4, head_channels=256, channels_last=False,
+                 pretrained="torchvision"),
     # MPII: 256x256, flip; drops at 90 and 120, 140 epochs; official config ROT_FACTOR 30, SCALE_FACTOR 0.25
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=140, lr_steps=(90, 120), lr=1e-3,
-                 scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4, head_channels=256, channels_last=False),
+                 scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4, head_channels=256, channels_last=False,
+                 pretrained="torchvision"),
     # demo: ResNet-18 from scratch within 10 minutes on a 2-core CPU (not a paper setting): a small input, a
     # 64-channel deconv head (1.5x faster than 256 and, from scratch on 3K persons, it learns faster), a short
     # schedule with a higher lr, no rotation (the demo people are already tilted)
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1, head_channels=64,
-                 channels_last=True),
+                 channels_last=True, pretrained="none"),
 }
 # MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50, GT boxes, no flip test
 PROTOCOLS = {
@@ -62,7 +64,8 @@ def get_args(argv=None):
     p.add_argument("--arch", default="simplebaseline",
                    choices=["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"])
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
-    p.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet, downloads) or a backbone .pth")
+    p.add_argument("--pretrained", default=None, help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii "
+                   "presets, as the paper), 'none' (from scratch; the demo preset) or a backbone .pth")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="MSCL transfer preset")
     # data
     p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"])
@@ -78,6 +81,9 @@ def get_args(argv=None):
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--head-channels", type=int, default=None, help="deconv width C of SimpleBaseline/MRHeatNet (paper: 256)")
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
+    p.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed BGR channels as the official code does (cv2); default: on for --weights in the official "
+                        "SimpleBaseline/SimMRPose names or from a --bgr run, off otherwise")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None, help="sf: scale x N(1, sf) clipped to 1 ± sf")
     p.add_argument("--rot-factor", type=float, default=None, help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6 (degrees)")
@@ -108,6 +114,8 @@ def get_args(argv=None):
     if args.protocol:  # the protocol's values become defaults: flags on the command line still win
         p.set_defaults(**PROTOCOLS[args.protocol])
         args = p.parse_args(argv)
+    if args.pretrained is None and (args.eval_only or args.weights or args.resume or args.summary):
+        args.pretrained = "none"  # the weights come from a checkpoint (or are not needed): nothing to download
     for k, v in PRESETS[args.data].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -138,6 +146,9 @@ class MRHeatNet1(SimpleBaseline):
     """Fig. 3a: heatmaps at 1/16 are upsampled and added to the heatmaps at 1/8; their sum is
     upsampled to 1/4 and added to the final heatmaps."""
 
+    # official mrheat1_pose_resnet names -> ours (deconv1..3 and final_layer are named alike)
+    OFFICIAL_KEYS = {"s_conv1.": "side1.", "s_deconv1.": "side1_up.", "s_conv2.": "side2.", "s_deconv2.": "side2_up."}
+
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
         self.side1, self.side1_up = side_conv(c, k), deconv(k, k)
@@ -154,6 +165,9 @@ class MRHeatNet1(SimpleBaseline):
 
 class MRHeatNet2(SimpleBaseline):
     """Fig. 3b: heatmaps of each deconv stage go up to 1/4 on their own and all are summed."""
+
+    OFFICIAL_KEYS = {"s_conv1.": "side1.", "s_deconv1.": "side1_up.0.", "s_deconv12.": "side1_up.1.",
+                     "s_conv2.": "side2.", "s_deconv2.": "side2_up."}  # official mrheat2_pose_resnet names -> ours
 
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
@@ -179,6 +193,10 @@ class MRFeaNet(PoseNet):
     256 for ResNet-50/101/152 (the official code's 256), 64 for ResNet-18/34, where the official
     code's fixed 256 cannot be added to a 64-channel C2 and crashes."""
 
+    # official mrfea1/mrfea2_pose_resnet names -> ours: deconv1x from C5, deconv2x from C4, deconv3 from C3
+    OFFICIAL_KEYS = {"deconv11.": "branch5.0.", "deconv12.": "branch5.1.", "deconv13.": "branch5.2.",
+                     "deconv21.": "branch4.0.", "deconv22.": "branch4.1.", "deconv3.": "branch3.0."}
+
     def __init__(self, backbone, k, halve):
         super().__init__(backbone)
         c = backbone.channels[0]
@@ -203,7 +221,7 @@ class MRFeaNet(PoseNet):
 def build_model(args):
     backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
     report = None
-    if args.pretrained not in (None, "torchvision"):
+    if args.pretrained not in (None, "none", "torchvision"):
         report = load_backbone(backbone, args.pretrained)
     k = args.num_joints
     c = args.head_channels
@@ -214,7 +232,7 @@ def build_model(args):
 
 
 # --resume refuses a change of these (the model and the schedule)
-RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp")
+RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp", "bgr")
 
 
 def main():
@@ -230,8 +248,14 @@ def main():
         return
     if report and main_proc:
         print(report)
+    official = False
     if args.weights:
-        load_weights(model, args.weights)
+        ckpt = load_checkpoint(args.weights)
+        official = load_weights(model, args.weights, ckpt)
+        if args.bgr is None:
+            args.bgr = official or bool(isinstance(ckpt.get("args"), dict) and ckpt["args"].get("bgr"))
+    if main_proc and args.bgr:
+        print(f"BGR input{' (official checkpoint)' if official else ''}")
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -271,6 +295,8 @@ def main():
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if args.bgr is None:
+            args.bgr = bool(ckpt.get("args", {}).get("bgr", False))
         check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS)
         load_weights(model, ckpt_path, ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -280,8 +306,10 @@ def main():
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if main_proc:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+    args.bgr = bool(args.bgr)
     if main_proc:
-        print(f"{args.arch} {args.backbone}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        init = {"torchvision": "ImageNet (torchvision)", "none": "scratch"}.get(args.pretrained, args.pretrained)
+        print(f"{args.arch} {args.backbone} (backbone from {init}): {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_ds)} train / {len(val_ds)} val persons; {iters_per_epoch} it/epoch x {epochs} epochs "
               f"= {total_iters} iterations on {world} x {device}")
 
@@ -294,7 +322,7 @@ def main():
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
-            x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
+            x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True), bgr=args.bgr), args)
             target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
                                               args.input_size, args.heatmap_size, args.sigma)
             with autocast(args, device):

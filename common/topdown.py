@@ -5,7 +5,7 @@ checkpoint loading and the evaluation outputs. The scripts keep their model, los
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
 heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
 labeled, augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
-gt_mat, out and oracle.
+gt_mat, out and oracle; bgr where the script has it.
 """
 import os
 
@@ -132,7 +132,7 @@ def predict(model, dataset, args, device, info, oracle=False):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     out_index, out_coords, out_conf, shown = [], [], [], None
     for batch in loader:
-        x = normalize(batch["image"].to(device, non_blocking=True))
+        x = normalize(batch["image"].to(device, non_blocking=True), bgr=getattr(args, "bgr", False))
         if oracle:  # the ground truth itself through the identical path
             heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
         else:
@@ -190,14 +190,43 @@ def to_memory_format(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
+RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def from_official_names(model, state):
+    """A state_dict of the released SimpleBaseline (pose_resnet_*) / SimMRPose models -> our names, or None if
+    `state` is not in their names: their ResNet sits at the top level, their head names map through the model
+    class's OFFICIAL_KEYS. BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
+    if not any(k.startswith("layer1.") for k in state):
+        return None
+    table = getattr(type(model), "OFFICIAL_KEYS", {})
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith(RESNET_KEYS):
+            k = "backbone." + k
+        else:
+            k = next((new + k[len(old):] for old, new in table.items() if k.startswith(old)), k)
+        renamed[k] = v
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            renamed.setdefault(k, v)
+    return renamed
+
+
 def load_weights(model, path, state=None):
-    """Model weights from a checkpoint (ours, or a bare state_dict; `state` if already loaded from `path`);
-    a clear error if they don't fit."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose model in
+    the official names; `state` if already loaded from `path`); a clear error if they don't fit. Returns True
+    when the names were the official ones (those models were trained on BGR input, see --bgr)."""
     state = load_checkpoint(path) if state is None else state
-    state = state.get("model", state) if isinstance(state, dict) else state
+    for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    official = from_official_names(model, state)
+    state = state if official is None else official
     own = model.state_dict()
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if wrong:
@@ -207,6 +236,7 @@ def load_weights(model, path, state=None):
         raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
                         f"{expected}, found {found}; check --arch/--backbone/--head-channels/--data)")
     model.load_state_dict(state)
+    return official is not None
 
 
 def main_metric(metrics):

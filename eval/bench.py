@@ -95,7 +95,7 @@ def get_args(argv=None):
 
 def mrpose_args(arch, backbone, batch_size, mode):
     """mrpose.py's own arguments for the COCO preset: 192x256 input, 48x64 heatmaps, 17 joints."""
-    return mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", backbone,
+    return mrpose.get_args(["--data", "coco", "--pretrained", "none", "--arch", arch, "--backbone", backbone,
                             "--batch-size", str(batch_size)] + MODES[mode])
 
 

@@ -26,7 +26,7 @@ def run(args, expect=0, torchrun=False):
 def tiny(tmp_path_factory):
     """A 24-image demo set in COCO format, and the flags that point mrpose.py at it."""
     root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=24, n_val=8)
-    flags = ["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+    flags = ["--data", "coco", "--pretrained", "none", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
              "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
              "--val-images", f"{root}/val2017"]
     return root, flags
@@ -101,7 +101,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
 
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     root, flags = tiny
-    p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    p = run(["--data", "coco", "--pretrained", "none", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
     missing = tmp_path / "missing.json"
     p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out", tmp_path / "o"],
@@ -136,7 +136,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
     ann = json.loads((bad / "annotations" / "person_keypoints_train2017.json").read_text())
     victim = bad / "train2017" / ann["images"][0]["file_name"]
     victim.write_bytes(b"\xff\xd8 truncated jpeg")
-    flags = ["--data", "coco", "--ann", bad / "annotations" / "person_keypoints_train2017.json",
+    flags = ["--data", "coco", "--pretrained", "none", "--ann", bad / "annotations" / "person_keypoints_train2017.json",
              "--images", bad / "train2017", "--val-ann", bad / "annotations" / "person_keypoints_val2017.json",
              "--val-images", bad / "val2017"]
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
@@ -160,7 +160,7 @@ def test_loss_falls_on_real_coco_batches():
     records, _ = read_coco(coco, str(SHARED / "coco_mini" / "train2017"), 0.75)
     ds = TopDownDataset(records[:8], (64, 96), COCO_FLIP_PAIRS, COCO_UPPER, train=True)
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
-    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18"]))
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--pretrained", "none"]))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     target, weight = gaussian_targets(batch["joints"], batch["visible"], (64, 96), (16, 24))
     losses = []
