@@ -19,7 +19,7 @@ from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
-from common.utils import UserError, autocast, load_checkpoint, load_json, save_json
+from common.utils import UserError, load_checkpoint, load_json, save_json
 from data.demo import default_demo_root, make_demo
 
 
@@ -135,14 +135,13 @@ def predict(model, dataset, args, device, info, oracle=False):
         x = normalize(batch["image"].to(device, non_blocking=True), bgr=getattr(args, "bgr", False))
         if oracle:  # the ground truth itself through the identical path
             heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
-        else:
-            with autocast(args, device):
-                heat = model(to_memory_format(x, args)).float()
-                if args.flip_test:
-                    flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
-                    # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
-                    flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
-                    heat = (heat + flipped) * 0.5
+        else:  # fp32 even when training with --amp: the argmax, quarter offset and rescoring are sensitive to bf16
+            heat = model(to_memory_format(x, args)).float()
+            if args.flip_test:
+                flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
+                # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
+                flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+                heat = (heat + flipped) * 0.5
         coords, conf = decode_heatmaps(heat.cpu())
         if shown is None:
             shown = (batch["image"][:8], coords[:8] * 4, conf[:8])

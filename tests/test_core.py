@@ -397,3 +397,30 @@ def test_bgr_normalize_is_the_official_transform_on_cv2_channels():
     expected = (rgb.flip(1).float() / 255 - mean) / std
     torch.testing.assert_close(normalize(rgb, bgr=True), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(normalize(rgb), expected)
+
+
+def test_evaluation_runs_in_fp32_under_amp():
+    """--amp trains in bf16; prediction must not: argmax, quarter offset and rescoring move with bf16 rounding."""
+    from types import SimpleNamespace
+
+    from common.topdown import predict
+    from common.utils import autocast
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 96, 64), dtype=torch.uint8)
+    samples = [dict(image=images[i], center=torch.tensor([32.0, 48.0]), scale=torch.tensor([64.0, 96.0]), index=i)
+               for i in range(4)]
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "32",
+                                                   "--pretrained", "none"]))
+    model.eval()
+    args = SimpleNamespace(batch_size=4, workers=0, flip_test=True, channels_last=False, input_size=(64, 96),
+                           heatmap_size=(16, 24), num_joints=17, amp=None)
+    info = dict(flip_pairs=COCO_FLIP_PAIRS)
+    fp32 = predict(model, samples, args, torch.device("cpu"), info)
+    args.amp = "bf16"
+    with torch.no_grad():  # what bf16 would do: the test can tell them apart
+        reference = model(normalize(images))
+        with autocast(args, torch.device("cpu")):
+            assert not torch.equal(model(normalize(images)).float(), reference)
+    amp = predict(model, samples, args, torch.device("cpu"), info)
+    np.testing.assert_array_equal(amp[0], fp32[0])
+    np.testing.assert_array_equal(amp[1], fp32[1])
