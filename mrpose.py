@@ -219,7 +219,11 @@ class MRFeaNet(PoseNet):
 
 
 def build_model(args):
-    backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+    try:
+        backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+    except OSError as e:  # URLError included: no network and no cached copy
+        raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {args.backbone} weights ({e}); "
+                        f"pass a backbone .pth or --pretrained none") from None
     report = None
     if args.pretrained not in (None, "none", "torchvision"):
         report = load_backbone(backbone, args.pretrained)
@@ -243,8 +247,10 @@ def main():
     model, report = build_model(args)
     if args.summary:
         n, gmacs = summary(model, args.input_size)
-        print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} joints: "
-              f"{n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates)")
+        head = (f"{model.final_layer.in_channels}-channel head (C2's width)" if args.arch.startswith("mrfea")
+                else f"{args.head_channels}-channel head" + ("" if args.head_channels == 256 else " (the paper's is 256)"))
+        print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {head}, {args.num_joints} joints "
+              f"(--data {args.data} preset): {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates)")
         return
     if report and main_proc:
         print(report)

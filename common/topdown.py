@@ -84,7 +84,9 @@ def build_data(args, train):
     needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
         (["gt_mat"] if args.data == "mpii" else [])
     if any(paths[k] is None for k in needed):
-        raise UserError(f"--data {args.data} needs --data-root (or --{'/--'.join(k.replace('_', '-') for k in needed)})")
+        flags = dict(train_ann="--ann", train_images="--images", val_ann="--val-ann", val_images="--val-images",
+                     gt_mat="--gt-mat")
+        raise UserError(f"--data {args.data} needs --data-root (or {'/'.join(flags[k] for k in needed)})")
     train_records = None
     if args.data == "mpii":
         val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)

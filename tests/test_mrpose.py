@@ -52,7 +52,9 @@ def test_demo_run_writes_every_output(tmp_path):
 
 def test_summary_prints_parameters_and_flops():
     p = run(["--data", "coco", "--arch", "mrfeanet2", "--backbone", "resnet50", "--summary"])
-    assert "80,141,137 parameters" in p.stdout and "GFLOPs" in p.stdout
+    assert "80,141,137 parameters" in p.stdout and "GFLOPs" in p.stdout and "(--data coco preset)" in p.stdout
+    p = run(["--summary"])  # the demo preset's narrow head is said, not silently counted as the paper's model
+    assert "64-channel head (the paper's is 256)" in p.stdout and "(--data demo preset)" in p.stdout
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
@@ -103,6 +105,8 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     root, flags = tiny
     p = run(["--data", "coco", "--pretrained", "none", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
+    p = run(["--data", "coco", "--pretrained", "none", "--ann", tmp_path / "a.json", "--out", tmp_path / "o"], expect=2)
+    assert_one_line_error(p, "needs --data-root (or --val-ann/--val-images/--ann/--images)")
     missing = tmp_path / "missing.json"
     p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out", tmp_path / "o"],
             expect=2)
