@@ -41,9 +41,10 @@ def load_coco(ann_file, image_info=False):
     from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = load_json(os.fspath(ann_file), "annotation file")
-    if not isinstance(coco.dataset, dict) or "images" not in coco.dataset or \
-            ("annotations" not in coco.dataset and not image_info):
+    if not isinstance(coco.dataset, dict) or "images" not in coco.dataset:
         raise UserError(f"{ann_file}: not a COCO annotation file (needs 'images' and 'annotations')")
+    if "annotations" not in coco.dataset and not image_info:
+        raise UserError(f"{ann_file}: no 'annotations' (an image-info file such as test-dev needs --det-json)")
     missing_area = [a.get("id") for a in coco.dataset.get("annotations", []) if "area" not in a]
     if missing_area:  # COCOeval's OKS divides by the GT area; without it pycocotools dies with a bare KeyError
         raise UserError(f"{ann_file}: annotation id {missing_area[0]} has no 'area' (OKS needs it)")

@@ -98,9 +98,11 @@ def build_data(args, train):
         if train:
             train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
     else:
-        coco = load_coco(paths["val_ann"])
+        coco = load_coco(paths["val_ann"], image_info=args.det_json is not None)
         val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
-        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON)
+        # image_info_test-dev2017.json -> test-dev2017, person_keypoints_val2017.json -> val2017: the results file name
+        split = os.path.basename(paths["val_ann"]).removesuffix(".json").removeprefix("person_keypoints_")
+        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON, split=split.removeprefix("image_info_"))
         flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
         if train:
             train_records, skipped = read_coco(load_coco(paths["train_ann"]), paths["train_images"], aspect)
@@ -180,6 +182,8 @@ def evaluate(model, dataset, args, device, info, oracle=False):
     if info["kind"] == "mpii":
         return mpii_pckh(coords, info["gt"], index=info["index"]), None, shown
     results = coco_results(dataset.records, coords, conf)
+    if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
+        return {}, results, shown
     metrics = coco_keypoint_eval(info["coco"], results, verbose=dist.is_main()) if dist.is_main() else {}
     return metrics, results, shown
 
@@ -250,12 +254,23 @@ def format_metrics(m):
     return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}" for k in keys if k in m)
 
 
+def results_file(args, info):
+    """COCO's results name, person_keypoints_[split]_[alg]_results.json, as the evaluation server wants it;
+    alg is the --out folder's name (the server splits the name at '_')."""
+    alg = os.path.basename(os.path.normpath(args.out)).replace("_", "-")
+    return os.path.join(args.out, f"person_keypoints_{info.get('split', 'val2017')}_{alg}_results.json")
+
+
 def write_eval_outputs(args, metrics, results, shown, info):
     save_json(os.path.join(args.out, "metrics.json"), metrics)
     if results is not None:
-        save_json(os.path.join(args.out, "results.json"), results)
+        save_json(results_file(args, info), results)
     if shown is not None:
         plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(), shown[2].numpy(),
                          info["skeleton"])
+    if results is not None and not metrics:
+        print(f"{len(results)} results for {info.get('split')} in {results_file(args, info)}: no annotations to score "
+              f"them here; submit the file to the COCO evaluation server", flush=True)
+        return
     print(("oracle " if args.oracle else "") + "val: " + format_metrics(metrics), flush=True)
 

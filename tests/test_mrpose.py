@@ -1,6 +1,7 @@
 """End-to-end tests of mrpose.py: outputs, DDP, resume, bad input, the oracle on real data."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,11 @@ def run(args, expect=0, torchrun=False):
     return run_script("mrpose.py", args, expect, torchrun)
 
 
+def results_of(out, split="val2017"):
+    """The COCO results file of a run, under COCO's name person_keypoints_[split]_[alg]_results.json."""
+    return json.loads((out / f"person_keypoints_{split}_{out.name}_results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 24-image demo set in COCO format, and the flags that point mrpose.py at it."""
@@ -36,11 +42,12 @@ def test_demo_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     p = run(["--data", "demo", "--iters", "3", "--batch-size", "8", "--workers", "0", "--out", out])
     assert "val: AP" in p.stdout
-    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "results.json", "predictions.png"]:
+    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "person_keypoints_val2017_run_results.json",
+                 "predictions.png"]:
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APm", "APl", "AR"}
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     assert results and len(results[0]["keypoints"]) == 51
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["iteration"] == 3 and np.isfinite(log[-1]["loss"]) and "metrics" in log[-1]
@@ -81,10 +88,29 @@ def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", single])
     assert json.loads((single / "metrics.json").read_text()) == ddp_metrics
     # every rank evaluated rank 0's saved weights, BatchNorm statistics included
-    assert json.loads((out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+    assert results_of(out) == results_of(single)
     ddp_eval = tmp_path / "ddp_eval"
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", ddp_eval], torchrun=True)
-    assert json.loads((ddp_eval / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+    assert results_of(ddp_eval) == results_of(single)
+
+
+def test_test_dev_image_info_with_detections_writes_server_file_and_no_metrics(tiny, tmp_path):
+    root = Path(tiny[0])
+    val = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [dict(image_id=a["image_id"], category_id=1, bbox=a["bbox"], score=0.9) for a in val["annotations"]]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    info = dict(images=val["images"], categories=[dict(id=1, name="person", supercategory="person")])
+    (tmp_path / "image_info_test-dev2017.json").write_text(json.dumps(info))
+    out = tmp_path / "mine"
+    p = run(SMALL + ["--data", "coco", "--val-ann", tmp_path / "image_info_test-dev2017.json", "--val-images",
+                     root / "val2017", "--det-json", tmp_path / "dets.json", "--eval-only", "--out", out])
+    assert "COCO evaluation server" in p.stdout and "AP" not in p.stdout
+    assert json.loads((out / "metrics.json").read_text()) == {}
+    results = results_of(out, "test-dev2017")
+    assert {r["image_id"] for r in results} == {a["image_id"] for a in val["annotations"]}
+    p = run(SMALL + ["--data", "coco", "--val-ann", tmp_path / "image_info_test-dev2017.json", "--val-images",
+                     root / "val2017", "--eval-only", "--out", out], expect=2)
+    assert_one_line_error(p, "image_info_test-dev2017.json", "needs --det-json")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
