@@ -291,6 +291,8 @@ def main():
     milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
     eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
 
+    # BatchNorm over the whole batch under CUDA DDP, as the official runs had it on one GPU (SyncBatchNorm, as mscl.py)
+    model = dist.convert_sync_bn(model, device)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     # Adam, no weight decay (Sec. IV)
