@@ -10,6 +10,7 @@ gt_mat, out and oracle; bgr where the script has it.
 import os
 
 import numpy as np
+import scipy.io
 import torch
 
 from common import dist
@@ -19,7 +20,7 @@ from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
-from common.utils import UserError, load_checkpoint, load_json, save_json
+from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
 from data.demo import default_demo_root, make_demo
 
 
@@ -179,8 +180,8 @@ def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9):
 def evaluate(model, dataset, args, device, info, oracle=False):
     """Metrics dict (COCO AP... or MPII PCKh table), COCO-format results, crops for the figure."""
     coords, conf, shown = predict(model, dataset, args, device, info, oracle)
-    if info["kind"] == "mpii":
-        return mpii_pckh(coords, info["gt"], index=info["index"]), None, shown
+    if info["kind"] == "mpii":  # the predictions themselves are the results: pred.mat
+        return mpii_pckh(coords, info["gt"], index=info["index"]), coords, shown
     results = coco_results(dataset.records, coords, conf)
     if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
         return {}, results, shown
@@ -263,7 +264,11 @@ def results_file(args, info):
 
 def write_eval_outputs(args, metrics, results, shown, info):
     save_json(os.path.join(args.out, "metrics.json"), metrics)
-    if results is not None:
+    if info["kind"] == "mpii":
+        # HRNet/SimpleBaseline's pred.mat: 'preds' (persons in valid.json order, 16, 2), 1-based MATLAB pixels;
+        # `python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat` scores it
+        atomic_write(os.path.join(args.out, "pred.mat"), lambda f: scipy.io.savemat(f, {"preds": results + 1.0}))
+    elif results is not None:
         save_json(results_file(args, info), results)
     if shown is not None:
         plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(), shown[2].numpy(),
