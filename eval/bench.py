@@ -41,7 +41,8 @@ ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeane
 # CPU default: the baseline and the paper's best head on ResNet-50, and the baseline on ResNet-18
 CPU_PAIRS = [("simplebaseline", "resnet50"), ("mrfeanet2", "resnet50"), ("simplebaseline", "resnet18")]
 # mode -> mrpose.py flags; CPU shows whether channels_last alone helps, CUDA the fast training setting
-MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
+MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16": ["--amp", "bf16"],
+         "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
 # dense bf16 peak (no sparsity) for the MFU; H100 SXM and H200 share the same tensor cores
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHARED_COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -82,7 +83,8 @@ def get_args(argv=None):
         archs = args.archs or (ALL_ARCHS if cuda else ["simplebaseline", "mrfeanet2"])
         args.pairs = [(a, b) for b in (args.backbones or ["resnet50"]) for a in archs]
     args.eval_backbone = (args.backbones or ["resnet50"])[0]
-    args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else ["fp32", "channels_last"]
+    args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else \
+        ["fp32", "channels_last"] + (["amp-bf16", "amp-bf16+channels_last"] if cpu_has_bf16() else [])
     args.batch_size = args.batch_size or (32 if cuda else 8)
     if args.mscl_batches is None:
         args.mscl_batches = [8, 64] if cuda else [8]
@@ -97,6 +99,18 @@ def mrpose_args(arch, backbone, batch_size, mode):
     """mrpose.py's own arguments for the COCO preset: 192x256 input, 48x64 heatmaps, 17 joints."""
     return mrpose.get_args(["--data", "coco", "--pretrained", "none", "--arch", arch, "--backbone", backbone,
                             "--batch-size", str(batch_size)] + MODES[mode])
+
+
+def cpu_has_bf16():
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): the only case where --amp bf16 can pay off on a CPU;
+    elsewhere bf16 is emulated and slower than fp32."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return False
+    if not os.path.isfile("/proc/cpuinfo"):
+        return True
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name(device):
