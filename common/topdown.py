@@ -3,7 +3,7 @@
 checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
-heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
+heatmap_size, num_joints, batch_size, workers, channels_last, flip_test, sigma, det_json, det_thresh,
 labeled, augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
 gt_mat, out and oracle; bgr where the script has it.
 """

@@ -25,7 +25,7 @@ def run(args, expect=0, torchrun=False):
 
 def results_of(out, split="val2017"):
     """The COCO results file of a run, under COCO's name person_keypoints_[split]_[alg]_results.json."""
-    return json.loads((out / f"person_keypoints_{split}_{out.name}_results.json").read_text())
+    return json.loads((out / f"person_keypoints_{split}_{out.name.replace('_', '-')}_results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,26 @@ def test_test_dev_image_info_with_detections_writes_server_file_and_no_metrics(t
     p = run(SMALL + ["--data", "coco", "--val-ann", tmp_path / "image_info_test-dev2017.json", "--val-images",
                      root / "val2017", "--eval-only", "--out", out], expect=2)
     assert_one_line_error(p, "image_info_test-dev2017.json", "needs --det-json")
+
+
+def test_official_checkpoint_evaluates_on_bgr_input_by_itself(tiny, tmp_path):
+    _, flags = tiny
+    torch.manual_seed(0)
+    model, _ = mrpose.build_model(mrpose.get_args(flags + SMALL))
+    ours = model.state_dict()
+    torch.save(ours, tmp_path / "ours.pth")
+    deconv = {"deconv1.0.": "deconv_layers.0.", "deconv1.1.": "deconv_layers.1.", "deconv2.0.": "deconv_layers.3.",
+              "deconv2.1.": "deconv_layers.4.", "deconv3.0.": "deconv_layers.6.", "deconv3.1.": "deconv_layers.7."}
+    official = {}
+    for k, v in ours.items():  # pose_resnet's names: ResNet at the top level, one deconv_layers Sequential
+        k = k.removeprefix("backbone.")
+        official[next((new + k[len(old):] for old, new in deconv.items() if k.startswith(old)), k)] = v
+    torch.save(official, tmp_path / "pose_resnet.pth")
+    p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "pose_resnet.pth", "--out", tmp_path / "off"])
+    assert "BGR input (official checkpoint)" in p.stdout
+    run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "ours.pth", "--bgr", "--out", tmp_path / "bgr"])
+    run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "ours.pth", "--out", tmp_path / "rgb"])
+    assert results_of(tmp_path / "off") == results_of(tmp_path / "bgr") != results_of(tmp_path / "rgb")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
