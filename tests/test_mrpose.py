@@ -197,7 +197,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
         a["num_keypoints"] = 0
     empty = bad / "annotations" / "empty.json"
     empty.write_text(json.dumps(ann))
-    flags[3] = empty
+    flags[flags.index("--ann") + 1] = empty
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, empty, "no trainable person")
 
