@@ -406,14 +406,14 @@ def test_evaluation_runs_in_fp32_under_amp():
     from common.topdown import predict
     from common.utils import autocast
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (4, 3, 96, 64), dtype=torch.uint8)
-    samples = [dict(image=images[i], center=torch.tensor([32.0, 48.0]), scale=torch.tensor([64.0, 96.0]), index=i)
-               for i in range(4)]
-    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "32",
+    images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
+    samples = [dict(image=images[i], center=torch.tensor([24.0, 32.0]), scale=torch.tensor([48.0, 64.0]), index=i)
+               for i in range(2)]
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "16",
                                                    "--pretrained", "none"]))
     model.eval()
-    args = SimpleNamespace(batch_size=4, workers=0, flip_test=True, channels_last=False, input_size=(64, 96),
-                           heatmap_size=(16, 24), num_joints=17, amp=None)
+    args = SimpleNamespace(batch_size=2, workers=0, flip_test=True, channels_last=False, input_size=(48, 64),
+                           heatmap_size=(12, 16), num_joints=17, amp=None)
     info = dict(flip_pairs=COCO_FLIP_PAIRS)
     fp32 = predict(model, samples, args, torch.device("cpu"), info)
     args.amp = "bf16"
