@@ -387,6 +387,11 @@ def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_pat
     with torch.no_grad():
         assert torch.equal(ours(x), official(x))
     assert load_weights(ours, str(tmp_path / "official.pth"), {"model": ours.state_dict()}) is False
+    backbone = ResNetFeatures("resnet18")  # --pretrained takes the released model's ResNet part
+    n = len(backbone.state_dict())
+    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(f"loaded {n}/{n} backbone tensors")
+    for a, b in zip(backbone.state_dict().values(), ours.backbone.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_bgr_normalize_is_the_official_transform_on_cv2_channels():

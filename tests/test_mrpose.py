@@ -126,10 +126,10 @@ def test_official_checkpoint_evaluates_on_bgr_input_by_itself(tiny, tmp_path):
         k = k.removeprefix("backbone.")
         official[next((new + k[len(old):] for old, new in deconv.items() if k.startswith(old)), k)] = v
     torch.save(official, tmp_path / "pose_resnet.pth")
-    p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "pose_resnet.pth", "--out", tmp_path / "off"])
+    p = run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "pose_resnet.pth", "--out", tmp_path / "off"])
     assert "BGR input (official checkpoint)" in p.stdout
-    run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "ours.pth", "--bgr", "--out", tmp_path / "bgr"])
-    run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "ours.pth", "--out", tmp_path / "rgb"])
+    run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "ours.pth", "--bgr", "--out", tmp_path / "bgr"])
+    run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "ours.pth", "--out", tmp_path / "rgb"])
     assert results_of(tmp_path / "off") == results_of(tmp_path / "bgr") != results_of(tmp_path / "rgb")
 
 
