@@ -1,0 +1,230 @@
+"""The top-down pose pipeline that every pose-training script shares: data layout and datasets for
+--data demo|coco|mpii, the flip-test prediction loop, COCO results with OKS-NMS, the official metrics,
+checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
+
+`args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
+heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
+labeled, augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
+gt_mat, out and oracle.
+"""
+import os
+
+import numpy as np
+import torch
+
+from common import dist
+from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, MPII_FLIP_PAIRS, MPII_SKELETON,
+                             MPII_UPPER, TopDownDataset, load_coco, read_coco, read_mpii)
+from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
+from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
+from common.plots import plot_predictions
+from common.transforms import heatmap_to_image, normalize
+from common.utils import UserError, autocast, load_checkpoint, load_json, save_json
+from data.demo import default_demo_root, make_demo
+
+
+# ----------------------------------------------------------------------------------------------
+# Model size
+
+def summary(model, input_size):
+    """Parameters and multiply-accumulates for one input (papers call GMACs 'GFLOPs')."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n_params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, input_size[1], input_size[0]))
+    return n_params, counter.get_total_flops() / 2 / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def data_paths(args):
+    """Annotation files and image folders of --data under --data-root; --ann/--images/--val-ann/
+    --val-images/--gt-mat override any of them."""
+    root = args.data_root
+    if args.data == "demo":
+        root = default_demo_root(args.seed)
+    elif root is not None and not os.path.isdir(root):
+        raise UserError(f"{root}: data root not found")
+    paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])
+    if root and args.data == "mpii":  # the HRNet layout
+        paths.update(train_ann=os.path.join(root, "annot", "train.json"), val_ann=os.path.join(root, "annot", "valid.json"),
+                     train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"),
+                     gt_mat=os.path.join(root, "annot", "gt_valid.mat"))
+    elif root:  # the COCO layout, images in ROOT/{split}2017 or ROOT/images/{split}2017
+        for split in ("train", "val"):
+            images = os.path.join(root, f"{split}2017")
+            paths[f"{split}_ann"] = os.path.join(root, "annotations", f"person_keypoints_{split}2017.json")
+            paths[f"{split}_images"] = images if os.path.isdir(images) else os.path.join(root, "images", f"{split}2017")
+    for key, flag in [("train_ann", "ann"), ("train_images", "images"), ("val_ann", "val_ann"),
+                      ("val_images", "val_images"), ("gt_mat", "gt_mat")]:
+        paths[key] = getattr(args, flag) or paths[key]
+    return paths
+
+
+def split_labeled(records, n, seed):
+    """Few-label protocol: N images drawn with a seeded permutation; the rest is the unlabeled set."""
+    image_ids = sorted({r["image_id"] for r in records})
+    if n > len(image_ids):
+        raise UserError(f"--labeled {n}: only {len(image_ids)} training images have labeled persons")
+    perm = np.random.default_rng(seed).permutation(len(image_ids))
+    labeled = {image_ids[i] for i in perm[:n]}
+    return [r for r in records if r["image_id"] in labeled], sorted(set(image_ids) - labeled)
+
+
+def build_data(args, train):
+    """(train_dataset or None, val_dataset, evaluation info) for --data."""
+    aspect = args.input_size[0] / args.input_size[1]
+    if args.data == "demo":
+        if dist.is_main():
+            make_demo(default_demo_root(args.seed), seed=args.seed)  # generated once, then cached
+        dist.barrier()
+    paths = data_paths(args)
+    needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
+        (["gt_mat"] if args.data == "mpii" else [])
+    if any(paths[k] is None for k in needed):
+        raise UserError(f"--data {args.data} needs --data-root (or --{'/--'.join(k.replace('_', '-') for k in needed)})")
+    train_records = None
+    if args.data == "mpii":
+        val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)
+        gt = load_mpii_gt(paths["gt_mat"])
+        # .mat column of each kept person (the reader skips persons without labeled joints; image_id = position)
+        index = match_mpii_gt(load_json(paths["val_ann"]), gt)[[r["image_id"] for r in val_records]]
+        info = dict(kind="mpii", gt=gt, index=index, skeleton=MPII_SKELETON)
+        flip_pairs, upper = MPII_FLIP_PAIRS, MPII_UPPER
+        if train:
+            train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
+    else:
+        coco = load_coco(paths["val_ann"])
+        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
+        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON)
+        flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
+        if train:
+            train_records, skipped = read_coco(load_coco(paths["train_ann"]), paths["train_images"], aspect)
+    if train and dist.is_main():
+        print(f"train: {len(train_records)} persons from {paths['train_ann']}; skipped {skipped}")
+    if train and args.labeled:
+        train_records, unlabeled = split_labeled(train_records, args.labeled, args.seed)
+        if dist.is_main():
+            print(f"--labeled {args.labeled}: {len(train_records)} persons; {len(unlabeled)} images left unlabeled")
+    if train and not train_records:
+        raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
+    if not val_records:
+        raise UserError(f"{paths['val_ann']}: no person to evaluate")
+    val = TopDownDataset(val_records, args.input_size, flip_pairs, upper)
+    train_ds = TopDownDataset(train_records, args.input_size, flip_pairs, upper, train=True,
+                              scale_factor=args.scale_factor, rot_factor=args.rot_factor, flip=args.flip,
+                              half_body_prob=args.half_body_prob, seed=args.seed) if train else None
+    info["flip_pairs"] = flip_pairs
+    return train_ds, val, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: flip test, decoding, back-projection, then the official metric.
+
+@torch.no_grad()
+def predict(model, dataset, args, device, info, oracle=False):
+    """Image-space joints (N, K, 2) and confidences (N, K) for every sample, gathered over ranks."""
+    model.eval()
+    subset = torch.utils.data.Subset(dataset, dist.shard_indices(len(dataset)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=max(1, args.batch_size // dist.world_size()),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    out_index, out_coords, out_conf, shown = [], [], [], None
+    for batch in loader:
+        x = normalize(batch["image"].to(device, non_blocking=True))
+        if oracle:  # the ground truth itself through the identical path
+            heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
+        else:
+            with autocast(args, device):
+                heat = model(to_memory_format(x, args)).float()
+                if args.flip_test:
+                    flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
+                    # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
+                    flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+                    heat = (heat + flipped) * 0.5
+        coords, conf = decode_heatmaps(heat.cpu())
+        if shown is None:
+            shown = (batch["image"][:8], coords[:8] * 4, conf[:8])
+        out_coords.append(heatmap_to_image(coords, batch["center"], batch["scale"], args.heatmap_size))
+        out_conf.append(conf)
+        out_index.append(batch["index"])
+    k = args.num_joints  # a rank whose shard is empty (fewer samples than ranks) sends empty tensors
+    parts = dist.gather_objects((torch.cat(out_index + [torch.zeros(0, dtype=torch.long)]),
+                                 torch.cat(out_coords + [torch.zeros(0, k, 2)]), torch.cat(out_conf + [torch.zeros(0, k)])))
+    index, coords, conf = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = index.argsort()
+    return coords[order].numpy(), conf[order].numpy(), shown
+
+
+def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9):
+    """COCO result dicts: pose score = box score x mean confidence above 0.2, OKS-NMS at 0.9 per image."""
+    per_image = {}
+    for r, xy, c in zip(records, coords, conf):
+        valid = c > in_vis_thresh
+        score = r["score"] * (c[valid].mean() if valid.any() else 0.0)
+        per_image.setdefault(r["image_id"], []).append(
+            dict(keypoints=np.concatenate([xy, c[:, None]], 1), score=float(score), area=float(r["scale"].prod())))
+    results = []
+    for image_id, people in per_image.items():
+        for i in oks_nms(people, oks_thresh):
+            results.append(dict(image_id=int(image_id), category_id=1, score=people[i]["score"],
+                                keypoints=[round(float(v), 3) for v in people[i]["keypoints"].reshape(-1)]))
+    return results
+
+
+def evaluate(model, dataset, args, device, info, oracle=False):
+    """Metrics dict (COCO AP... or MPII PCKh table), COCO-format results, crops for the figure."""
+    coords, conf, shown = predict(model, dataset, args, device, info, oracle)
+    if info["kind"] == "mpii":
+        return mpii_pckh(coords, info["gt"], index=info["index"]), None, shown
+    results = coco_results(dataset.records, coords, conf)
+    metrics = coco_keypoint_eval(info["coco"], results, verbose=dist.is_main()) if dist.is_main() else {}
+    return metrics, results, shown
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+
+def to_memory_format(x, args):
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def load_weights(model, path, state=None):
+    """Model weights from a checkpoint (ours, or a bare state_dict; `state` if already loaded from `path`);
+    a clear error if they don't fit."""
+    state = load_checkpoint(path) if state is None else state
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    if wrong:
+        k = wrong[0]
+        expected = tuple(own[k].shape) if k in own else "nothing"
+        found = tuple(state[k].shape) if k in state else "nothing"
+        raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
+                        f"{expected}, found {found}; check --arch/--backbone/--head-channels/--data)")
+    model.load_state_dict(state)
+
+
+def main_metric(metrics):
+    return metrics.get("AP", metrics.get("Mean", 0.0))
+
+
+def format_metrics(m):
+    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
+                                                                        "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"]
+    return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}" for k in keys if k in m)
+
+
+def write_eval_outputs(args, metrics, results, shown, info):
+    save_json(os.path.join(args.out, "metrics.json"), metrics)
+    if results is not None:
+        save_json(os.path.join(args.out, "results.json"), results)
+    if shown is not None:
+        plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(), shown[2].numpy(),
+                         info["skeleton"])
+    print(("oracle " if args.oracle else "") + "val: " + format_metrics(metrics), flush=True)
+
