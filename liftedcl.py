@@ -36,8 +36,8 @@ from common.datasets import list_images, load_coco, read_coco, read_image
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, load_checkpoint, rng_state,
-                          run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
+                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
@@ -55,7 +55,7 @@ PRESETS = {
                    moco_k=16384, moco_m=0.999, workers=4),
     # demo (not a paper setting): ResNet-18 on 64 px views of 72x96 crops of the demo persons, a small queue,
     # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03) so that minutes of CPU show the method work
-    "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=4, lr=0.12, batch_size=32,
+    "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
                  moco_k=1024, moco_m=0.99, workers=1),
 }
 
@@ -115,6 +115,8 @@ def get_args(argv=None):
             setattr(args, k, v)
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
+    if args.moco_k % args.batch_size:
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
     args.person_size = tuple(args.person_size) if args.person_size else None
     args.out = args.out or os.path.join("runs", f"liftedcl-{args.data}-{args.backbone}")
     return args
@@ -552,18 +554,9 @@ def load_pretrained(model, spec, backbone):
     return report
 
 
-RESUME_KEYS = ("backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv", "align_size",
+RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv", "align_size",
                "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
-               "d_lr", "batch_size", "amp")
-
-
-def check_resume_args(path, saved, args):
-    """--resume continues the saved run: the model, the losses and the schedule must not change."""
-    for k in RESUME_KEYS:
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (saved.get(k), getattr(args, k)))
-        if k in saved and was != now:
-            raise UserError(f"{path}: saved with --{k.replace('_', '-')} {was}, this run has {now}; "
-                            f"resume with the same settings or use another --out")
+               "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
 def load_state(module, state, path, what):
@@ -598,8 +591,6 @@ def main():
     if per_rank < 2 * args.bn_groups or per_rank * world != args.batch_size or per_rank % args.bn_groups:
         raise UserError(f"--batch-size {args.batch_size} does not split into {world} ranks x {args.bn_groups} "
                         f"BatchNorm groups of at least 2 images")
-    if args.moco_k % args.batch_size:
-        raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
     items = training_items(args)
     if args.batch_size > len(items):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training images")
@@ -639,7 +630,7 @@ def main():
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("normalize_lifted",))
         for module, key, what in [(model, "model", "model"), (discriminator, "discriminator", "discriminator"),
                                   (optimizer, "optimizer", "optimizer"), (d_optimizer, "d_optimizer", "D optimizer"),
                                   (scaler, "scaler", "grad scaler")]:
