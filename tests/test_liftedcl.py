@@ -233,6 +233,24 @@ def test_prior_samples_root_norm_bone_lengths_and_yaw():
     assert bad[0] > 3 * error and bad[1] > 1.5  # random skeletons are implausible by every number
 
 
+def test_pretrained_moco_checkpoint_fills_query_and_key_encoders(tmp_path):
+    """--pretrained FILE with MoCo's keys (the paper's stage I): module.encoder_q.* is the backbone; the key
+    encoder starts as its copy; encoder_k, the fc head and the queue are not read."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    net.bn1.running_var.uniform_(0.5, 2.0)  # trained statistics, unlike a fresh model's ones
+    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in net.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 64)
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16)
+    report = liftedcl.load_pretrained(model, str(tmp_path / "moco.pth.tar"), "resnet18")
+    assert "120/120" in report, report
+    for enc in (model.encoder_q, model.encoder_k):  # the key encoder: MoCo's copy of the parameters
+        assert torch.equal(enc.backbone.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    assert torch.equal(model.encoder_q.backbone.bn1.running_var, net.bn1.running_var)
+
+
 # ---------------------------------------------------------------------------------------------- script
 
 @pytest.fixture(scope="module")
