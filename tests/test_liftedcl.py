@@ -3,6 +3,7 @@ the equivariant alignment (Eq. 4), the KCS (Eqs. 5-6), the App. B prior, the LSG
 outputs, export, resume and bad input."""
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -287,6 +288,18 @@ def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path
     with pytest.raises(UserError, match=r"ckpt.pth: saved with --no-normalize-lifted False, this run has True"):
         check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--no-normalize-lifted"]),
                           liftedcl.RESUME_KEYS, negated=("normalize_lifted",))
+
+
+def test_torchrun_two_ranks_shuffle_bn_hold_identical_state(images, tmp_path):
+    """Shuffle BN across ranks, gathered queues and DDP on D: every rank ends with the same encoder, key
+    encoder, queues and discriminator."""
+    p = run(images + SMALL + ["--moco-k", "32", "--iters", "2", "--epochs", "1", "--out", tmp_path / "ddp"],
+            torchrun=True)
+    assert "on 2 x cpu, 2 BN group(s) per rank" in p.stdout, p.stdout
+    digests = dict(re.findall(r"rank (\d)/2: parameters sha1 ([0-9a-f]{40})", p.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], p.stdout
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert int(ckpt["model"]["queue_ptr"]) == 16 and len(ckpt["rng"]) == 2  # 2 steps x 8 keys from both ranks
 
 
 def test_bad_inputs(tmp_path):
