@@ -54,7 +54,8 @@ PRESETS = {
     "folder": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03, batch_size=128,
                    moco_k=16384, moco_m=0.999, workers=4),
     # demo (not a paper setting): ResNet-18 on 64 px views of 72x96 crops of the demo persons, a small queue,
-    # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03) so that minutes of CPU show the method work
+    # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run every part of the method
+    # (too few iterations for MoCo to leave its early phase; README)
     "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
                  moco_k=1024, moco_m=0.99, workers=1),
 }
