@@ -62,7 +62,8 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", "--arch", dest="backbone", default=None, choices=list(RESNETS))
     p.add_argument("--pretrained", default=None,
                    help="'torchvision' (ImageNet, downloads) or a file: a MoCo checkpoint (module.encoder_q.*, the "
@@ -555,9 +556,9 @@ def load_pretrained(model, spec, backbone):
     return report
 
 
-RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv", "align_size",
-               "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
-               "d_lr", "momentum", "wd", "batch_size", "amp")
+RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv",
+               "align_size", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size",
+               "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
 def load_state(module, state, path, what):
@@ -647,17 +648,19 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         if report:
             print(report)
-        n_params = sum(p.numel() for p in model.encoder_q.parameters()) + sum(p.numel() for p in model.lifting.parameters())
+        n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
         print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
               f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv {args.lambda_inv} equiv "
               f"{args.lambda_equiv} adv {args.lambda_adv}; K {args.moco_k}, m {args.moco_m}, τ {args.moco_t}; "
-              f"{len(train_ds)} images, {args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs on "
+              f"{len(train_ds)} images, {args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs "
+              f"on "
               f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x {args.batch_size}/128 = "
               f"{init_lr:.5g}, D lr {args.d_lr}", flush=True)
         print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their plausibility: "
               + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)), flush=True)
 
-    names = ["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "overlap", "z_std"] + PLAUSIBILITY
+    names = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "overlap", "z_std"]
+             + PLAUSIBILITY)
     shown = None
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:

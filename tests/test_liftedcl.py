@@ -89,7 +89,8 @@ def test_degenerate_setting_is_moco_v2_exactly():
         # the momentum update ran before the key forward, the keys were enqueued after the logits
         torch.testing.assert_close(model.queue_inv, ref.queue, rtol=0, atol=5e-5)  # unit keys, float32 noise
         assert int(model.queue_ptr) == int(ref.queue_ptr) == 4 * (step + 1)
-        torch.testing.assert_close(model.encoder_k.backbone.layer4[1].conv2.weight, ref.encoder_k.layer4[1].conv2.weight)
+        torch.testing.assert_close(model.encoder_k.backbone.layer4[1].conv2.weight,
+                                   ref.encoder_k.layer4[1].conv2.weight)
         for opt, value in zip(opts, (loss, ref_loss)):
             opt.zero_grad()
             value.backward()
@@ -284,7 +285,8 @@ def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert torch.equal(net.layer4[1].conv2.weight, a["model"]["encoder_q.backbone.layer4.1.conv2.weight"])
     with pytest.raises(UserError, match=r"ckpt.pth: saved with --lambda-adv 0.5, this run has 0.0"):
-        check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--lambda-adv", "0"]), liftedcl.RESUME_KEYS)
+        check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--lambda-adv", "0"]),
+                          liftedcl.RESUME_KEYS)
     with pytest.raises(UserError, match=r"ckpt.pth: saved with --no-normalize-lifted False, this run has True"):
         check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--no-normalize-lifted"]),
                           liftedcl.RESUME_KEYS, negated=("normalize_lifted",))
@@ -306,7 +308,7 @@ def test_bad_inputs(tmp_path):
     p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
     torch.save(torch.zeros(5, 16, 3), tmp_path / "joints.pt")
-    with pytest.raises(UserError, match=r"joints.pt: expected a tensor of skeletons of shape \(N, 17, 3\), found \(5, 16, 3\)"):
+    with pytest.raises(UserError, match=r"joints.pt: expected .* shape \(N, 17, 3\), found \(5, 16, 3\)"):
         liftedcl.load_skeletons(str(tmp_path / "joints.pt"), True)
     with pytest.raises(UserError, match="no.pt"):
         liftedcl.load_skeletons(str(tmp_path / "no.pt"), True)
