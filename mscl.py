@@ -17,21 +17,19 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
-from PIL import ImageFilter
 from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
 from common.plots import plot_curves
+from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
                           load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
@@ -140,31 +138,6 @@ def scale_weights(args):
 
 # ----------------------------------------------------------------------------------------------
 # Data: two MoCo v2 views of every image (Sec. 4.2; MoCo v2's main_moco.py augmentation)
-
-IMAGENET_NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-class GaussianBlur:
-    """MoCo v2's blur: PIL Gaussian blur with σ drawn uniformly from [0.1, 2] (pixels)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-def moco_v2_augmentation(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        IMAGENET_NORMALIZE,
-    ])
-
 
 class TwoViews(torch.utils.data.Dataset):
     """Unlabeled images; each item is two independent augmentations of one image."""

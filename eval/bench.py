@@ -65,6 +65,9 @@ def get_args(argv=None):
     p.add_argument("--mscl-batches", type=int, nargs="*", default=None,
                    help="batch sizes of the MSCL-vs-SimSiam pretraining section (default 8 64 on CUDA, 8 on the "
                         "CPU; none: skip it)")
+    p.add_argument("--liftedcl-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the LiftedCL-vs-MoCo v2 pretraining section (default 8 64 on CUDA, 8 on the "
+                        "CPU; none: skip it)")
     p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
     p.add_argument("--out", default=None, help="also write every table as JSON here")
     args = p.parse_args(argv)
@@ -77,6 +80,7 @@ def get_args(argv=None):
         args.archs, args.backbones = args.archs or ["simplebaseline"], args.backbones or ["resnet18"]
         args.batch_size = args.batch_size or 2
         args.mscl_batches = []
+        args.liftedcl_batches = []
     if args.archs is None and args.backbones is None and not cuda:
         args.pairs = CPU_PAIRS
     else:
@@ -88,6 +92,8 @@ def get_args(argv=None):
     args.batch_size = args.batch_size or (32 if cuda else 8)
     if args.mscl_batches is None:
         args.mscl_batches = [8, 64] if cuda else [8]
+    if args.liftedcl_batches is None:
+        args.liftedcl_batches = [8, 64] if cuda else [8]
     args.iters = args.iters or (1 if args.quick else 50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 2)
     args.samples = args.samples or (16 if args.quick else 256)
@@ -549,6 +555,78 @@ def bench_mscl(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. LiftedCL pretraining: pairs/s of liftedcl.py's training step against MoCo v2's in the same code
+
+def liftedcl_config(cfg):
+    """Time one liftedcl.py training step (encoder step, then D step, as in liftedcl.main) in its own process."""
+    import liftedcl
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = liftedcl.get_args(["--data", "coco", "--crop-size", "224", "--batch-size", str(cfg["batch_size"])]
+                             + cfg["flags"])
+    groups = args.bn_groups or 4  # liftedcl.main in one process: the paper's 4 GPUs as 4 BatchNorm groups
+    model = liftedcl.LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
+                              args.lambda_adv > 0, args.normalize_lifted, args.align_size, groups).to(device).train()
+    disc = liftedcl.Discriminator().to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    d_optimizer = torch.optim.SGD(disc.parameters(), args.d_lr, momentum=args.momentum, weight_decay=args.wd)
+    real = liftedcl.sample_prior(1000).to(device)
+    g = torch.Generator().manual_seed(0)
+    n = cfg["batch_size"]
+    x1, x2 = (torch.randn(n, 3, 224, 224, generator=g).to(device) for _ in range(2))
+    # the two crops overlap on their lower-right part; every second key view is flipped
+    geom_q = torch.tensor([[0.0, 0.0, 200.0, 200.0, 0.0]], device=device).repeat(n, 1)
+    geom_k = torch.tensor([[40.0, 30.0, 180.0, 190.0, 0.0]], device=device).repeat(n, 1)
+    geom_k[1::2, 4] = 1.0
+
+    def step():
+        with autocast(args, device):
+            out = model(x1, x2, geom_q, geom_k)
+        loss, _ = liftedcl.encoder_loss(out, disc, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        liftedcl.discriminator_step(disc, d_optimizer, real[torch.randint(len(real), (n,), device=device)],
+                                    out["lifted"])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dict(model=cfg["name"], batch=n, bn_groups=groups, pairs_per_s=n / dt, ms_per_iter=dt * 1e3, peak_mib=peak)
+
+
+def bench_liftedcl(args):
+    """LiftedCL (ResNet-50, K 16384, both contrasts, lifting, KCS discriminator) against MoCo v2, its degenerate
+    setting (--lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --moco-k 4096), same shuffle-BN groups."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    amp = ["--amp", "bf16"] if args.device.type == "cuda" else []
+    for batch in args.liftedcl_batches:
+        for name, flags in [("MoCo v2 (liftedcl.py, degenerate)", ["--lambda-inv", "1", "--lambda-equiv", "0",
+                                                                     "--lambda-adv", "0", "--moco-k", "4096"]),
+                            ("LiftedCL", [])]:
+            cfg = dict(name=name, flags=flags + amp, batch_size=batch, device=args.device.type, threads=args.threads,
+                       iters=args.iters, warmup=args.warmup)
+            with spawn.Pool(1) as pool:
+                rows.append(pool.apply(liftedcl_config, (cfg,)))
+            print(f"  liftedcl {name} batch {batch}: {rows[-1]['pairs_per_s']:.2f} pairs/s", flush=True)
+        rows[-1]["vs_moco"] = rows[-1]["pairs_per_s"] / rows[-2]["pairs_per_s"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 def format_table(rows, columns):
@@ -583,6 +661,7 @@ def main():
     data, speedup, data_note = bench_data(args)
     evals = bench_eval(args)
     pretrain = bench_mscl(args) if args.mscl_batches else []
+    lifted = bench_liftedcl(args) if args.liftedcl_batches else []
 
     mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
     train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
@@ -618,9 +697,15 @@ def main():
                                       ("ms_per_iter", "ms/iter", ".1f"), mem,
                                       ("gmacs_per_pair", "GFLOPs/pair (fwd MACs)", ".2f"),
                                       ("vs_simsiam", "vs SimSiam", ".2f")]))
+    if lifted:
+        print(f"\n== 5. LiftedCL pretraining step, ResNet-50, two 224x224 views, encoder + D step "
+              f"({'bf16 autocast' if cuda else 'fp32'}) ==")
+        print(format_table(lifted, [("model", "model", "s"), ("batch", "batch", "d"), ("bn_groups", "BN groups", "d"),
+                                    ("pairs_per_s", "pairs/s", ".2f"), ("ms_per_iter", "ms/iter", ".1f"), mem,
+                                    ("vs_moco", "vs MoCo v2", ".2f")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
-                                 eval=evals, mscl=pretrain))
+                                 eval=evals, mscl=pretrain, liftedcl=lifted))
         print(f"\nwrote {args.out}")
 
 
