@@ -1,18 +1,21 @@
 """Inter-image Contrastive Consistency for Multi-Person Pose Estimation (ICON, Xu et al., AAAI 2023).
 
-A top-down pose network (SimpleBaseline on a ResNet) trained with the joints MSE plus two
+A top-down pose network (SimpleBaseline on a ResNet, or HRNet) trained with the joints MSE plus two
 contrastive terms computed on a training-only projection head: SKCC (Eq. (1)) pulls the pixel
 embeddings of one keypoint class together across the people of a batch and pushes the other classes
 away; PRCC (Eqs. (2)-(4)) does the same for the 8 limb pairs; Eq. (5) adds them to the MSE. Hard
 sampling picks the query classes (uncertain, high-loss joints) and the negative classes (the most
 similar ones). The head is dropped at inference: the saved pose network is the baseline's, same
-parameters and FLOPs, and evaluates in `mrpose.py --eval-only --weights`. One file: arguments, data,
-model, loss, DDP training, evaluation.
+parameters and FLOPs (a SimpleBaseline one also evaluates in `mrpose.py --eval-only --weights`). One
+file: arguments, data, model, loss, DDP training, evaluation.
 
     python icon.py --data demo                                                 # laptop CPU, minutes
     python icon.py --data demo --lambda-p 0                                    # the baseline, same schedule
     torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone resnet50 \\
         --pretrained torchvision                                               # Table 3, SBN + ICON
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \
+        --pretrained hrnet_w32-36af842e.pth                                    # Table 3, HRNet-W32 + ICON
+    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose   # Table 2
 """
 import argparse
 import json
@@ -28,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
-from common.datasets import COCO_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
+from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
+from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
@@ -54,13 +58,19 @@ PRESETS = {
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=180, lr_steps=(145, 170), lr=1e-3,
                  scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64, workers=4,
                  head_channels=256, channels_last=False),
+    # CrowdPose: 220 epochs (trainval -> test, the standard protocol); drops where HRNet's 170/200 of 210
+    # fall in 220 epochs, rounded (paper silent)
+    "crowdpose": dict(backbone="resnet50", input_size=(192, 256), epochs=220, lr_steps=(180, 210), lr=1e-3,
+                      scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64, workers=4,
+                      head_channels=256, channels_last=False),
     # demo: mrpose.py's demo preset (ResNet-18 from scratch at 96x128, 64-channel deconvs, 5 epochs) with
     # the contrast on; not a paper setting
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, half_body_prob=0.0, batch_size=16, eval_every=2, workers=1,
                  head_channels=64, channels_last=True),
 }
-JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS}
+JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS, "crowdpose": CROWDPOSE_JOINTS}
+HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
 # Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8 limb
 # bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for these,
 # so only they are built (a pair with M = 0 would be the zero vector)
@@ -68,6 +78,7 @@ LIMB_PAIRS = {
     "coco": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "demo": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "mpii": [(13, 14), (14, 15), (12, 11), (11, 10), (3, 4), (4, 5), (2, 1), (1, 0)],
+    "crowdpose": [(0, 2), (2, 4), (1, 3), (3, 5), (6, 8), (8, 10), (7, 9), (9, 11)],
 }
 # --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each step
 RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(queries=(3, 5), negatives=(4, 8))}
@@ -75,8 +86,10 @@ RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(q
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", default=None, choices=list(RESNETS))
-    p.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet, downloads) or a backbone .pth")
+    p.add_argument("--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
+                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet)")
+    p.add_argument("--pretrained", default=None,
+                   help="ResNet: 'torchvision' (ImageNet, downloads) or a backbone .pth; HRNet: e.g. hrnet_w32-36af842e.pth")
     p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256)")
     # ICON (§Method, §Implementation Details)
     p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0 trains the baseline alone")
@@ -155,6 +168,8 @@ def get_args(argv=None):
     for flag in ("tau", "num_queries", "num_negatives", "embed_dim"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.backbone in HRNETS and args.pretrained == "torchvision":
+        raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
     args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
@@ -165,7 +180,7 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Model (§Approach Overview). The pose network is the baseline, unchanged. The projection head f_proj
 # sits on the encoder "parallel to the regression head" and only trains: ResNet's "res-4" (C4, stride
-# 16; Detectron's naming of torchvision's layer3).
+# 16; Detectron's naming of torchvision's layer3) or HRNet's stage-3 output.
 
 class ProjectionHead(nn.Module):
     """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmap resolution, L2-normalised
@@ -185,7 +200,14 @@ class ProjectionHead(nn.Module):
 
 
 def forward_tapped(pose, x):
-    """Heatmaps and the tapped encoder map in one pass (one forward, as DDP expects)."""
+    """Heatmaps and the tapped encoder map in one pass (one forward, as DDP expects). HRNet: its stage-3
+    branches (1/4, 1/8, 1/16) upsampled to 1/4 and concatenated, as HRNetV2's representation head does
+    for pixel-level tasks (paper silent on how the stage-3 branches meet the head)."""
+    if isinstance(pose, PoseHighResolutionNet):
+        heatmaps, stage3 = pose(x, return_stage3=True)
+        size = stage3[0].shape[-2:]
+        return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                                                  for y in stage3[1:]], 1)
     return pose(x, return_c4=True)
 
 
@@ -203,13 +225,20 @@ class ICON(nn.Module):
 
 def build_model(args):
     """(pose network, projection head or None when the contrast is off, backbone loading report)."""
-    backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
     report = None
-    if args.pretrained not in (None, "torchvision"):
-        report = load_backbone(backbone, args.pretrained)
-    pose = SimpleBaseline(backbone, args.num_joints, args.head_channels)
+    if args.backbone in HRNETS:
+        pose = PoseHighResolutionNet(HRNETS[args.backbone], args.num_joints)
+        if args.pretrained:
+            report = load_hrnet_pretrained(pose, args.pretrained)
+        tap_channels = sum(pose.stage3_channels)
+    else:
+        backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+        if args.pretrained not in (None, "torchvision"):
+            report = load_backbone(backbone, args.pretrained)
+        pose = SimpleBaseline(backbone, args.num_joints, args.head_channels)
+        tap_channels = backbone.channels[2]
     # built after the pose network, so the pose network's initialisation does not depend on it
-    head = ProjectionHead(backbone.channels[2], args.embed_dim, args.heatmap_size) if args.contrast_on else None
+    head = ProjectionHead(tap_channels, args.embed_dim, args.heatmap_size) if args.contrast_on else None
     return pose, head, report
 
 
