@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import icon
+import mrpose
 from common.datasets import COCO_FLIP_PAIRS, TopDownDataset
-from common.topdown import load_weights
+from common.topdown import build_data, evaluate, load_weights
 from common.utils import UserError
 from data.demo import make_demo
 from helpers import SHARED, assert_one_line_error, run_script
@@ -219,7 +220,7 @@ def test_raw_visibility_flag_reaches_the_batch(tiny):
 
 def test_run_writes_outputs_and_saves_the_pose_network_alone(tiny, tmp_path):
     out = tmp_path / "icon"
-    p = run_script("icon.py", tiny + SMALL + ["--iters", "3", "--lr-steps", "9", "--num-queries", "32",
+    p = run_script("icon.py", tiny + SMALL + ["--iters", "2", "--lr-steps", "9", "--num-queries", "32",
                                               "--num-negatives", "64", "--out", out])
     assert "embeddings (tapped features, val): same-class cosine" in p.stdout
     for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "results.json", "predictions.png",
@@ -234,11 +235,12 @@ def test_run_writes_outputs_and_saves_the_pose_network_alone(tiny, tmp_path):
     assert set(best) == set(pose.state_dict())  # the baseline's tensors, none of the projection head's
     assert not any(k in best for k in ("head.net.0.weight", "net.0.weight"))
     assert "proj" in torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)  # kept to resume
-    # the inference model is a SimpleBaseline checkpoint for mrpose.py
-    p = run_script("mrpose.py", tiny + ["--backbone", "resnet18", "--input-size", "64", "96", "--head-channels", "32",
-                                        "--workers", "0", "--no-flip-test", "--eval-only", "--weights",
-                                        out / "best.pth", "--out", tmp_path / "mrpose"])
-    assert "val: AP" in p.stdout
+    # the inference model is a SimpleBaseline checkpoint: what `mrpose.py --eval-only --weights` builds and loads
+    mr_model, _ = mrpose.build_model(mrpose.get_args(tiny + ["--backbone", "resnet18", "--head-channels", "32"]))
+    load_weights(mr_model, out / "best.pth")
+    x = torch.randn(2, 3, 96, 64)
+    pose.load_state_dict(best)
+    assert torch.equal(mr_model.eval()(x), pose.eval()(x))
 
 
 def test_torchrun_two_ranks(tiny, tmp_path):
@@ -253,28 +255,30 @@ def test_torchrun_two_ranks(tiny, tmp_path):
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="torchvision has no HRNet"):
         icon.get_args(["--data", "coco", "--backbone", "hrnet_w32", "--pretrained", "torchvision"])
-    with pytest.raises(UserError, match="--tau"):
-        icon.get_args(["--tau", "0"])
+    p = run_script("icon.py", ["--tau", "0"], expect=2)  # as the user sees it: one line, exit 2
+    assert_one_line_error(p, "--tau", "positive")
     junk = tmp_path / "w.pth"
     torch.save({"model": {"final_layer.weight": torch.zeros(3)}}, junk)
     pose, _, _ = icon.build_model(icon.get_args(tiny + SMALL))
     with pytest.raises(UserError, match="does not fit"):
         load_weights(pose, junk)
-    no_index = tmp_path / "crowd.json"  # a CrowdPose json without crowdIndex, as the user sees it
+    no_index = tmp_path / "crowd.json"  # a CrowdPose json without crowdIndex
     no_index.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [],
                                     "categories": [{"id": 1, "name": "person"}]}))
-    p = run_script("icon.py", ["--data", "crowdpose", "--val-ann", no_index, "--val-images", tmp_path, "--eval-only",
-                               "--backbone", "resnet18", "--out", tmp_path / "o"], expect=2)
-    assert_one_line_error(p, no_index, "crowdIndex")
+    args = icon.get_args(["--data", "crowdpose", "--val-ann", str(no_index), "--val-images", str(tmp_path)])
+    with pytest.raises(UserError, match="crowdIndex") as e:
+        build_data(args, train=False)
+    assert str(no_index) in str(e.value) and "\n" not in str(e.value)  # run_main prints it as one line
 
 
 @needs_shared
-def test_crowdpose_oracle_through_the_pipeline(tmp_path):
+def test_crowdpose_oracle_through_the_pipeline():
     """--data crowdpose reads the official json and scores with crowdposetools' metric: the ground truth through
     the heatmap path scores near 1 (quantisation only)."""
     root = SHARED / "crowdpose"
-    p = run_script("icon.py", ["--data", "crowdpose", "--val-ann", root / "annotations" / "test_crowdpose.json",
-                               "--val-images", root / "images", "--eval-only", "--oracle", "--backbone", "resnet18",
-                               "--workers", "0", "--out", tmp_path / "o"])
-    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert set(metrics) >= {"AP", "AP_easy", "AP_medium", "AP_hard"} and metrics["AP"] > 0.9, p.stdout
+    args = icon.get_args(["--data", "crowdpose", "--val-ann", str(root / "annotations" / "test_crowdpose.json"),
+                          "--val-images", str(root / "images"), "--workers", "0"])
+    _, val, info = build_data(args, train=False)
+    metrics, results, _ = evaluate(torch.nn.Identity(), val, args, torch.device("cpu"), info, oracle=True)
+    assert set(metrics) >= {"AP", "AP_easy", "AP_medium", "AP_hard"} and metrics["AP"] > 0.9, metrics
+    assert len(results[0]["keypoints"]) == 42
