@@ -3,7 +3,7 @@
     python -m eval.bench                                  # CPU: a few minutes on 2 cores
     python -m eval.bench --device cuda --out bench.json   # GPU: the five heads on ResNet-50, MFU
     python -m eval.bench --quick                          # smoke test: ResNet-18 only, < 1 min on a CPU
-    python -m eval.bench --mscl-batches --icon-backbones resnet50 hrnet_w32   # the ICON section alone (+ 1-3)
+    python -m eval.bench --icon-backbones                 # without the ICON section (5: on by default)
 
 1. Training: the step of mrpose.py's loop (forward, gaussian_targets on the device, joints MSE,
    Adam) on models built by mrpose.build_model at the paper's COCO input 256x192, 17 joints.
@@ -12,6 +12,7 @@
    preset's augmentation plus batched gaussian_targets, against a re-implementation of the
    reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
 3. Evaluation: img/s of common.topdown.predict's inner loop (forward, flip test, decode, back-projection).
+5. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
 
 It only measures and prints; nothing here asserts a speed.
 """
