@@ -2,7 +2,8 @@
 the top-down training/evaluation dataset built on them.
 
 A reader returns a list of person records: {image, image_id, center, scale, joints (K, 2),
-visible (K,), area, score}. Each reader filters what cannot train and counts what it skipped.
+visible (K,), area, score}, and from read_coco the raw visibility flag vis_flag (K,) of the file
+(0 unlabeled, 1 occluded, 2 visible). Each reader filters what cannot train and counts what it skipped.
 """
 import contextlib
 import io
@@ -104,8 +105,8 @@ def read_coco(coco, image_dir, aspect_ratio, image_ids=None, det_json=None, det_
             center, scale = box_to_center_scale((x1, y1, x2 - x1, y2 - y1), aspect_ratio)
             records.append(dict(image=os.path.join(image_dir, info["file_name"]), image_id=image_id,
                                 center=center, scale=scale, joints=kp[:, :2].copy(),
-                                visible=np.minimum(kp[:, 2], 1.0), area=float(obj.get("area", w * h)),
-                                score=1.0))
+                                visible=np.minimum(kp[:, 2], 1.0), vis_flag=kp[:, 2].copy(),
+                                area=float(obj.get("area", w * h)), score=1.0))
     return records, skipped
 
 
@@ -209,6 +210,8 @@ class TopDownDataset(torch.utils.data.Dataset):
         r = self.records[i]
         center, scale, rot, flip = r["center"], r["scale"], 0.0, False
         joints, visible = r["joints"], r["visible"]
+        # the raw COCO flag (2 visible, 1 occluded, 0 unlabeled); readers without one: labeled = visible
+        vis_flag = r.get("vis_flag", 2 * visible)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             if (visible > 0).sum() > self.half_body_min_joints and rng.random() < self.half_body_prob:
@@ -227,9 +230,10 @@ class TopDownDataset(torch.utils.data.Dataset):
         crop = warp_image(img, m_img, self.input_size)
         joints = apply_affine(joints, m).astype(np.float32)
         if flip:
-            joints, visible = joints[self.flip_perm], visible[self.flip_perm]
+            joints, visible, vis_flag = joints[self.flip_perm], visible[self.flip_perm], vis_flag[self.flip_perm]
         return {"image": to_tensor_uint8(crop), "joints": torch.from_numpy(joints),
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
+                "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
                 "center": torch.from_numpy(np.asarray(center, np.float32)),
                 "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}
 

@@ -43,7 +43,9 @@ class SimpleBaseline(PoseNet):
         self.final_layer = nn.Conv2d(c, k, 1)
         self.init_head()
 
-    def forward(self, x):
-        c5 = self.backbone(x)[3]
-        return self.final_layer(self.deconv3(self.deconv2(self.deconv1(c5))))
+    def forward(self, x, return_c4=False):
+        """Heatmaps; with `return_c4` also ResNet's C4 (stride 16), the map icon.py's projection head taps."""
+        c2, c3, c4, c5 = self.backbone(x)
+        heatmaps = self.final_layer(self.deconv3(self.deconv2(self.deconv1(c5))))
+        return (heatmaps, c4) if return_c4 else heatmaps
 

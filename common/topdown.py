@@ -1,5 +1,5 @@
 """The top-down pose pipeline that every pose-training script shares: data layout and datasets for
---data demo|coco|mpii, the flip-test prediction loop, COCO results with OKS-NMS, the official metrics,
+--data demo|coco|mpii|crowdpose, the flip-test prediction loop, COCO results with OKS-NMS, the official metrics,
 checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
@@ -14,10 +14,11 @@ import scipy.io
 import torch
 
 from common import dist
-from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, MPII_FLIP_PAIRS, MPII_SKELETON,
-                             MPII_UPPER, TopDownDataset, load_coco, read_coco, read_mpii)
+from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS,
+                             CROWDPOSE_SKELETON, CROWDPOSE_UPPER, MPII_FLIP_PAIRS, MPII_SKELETON, MPII_UPPER,
+                             TopDownDataset, load_coco, load_crowdpose, read_coco, read_mpii)
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
-from common.metrics import coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
+from common.metrics import coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
 from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
@@ -53,6 +54,10 @@ def data_paths(args):
         paths.update(train_ann=os.path.join(root, "annot", "train.json"), val_ann=os.path.join(root, "annot", "valid.json"),
                      train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"),
                      gt_mat=os.path.join(root, "annot", "gt_valid.mat"))
+    elif root and args.data == "crowdpose":  # data/README's layout; trainval to train, test to evaluate (the papers')
+        paths.update(train_ann=os.path.join(root, "annotations", "crowdpose_trainval.json"),
+                     val_ann=os.path.join(root, "annotations", "crowdpose_test.json"),
+                     train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"))
     elif root:  # the COCO layout, images in ROOT/{split}2017 or ROOT/images/{split}2017
         for split in ("train", "val"):
             images = os.path.join(root, f"{split}2017")
@@ -98,6 +103,14 @@ def build_data(args, train):
         flip_pairs, upper = MPII_FLIP_PAIRS, MPII_UPPER
         if train:
             train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
+    elif args.data == "crowdpose":
+        coco = load_crowdpose(paths["val_ann"])
+        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
+        info = dict(kind="crowdpose", coco=coco, skeleton=CROWDPOSE_SKELETON,
+                    split=os.path.basename(paths["val_ann"]).removesuffix(".json"))  # crowdpose_val, crowdpose_test
+        flip_pairs, upper = CROWDPOSE_FLIP_PAIRS, CROWDPOSE_UPPER
+        if train:
+            train_records, skipped = read_coco(load_crowdpose(paths["train_ann"]), paths["train_images"], aspect)
     else:
         coco = load_coco(paths["val_ann"], image_info=args.det_json is not None)
         val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
@@ -161,7 +174,7 @@ def predict(model, dataset, args, device, info, oracle=False):
     return coords[order].numpy(), conf[order].numpy(), shown
 
 
-def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9):
+def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9, sigmas=None):
     """COCO result dicts: pose score = box score x mean confidence above 0.2, OKS-NMS at 0.9 per image."""
     per_image = {}
     for r, xy, c in zip(records, coords, conf):
@@ -171,7 +184,7 @@ def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9):
             dict(keypoints=np.concatenate([xy, c[:, None]], 1), score=float(score), area=float(r["scale"].prod())))
     results = []
     for image_id, people in per_image.items():
-        for i in oks_nms(people, oks_thresh):
+        for i in oks_nms(people, oks_thresh, sigmas):
             results.append(dict(image_id=int(image_id), category_id=1, score=people[i]["score"],
                                 keypoints=[round(float(v), 3) for v in people[i]["keypoints"].reshape(-1)]))
     return results
@@ -182,6 +195,9 @@ def evaluate(model, dataset, args, device, info, oracle=False):
     coords, conf, shown = predict(model, dataset, args, device, info, oracle)
     if info["kind"] == "mpii":  # the predictions themselves are the results: pred.mat
         return mpii_pckh(coords, info["gt"], index=info["index"]), coords, shown
+    if info["kind"] == "crowdpose":  # crowdposetools: its sigmas in the NMS and the metric
+        results = coco_results(dataset.records, coords, conf, sigmas=CROWDPOSE_SIGMAS)
+        return (crowdpose_eval(info["coco"], results) if dist.is_main() else {}), results, shown
     results = coco_results(dataset.records, coords, conf)
     if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
         return {}, results, shown
@@ -250,7 +266,7 @@ def main_metric(metrics):
 
 
 def format_metrics(m):
-    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
+    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AP_easy", "AP_medium", "AP_hard"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
                                                                         "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"]
     return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}" for k in keys if k in m)
 
@@ -259,6 +275,8 @@ def results_file(args, info):
     """COCO's results name, person_keypoints_[split]_[alg]_results.json, as the evaluation server wants it;
     alg is the --out folder's name (the server splits the name at '_')."""
     alg = os.path.basename(os.path.normpath(args.out)).replace("_", "-")
+    if info["kind"] == "crowdpose":  # no server: the annotation file's name stands for the split
+        return os.path.join(args.out, f"{info['split']}_{alg}_results.json")
     return os.path.join(args.out, f"person_keypoints_{info.get('split', 'val2017')}_{alg}_results.json")
 
 

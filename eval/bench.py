@@ -1,8 +1,9 @@
-"""Throughput of the shipped MRPose code on the current device: training, data pipeline, evaluation.
+"""Throughput of the shipped code on the current device: pose training, data pipeline, evaluation, pretraining.
 
     python -m eval.bench                                  # CPU: a few minutes on 2 cores
     python -m eval.bench --device cuda --out bench.json   # GPU: the five heads on ResNet-50, MFU
     python -m eval.bench --quick                          # smoke test: ResNet-18 only, < 1 min on a CPU
+    python -m eval.bench --icon-backbones                 # without the ICON section (6: on by default)
 
 1. Training: the step of mrpose.py's loop (forward, gaussian_targets on the device, joints MSE,
    Adam) on models built by mrpose.build_model at the paper's COCO input 256x192, 17 joints.
@@ -11,6 +12,9 @@
    preset's augmentation plus batched gaussian_targets, against a re-implementation of the
    reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
 3. Evaluation: img/s of common.topdown.predict's inner loop (forward, flip test, decode, back-projection).
+4. MSCL pretraining (both --fusion orders) against SimSiam in the same code, pairs/s.
+5. LiftedCL pretraining (encoder + discriminator step) against MoCo v2, its degenerate setting.
+6. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
 
 It only measures and prints; nothing here asserts a speed.
 """
@@ -68,6 +72,9 @@ def get_args(argv=None):
     p.add_argument("--liftedcl-batches", type=int, nargs="*", default=None,
                    help="batch sizes of the LiftedCL-vs-MoCo v2 pretraining section (default 8 64 on CUDA, 8 on the "
                         "CPU; none: skip it)")
+    p.add_argument("--icon-backbones", nargs="*", default=None, choices=["resnet18", "resnet50", "hrnet_w32", "hrnet_w48"],
+                   help="ICON section: training step with and without the contrast (default resnet50 hrnet_w32; "
+                        "none: skip it)")
     p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
     p.add_argument("--out", default=None, help="also write every table as JSON here")
     args = p.parse_args(argv)
@@ -81,6 +88,9 @@ def get_args(argv=None):
         args.batch_size = args.batch_size or 2
         args.mscl_batches = []
         args.liftedcl_batches = []
+        args.icon_backbones = [] if args.icon_backbones is None else args.icon_backbones
+    if args.icon_backbones is None:
+        args.icon_backbones = ["resnet50", "hrnet_w32"]
     if args.archs is None and args.backbones is None and not cuda:
         args.pairs = CPU_PAIRS
     else:
@@ -627,6 +637,68 @@ def bench_liftedcl(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling, 256 queries and
+# 512 negatives per class) against the same step at λp = 0 (the baseline), 256x192, batch 8 as the issue asks
+
+ICON_BATCH = 8
+
+
+def icon_config(cfg):
+    """Time one icon.py training step configuration in its own process (own peak memory)."""
+    import icon
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = icon.get_args(["--data", "coco", "--backbone", cfg["backbone"], "--batch-size", str(ICON_BATCH),
+                          "--lambda-p", str(cfg["lambda_p"])] + cfg["flags"])
+    pose, head, _ = icon.build_model(args)
+    model = (pose if head is None else icon.ICON(pose, head)).to(device).train()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    batch = synthetic_batch(ICON_BATCH, args, device)
+    batch["vis_flag"] = 2 * batch["visible"]
+    offsets = icon.region_offsets(args.sigma, args.region_thresh)
+
+    def step():
+        loss, _ = icon.icon_losses(model, batch, args, device, offsets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dict(model=cfg["backbone"] + (" + ICON" if cfg["lambda_p"] else ""), batch=ICON_BATCH,
+                img_per_s=ICON_BATCH / dt, ms_per_iter=dt * 1e3, peak_mib=peak)
+
+
+def bench_icon(args):
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    flags = ["--amp", "bf16", "--channels-last"] if args.device.type == "cuda" else []
+    for backbone in args.icon_backbones:
+        for lambda_p in (0, 1):
+            cfg = dict(backbone=backbone, lambda_p=lambda_p, flags=flags, device=args.device.type,
+                       threads=args.threads, iters=args.iters, warmup=args.warmup)
+            with spawn.Pool(1) as pool:
+                rows.append(pool.apply(icon_config, (cfg,)))
+            print(f"  icon {rows[-1]['model']}: {rows[-1]['img_per_s']:.1f} img/s", flush=True)
+        rows[-1]["added"] = rows[-1]["ms_per_iter"] / rows[-2]["ms_per_iter"] - 1
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 def format_table(rows, columns):
@@ -662,6 +734,7 @@ def main():
     evals = bench_eval(args)
     pretrain = bench_mscl(args) if args.mscl_batches else []
     lifted = bench_liftedcl(args) if args.liftedcl_batches else []
+    icon_rows = bench_icon(args) if args.icon_backbones else []
 
     mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
     train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
@@ -703,9 +776,14 @@ def main():
         print(format_table(lifted, [("model", "model", "s"), ("batch", "batch", "d"), ("bn_groups", "BN groups", "d"),
                                     ("pairs_per_s", "pairs/s", ".2f"), ("ms_per_iter", "ms/iter", ".1f"), mem,
                                     ("vs_moco", "vs MoCo v2", ".2f")]))
+    if icon_rows:
+        print(f"\n== 6. ICON training step, 256x192, batch {ICON_BATCH} ({'bf16 autocast + channels_last' if cuda else 'fp32'}):"
+              f" baseline (λp = 0) and + ICON (hard sampling, 256 queries, 512 negatives) ==")
+        print(format_table(icon_rows, [("model", "model", "s"), ("img_per_s", "img/s", ".1f"),
+                                       ("ms_per_iter", "ms/iter", ".1f"), mem, ("added", "step time added", ".1%")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
-                                 eval=evals, mscl=pretrain, liftedcl=lifted))
+                                 eval=evals, mscl=pretrain, liftedcl=lifted, icon=icon_rows))
         print(f"\nwrote {args.out}")
 
 
