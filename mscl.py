@@ -8,9 +8,9 @@ as `backbone.pth` in torchvision key names for `mrpose.py --pretrained` (Sec. 4.
 One file: arguments, data, model, loss, DDP training, export.
 
     python mscl.py --data demo                                                   # laptop CPU, minutes
-    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1
+    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1, Table 5 #4
     torchrun --nproc_per_node=4 mscl.py --data coco --data-root /data/coco           # Table 5 #3
-    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...             # SimSiam, exactly
+    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...             # SimSiam exactly, Table 5 #1
 """
 import argparse
 import hashlib
@@ -40,16 +40,21 @@ from common.utils import (Progress, UserError, atomic_write, autocast, check_fin
 
 PRESETS = {
     # ImageNet (Sec. 4.1): ResNet-50, 224 px, total batch 256 (4 GPUs x 64), SGD lr 0.05 x batch/256,
-    # cosine decay, 100 epochs
-    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4),
+    # cosine decay, 100 epochs; paper silent on the predictor's lr: SimSiam's published 100-epoch recipe and
+    # MMSelfSup's SimSiam configs (the paper's codebase) hold it fixed
+    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4,
+                     fix_pred_lr=True),
     # COCO train2017 images, unlabeled (Sec. 4.7.2, Table 5 #3): lr 0.3 instead of 0.05, 800 epochs
-    "coco": dict(backbone="resnet50", crop_size=224, epochs=800, lr=0.3, batch_size=256, workers=4),
+    "coco": dict(backbone="resnet50", crop_size=224, epochs=800, lr=0.3, batch_size=256, workers=4,
+                 fix_pred_lr=True),
     # any folder of images (--images DIR): the ImageNet recipe
-    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4),
+    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4,
+                   fix_pred_lr=True),
     # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x 64/256
-    # = 0.1) so that 3 epochs (93 iterations, ~4 CPU minutes) visibly lower the loss (not a paper setting)
-    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1),
+    # = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not a paper setting)
+    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True),
 }
+DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
 
 def get_args(argv=None):
@@ -59,11 +64,16 @@ def get_args(argv=None):
     p.add_argument("--dim", type=int, default=512, help="FPN vector and projector output width (Eq. 3)")
     p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width (Eq. 4)")
     p.add_argument("--fpn-width", type=int, default=256, help="width of the Conv1 laterals (paper silent; FPN's 256)")
-    p.add_argument("--scale-weights", type=float, nargs=4, default=[1.0, 2.0, 2.0, 5.0], metavar="λ",
-                   help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4's best 1:2:2:5)")
+    p.add_argument("--fusion", default="conv-pool", choices=["conv-pool", "pool-conv"],
+                   help="order of Pool-Conv2 in Eqs. (1)-(2): conv-pool = 3x3 Conv2 on the fused map, then global "
+                        "max pooling (FPN's reading); pool-conv = global max pooling, then a 1x1 Conv2")
+    p.add_argument("--scale-weights", type=float, nargs=4, default=DEFAULT_SCALE_WEIGHTS, metavar="λ",
+                   help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4; 1:2:2:5 is its best)")
     p.add_argument("--no-fpn", dest="fpn", action="store_false",
-                   help="Table 5 #2: global-average-pooled stage features straight into the projectors")
-    p.add_argument("--single-scale", action="store_true", help="Table 5 #1: conv5_x only (the SimSiam baseline)")
+                   help="Table 5 #2 (MS without FPN): each stage global-average-pooled straight into its projector")
+    p.add_argument("--single-scale", action="store_true",
+                   help="conv5_x only. With --no-fpn --dim 2048 --pred-dim 512 this is SimSiam (Table 5 #1); "
+                        "alone it keeps the FPN's Conv1/Conv2 on conv5_x, which is no paper row")
     p.add_argument("--shared-heads", action="store_true",
                    help="one projector and one predictor for all scales (default: one per scale; needs the FPN)")
     # data
@@ -79,8 +89,11 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 256")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
-    p.add_argument("--fix-pred-lr", action="store_true", help="keep the predictors' lr constant (SimSiam)")
-    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
+    p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the predictors' lr at its initial value (SimSiam's 100-epoch recipe; on in every "
+                        "preset, --no-fix-pred-lr decays it with the rest)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="total over all ranks (rounded down to a multiple of the number of ranks)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
@@ -97,10 +110,24 @@ def get_args(argv=None):
         raise UserError("--shared-heads needs the FPN: without it the four scales have different widths")
     if min(args.scale_weights) < 0 or sum(args.scale_weights) <= 0:
         raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a positive sum")
-    mode = "simsiam" if args.single_scale and not args.fpn else "single" if args.single_scale else \
-        "nofpn" if not args.fpn else "mscl"
-    args.out = args.out or os.path.join("runs", f"mscl-{args.data}-{mode}-{args.backbone}")
+    args.out = args.out or os.path.join("runs", f"mscl-{args.data}-{run_name(args)}-{args.backbone}")
     return args
+
+
+def run_name(args):
+    """What the run is, for its output folder: simsiam (Table 5 #1, the exact SimSiam), ms-nofpn (#2), mscl
+    (#3 with --data coco, #4), or single-fpn / single-nofpn (conv5_x with other widths: no paper row); then
+    the non-default fusion and λ (Table 4)."""
+    if args.single_scale:
+        name = "simsiam" if not args.fpn and (args.dim, args.pred_dim) == (2048, 512) else \
+            f"single-{'fpn' if args.fpn else 'nofpn'}"
+    else:
+        name = "mscl" if args.fpn else "ms-nofpn"
+    if args.fpn and args.fusion != "conv-pool":
+        name += "-" + args.fusion
+    if not args.single_scale and args.scale_weights != DEFAULT_SCALE_WEIGHTS:
+        name += "-l" + "-".join(f"{w:g}" for w in args.scale_weights)
+    return name
 
 
 def scale_weights(args):
@@ -167,8 +194,11 @@ def image_folder(args):
     if args.data == "folder":
         raise UserError("--data folder needs --images DIR")
     root = args.data_root
-    if root is None or not os.path.isdir(root):
-        raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
+    layout = "train/<class>/*.JPEG" if args.data == "imagenet" else "train2017/*.jpg"
+    if root is None:
+        raise UserError(f"--data {args.data} needs --data-root DIR (a folder holding {layout}) or --images DIR")
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: data root not found (--data-root of --data {args.data} holds {layout})")
     candidates = ["train"] if args.data == "imagenet" else ["train2017", os.path.join("images", "train2017")]
     for c in candidates:
         if os.path.isdir(os.path.join(root, c)):
@@ -183,16 +213,25 @@ class FeaturePyramid(nn.Module):
     """Enhanced FPN, Eqs. (1)-(2): a 512-d vector F_i per stage feature f_i.
 
     F_i = Pool-Conv2(Conv1(f_i) + Up(Conv1(f_{i+1})))  for i < top,   F_top = Pool-Conv2(Conv1(f_top)).
-    Given the stages in use (all four, or conv5_x alone), the last one is the top."""
+    Given the stages in use (all four, or conv5_x alone), the last one is the top.
 
-    def __init__(self, in_channels, width=256, out_dim=512):
+    "Pool-Conv2" is a composition whose order the paper leaves open (Eq. (2) read left to right would even
+    pool before Conv1, which the text contradicts). `fusion` picks one:
+      conv-pool (default): Conv2 is a 3x3 conv on the fused map, then global max pooling: FPN's output conv
+        ("kernel sizes of 1 and 3": Conv1 1x1, Conv2 3x3), so F_i can use all out_dim dimensions;
+      pool-conv: global max pooling first, then a 1x1 Conv2 (on a 1x1 map a padded 3x3 conv is its centre
+        tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a `width`-dimensional
+        affine subspace (256 of 512); far cheaper, as Conv2 runs on one pixel per image, not on every pixel
+        (at 56x56 the 3x3 Conv2 of F_1 alone costs about as much as the ResNet-50; see eval.bench)."""
+
+    def __init__(self, in_channels, width=256, out_dim=512, fusion="conv-pool"):
         super().__init__()
+        self.fusion = fusion
         # paper silent; Conv1 is a 1x1 lateral conv with bias to `width` (256 as in FPN [30]), no BN/ReLU
         self.conv1 = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        # paper silent on order: "Pool-Conv2" is applied left to right as "FC-BN-ReLU" in Eq. (3) is, so
-        # global max-pooling first, then Conv2; on the pooled 1x1 map a padded 3x3 conv equals its centre
-        # tap, so Conv2 is the 1x1 conv (with bias) of "kernel sizes of 1 and 3", width -> out_dim
-        self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, 1) for _ in in_channels)
+        # paper silent; Conv2 with bias, no BN/ReLU (FPN's output conv), width -> out_dim
+        k = 3 if fusion == "conv-pool" else 1
+        self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, k, padding=k // 2) for _ in in_channels)
 
     def forward(self, feats):
         lateral = [conv(f) for conv, f in zip(self.conv1, feats)]
@@ -203,8 +242,11 @@ class FeaturePyramid(nn.Module):
                 # paper silent; Up = nearest-neighbour upsampling to f_i's size (as FPN [30])
                 lat = lat + F.interpolate(lateral[i + 1], size=lat.shape[-2:], mode="nearest")
             # Eqs. (1)-(2): paper silent; Pool = global max-pooling ("max-pooling", output is a vector)
-            pooled = F.adaptive_max_pool2d(lat, 1)
-            out.append(torch.flatten(self.conv2[i](pooled), 1))
+            if self.fusion == "conv-pool":
+                fused = F.adaptive_max_pool2d(self.conv2[i](lat), 1)
+            else:
+                fused = self.conv2[i](F.adaptive_max_pool2d(lat, 1))
+            out.append(torch.flatten(fused, 1))
         return out
 
 
@@ -231,7 +273,7 @@ class MSCL(nn.Module):
     --single-scale --no-fpn is SimSiam: avgpooled conv5_x -> projector -> predictor."""
 
     def __init__(self, backbone="resnet50", dim=512, pred_dim=128, fpn=True, single_scale=False,
-                 shared_heads=False, fpn_width=256):
+                 shared_heads=False, fpn_width=256, fusion="conv-pool"):
         super().__init__()
         self.backbone = ResNetFeatures(backbone)
         # SimSiam builds its encoder with zero_init_residual=True: the last BN of each residual block
@@ -243,7 +285,7 @@ class MSCL(nn.Module):
                 nn.init.zeros_(m.bn2.weight)
         self.levels = [3] if single_scale else [0, 1, 2, 3]  # f1..f4 = conv2_x..conv5_x
         channels = [self.backbone.channels[i] for i in self.levels]
-        self.neck = FeaturePyramid(channels, fpn_width, dim) if fpn else None
+        self.neck = FeaturePyramid(channels, fpn_width, dim, fusion) if fpn else None
         in_dims = [dim] * len(channels) if fpn else channels
         n_heads = 1 if shared_heads else len(self.levels)
         self.shared = shared_heads
@@ -270,6 +312,11 @@ class MSCL(nn.Module):
         p1 = [self.predictors[self.head(k)](z) for k, z in enumerate(z1)]
         p2 = [self.predictors[self.head(k)](z) for k, z in enumerate(z2)]
         return p1, p2, z1, z2
+
+
+def build_model(args):
+    return MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
+                args.fpn_width, args.fusion)
 
 
 def D(p, z):
@@ -306,12 +353,38 @@ def build_optimizer(model, init_lr, args):
     return torch.optim.SGD(groups, init_lr, momentum=args.momentum, weight_decay=args.wd)
 
 
+def batch_and_lr(args, world):
+    """(per-rank batch, total batch actually used, initial lr). A --batch-size that the ranks do not divide
+    is rounded down to per-rank x ranks, and the lr follows the batch used: base lr x batch / 256 (SimSiam)."""
+    per_rank = args.batch_size // world
+    batch = per_rank * world
+    return per_rank, batch, args.lr * batch / 256
+
+
 def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
     """Cosine decay once per epoch over `epochs` (SimSiam); a fix_lr group keeps init_lr."""
     cur_lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     for group in optimizer.param_groups:
         group["lr"] = init_lr if group["fix_lr"] else cur_lr
     return cur_lr
+
+
+# the model and the schedule: a resumed run must keep them (--iters may change: it only says where to stop)
+RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim", "pred_dim", "fpn_width",
+               "scale_weights", "crop_size", "batch_size", "lr", "fix_pred_lr", "momentum", "wd", "epochs", "amp")
+
+
+def check_resume_args(path, saved, args):
+    """--resume continues the saved run: refuse a changed model, data or schedule (as mrpose.py does)."""
+    for k in RESUME_KEYS:
+        was, now = saved.get(k), getattr(args, k)
+        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
+        if k in saved and was != now:
+            flag = "--" + k.replace("_", "-")
+            if k == "fpn":  # the flag is --no-fpn
+                flag, was, now = "--no-fpn", not was, not now
+            raise UserError(f"{path}: saved with {flag} {was}, this run has {now}; "
+                            f"resume with the same settings or use another --out")
 
 
 def parameter_digest(model):
@@ -333,12 +406,10 @@ def main():
     weights = scale_weights(args)
     names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
-    model = MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
-                 args.fpn_width)
-    model = dist.convert_sync_bn(model, device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
+    model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
     train_ds = TwoViews(files, moco_v2_augmentation(args.crop_size))
-    per_rank = args.batch_size // world
-    if per_rank < 2 or per_rank * world > len(train_ds):
+    per_rank, batch, init_lr = batch_and_lr(args, world)
+    if per_rank < 2 or batch > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} images "
                         f"(BatchNorm needs at least 2 images per rank)")
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
@@ -350,7 +421,6 @@ def main():
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    init_lr = args.lr * args.batch_size / 256  # SimSiam's linear scaling of the base lr
     optimizer = build_optimizer(model, init_lr, args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, history = 0, 0, []
@@ -358,7 +428,11 @@ def main():
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args)
+        try:
+            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        except RuntimeError as e:  # a tensor of another shape (e.g. a checkpoint saved before --fusion)
+            raise UserError(f"{ckpt_path}: does not fit this model ({str(e).splitlines()[-1].strip()})") from None
         if missing or unexpected:
             raise UserError(f"{ckpt_path}: does not fit this model (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}; check --backbone/--no-fpn/--single-scale/--shared-heads)")
@@ -374,11 +448,14 @@ def main():
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"MSCL {args.backbone}, scales {' '.join(names)} (λ {' '.join(f'{w:.3f}' for w in weights)}), "
-              f"{'FPN' if args.fpn else 'no FPN'}, {'shared' if args.shared_heads else 'per-scale'} heads: "
-              f"{n_params:,} parameters; {len(train_ds)} images at {args.crop_size} px; {iters_per_epoch} it/epoch "
-              f"x {args.epochs} epochs on {world} x {device}; lr {args.lr} x {args.batch_size}/256 = {init_lr:.5g}",
-              flush=True)
+        rounded = f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)" \
+            if batch != args.batch_size else ""
+        print(f"MSCL {args.backbone} ({run_name(args)}), scales {' '.join(names)} "
+              f"(λ {' '.join(f'{w:.3f}' for w in weights)}), {f'FPN {args.fusion}' if args.fpn else 'no FPN'}, "
+              f"{'shared' if args.shared_heads else 'per-scale'} heads: {n_params:,} parameters; {len(train_ds)} "
+              f"images at {args.crop_size} px; {iters_per_epoch} it/epoch x {args.epochs} epochs on {world} x {device}; "
+              f"lr {args.lr} x {batch}/256 = {init_lr:.5g}{rounded}, predictor lr "
+              f"{'fixed' if args.fix_pred_lr else 'cosine'}", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:
@@ -407,7 +484,7 @@ def main():
             if (i + 1) % args.print_freq == 0:
                 mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
                 check_finite(mean_loss, it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(), lr=lr)
+                progress.step(i, args.print_freq * batch, loss=mean_loss.item(), lr=lr)
         means = dist.all_reduce_mean(sums / max(1, n_iter))
         check_finite(means, it, ckpt_path)
         means = means.tolist()

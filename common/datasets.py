@@ -225,3 +225,127 @@ class TopDownDataset(torch.utils.data.Dataset):
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
                 "center": torch.from_numpy(np.asarray(center, np.float32)),
                 "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CrowdPose (Li et al. 2019): COCO-like json, 14 joints, a crowd index per image, no 'area'
+
+CROWDPOSE_JOINTS = ["left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+                    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle", "head", "neck"]
+CROWDPOSE_FLIP_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]
+CROWDPOSE_UPPER = [0, 1, 2, 3, 4, 5, 12, 13]
+# the json's own 'skeleton' is COCO's 17-joint one (indices up to 17): drawn here from the joint names instead
+CROWDPOSE_SKELETON = [(10, 8), (8, 6), (11, 9), (9, 7), (6, 7), (0, 6), (1, 7), (0, 1), (0, 2), (1, 3), (2, 4),
+                      (3, 5), (12, 13), (0, 13), (1, 13)]
+# crowdposetools' computeOks: COCO's limb sigmas, head and neck as the shoulders
+CROWDPOSE_SIGMAS = [.079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089, .079, .079]
+# crowdposetools' OKS scale: 0.53 x GT box w x h replaces COCO's segmentation area (computeOks and evaluateImg)
+CROWDPOSE_AREA_FACTOR = 0.53
+
+
+def check_crowdpose(dataset, name):
+    """Checks a CrowdPose annotation dict and sets each person's 'area' to the OKS area of crowdposetools,
+    in place (it ignores any area in the file): COCOeval then computes the official OKS."""
+    for img in dataset["images"]:
+        if not isinstance(img.get("crowdIndex"), (int, float)):
+            raise UserError(f"{name}: image id {img.get('id')} has no numeric 'crowdIndex' "
+                            f"(not a CrowdPose annotation file?)")
+    for a in dataset["annotations"]:
+        missing = [f for f in ("image_id", "bbox", "keypoints", "num_keypoints", "iscrowd") if f not in a]
+        if missing:
+            raise UserError(f"{name}: annotation id {a.get('id')} has no '{missing[0]}'")
+        if len(a["keypoints"]) != 3 * len(CROWDPOSE_JOINTS):
+            raise UserError(f"{name}: annotation id {a.get('id')} has {len(a['keypoints'])} keypoint values, "
+                            f"expected {3 * len(CROWDPOSE_JOINTS)} (14 CrowdPose joints)")
+        a["area"] = CROWDPOSE_AREA_FACTOR * a["bbox"][2] * a["bbox"][3]
+
+
+def load_crowdpose(ann_file):
+    """pycocotools COCO object of an official CrowdPose json (crowdpose_{train,val,trainval,test}.json).
+
+    Images must carry 'crowdIndex' (the easy/medium/hard split); each person gets the OKS area of the
+    official toolkit (see check_crowdpose), which read_coco also puts in the records for OKS-NMS."""
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = load_json(os.fspath(ann_file), "annotation file")
+    if not isinstance(coco.dataset, dict) or "annotations" not in coco.dataset or "images" not in coco.dataset:
+        raise UserError(f"{ann_file}: not a CrowdPose annotation file (needs 'images' and 'annotations')")
+    check_crowdpose(coco.dataset, ann_file)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AI Challenger (Wu et al. 2017) persons, for unlabeled crops (SSPose / MSCL MPII+AIC: boxes only)
+
+AIC_JOINTS = ["right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist", "right_hip",
+              "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "head_top", "neck"]
+AIC_FLIP_PAIRS = [(0, 3), (1, 4), (2, 5), (6, 9), (7, 10), (8, 11)]
+
+
+def read_aic(ann_file, image_dir, aspect_ratio):
+    """Person records of AI Challenger keypoint annotations, in either format (told apart by content):
+
+    - official `keypoint_{train,validation}_annotations_*.json`: a list of {image_id (file stem),
+      human_annotations {humanN: [x1, y1, x2, y2]}, keypoint_annotations {humanN: 14 x [x, y, v]}},
+      v = 1 visible, 2 occluded, 3 unlabeled; images are `image_dir/<image_id>.jpg`;
+    - COCO-style (mmpose's conversion): images + annotations with bbox [x, y, w, h] and COCO v flags.
+
+    Every person box becomes a crop (center/scale as box_to_center_scale, as SSPose's AIC reader);
+    boxes under 1 px wide or tall are skipped. `joints`/`visible` (labeled = 1) are kept but meant to
+    be unused: AIC serves as unlabeled data. `image_id` is the format's own (stem or COCO id).
+    Returns (records, skipped counts)."""
+    data = load_json(ann_file, "AIC annotation file")
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory not found")
+    k = len(AIC_JOINTS)
+
+    def joints(kp, image_id, official):
+        """(K, 2) coordinates and (K,) labeled flags of a flat 3K list (None: a person without keypoints)."""
+        if kp is None:
+            return np.zeros((k, 2), np.float32), np.zeros(k, np.float32)
+        if len(kp) != 3 * k:
+            raise UserError(f"{ann_file}: image {image_id} has a person with {len(kp)} keypoint values, "
+                            f"expected {3 * k} (14 AIC joints)")
+        kp = np.asarray(kp, dtype=np.float32).reshape(k, 3)
+        labeled = (kp[:, 2] < 3) if official else (kp[:, 2] > 0)  # official v: 3 = unlabeled; COCO v: 0
+        return kp[:, :2].copy(), labeled.astype(np.float32)
+
+    persons = []  # (image path, image_id, box (x, y, w, h), joints, visible)
+    if isinstance(data, list) and all(isinstance(e, dict) and "human_annotations" in e for e in data[:1]):
+        for e in data:
+            if not isinstance(e, dict) or "image_id" not in e or not isinstance(e.get("human_annotations"), dict):
+                raise UserError(f"{ann_file}: entry {str(e)[:60]} is not an AIC image (needs image_id, "
+                                f"human_annotations)")
+            keypoints = e.get("keypoint_annotations") or {}
+            for human, box in e["human_annotations"].items():
+                if not (isinstance(box, list) and len(box) == 4):
+                    raise UserError(f"{ann_file}: image {e['image_id']} {human}: box {str(box)[:40]} is not "
+                                    f"[x1, y1, x2, y2]")
+                x1, y1, x2, y2 = box
+                persons.append((os.path.join(image_dir, f"{e['image_id']}.jpg"), e["image_id"],
+                                (x1, y1, x2 - x1, y2 - y1), *joints(keypoints.get(human), e["image_id"], True)))
+    elif isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        for a in data["annotations"]:
+            if a.get("image_id") not in files or len(a.get("bbox", ())) != 4:
+                raise UserError(f"{ann_file}: annotation id {a.get('id')} needs an image_id of 'images' and a "
+                                f"bbox [x, y, w, h]")
+            if a.get("category_id", 1) != 1 or a.get("iscrowd", 0):
+                continue
+            persons.append((os.path.join(image_dir, files[a["image_id"]]), a["image_id"], tuple(a["bbox"]),
+                            *joints(a.get("keypoints"), a["image_id"], False)))
+    else:
+        raise UserError(f"{ann_file}: not AI Challenger annotations (expected the official list of {{image_id, "
+                        f"human_annotations, keypoint_annotations}} or a COCO-style json)")
+
+    records, skipped = [], {"bad_box": 0}
+    for image, image_id, (x, y, w, h), xy, visible in persons:
+        if not (w >= 1 and h >= 1):  # also catches NaN
+            skipped["bad_box"] += 1
+            continue
+        center, scale = box_to_center_scale((x, y, w, h), aspect_ratio)
+        records.append(dict(image=image, image_id=image_id, center=center, scale=scale, joints=xy, visible=visible,
+                            area=float(w * h), score=1.0))
+    return records, skipped

@@ -16,7 +16,7 @@ import scipy.io
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.datasets import load_coco
+from common.datasets import CROWDPOSE_SIGMAS, check_crowdpose, load_coco, load_crowdpose
 from common.utils import UserError, load_json
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -29,6 +29,29 @@ COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1
 COCO_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
 
 
+def load_results(results, coco_gt, num_joints):
+    """Keypoint results (a list, or a path to a json list) checked against the ground truth, so that a malformed
+    entry is a one-line error naming the source instead of an assertion deep inside pycocotools' loadRes."""
+    where = "results"
+    if not isinstance(results, list):
+        where = os.fspath(results)
+        results = load_json(where, "results")
+        if not isinstance(results, list):
+            raise UserError(f"{where}: results must be a JSON list of COCO result dicts")
+    fields = {"image_id", "category_id", "keypoints", "score"}
+    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
+    if malformed:
+        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
+    bad = [r for r in results if len(r["keypoints"]) != 3 * num_joints]
+    if bad:
+        raise UserError(f"{where}: image {bad[0]['image_id']} has a keypoints list of length "
+                        f"{len(bad[0]['keypoints'])}, expected {3 * num_joints} ({num_joints} joints x 3)")
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:  # loadRes would only assert, without saying which image
+        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
+    return results
+
+
 def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     """OKS keypoint AP/AR with pycocotools' COCOeval.
 
@@ -38,27 +61,10 @@ def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
     Returns {AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl} as floats in [0, 1].
     """
     coco_gt = gt if isinstance(gt, COCO) else load_coco(gt)
-    where = "results"  # names the source in error messages
-    if not isinstance(results, list):
-        where = os.fspath(results)
-        results = load_json(where, "results")
-        if not isinstance(results, list):
-            raise UserError(f"{where}: results must be a JSON list of COCO result dicts")
+    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    results = load_results(results, coco_gt, len(sigmas))
     if not results:  # loadRes indexes results[0]; an empty submission simply scores zero
         return {name: 0.0 for name in COCO_STAT_NAMES}
-
-    fields = {"image_id", "category_id", "keypoints", "score"}
-    malformed = [r for r in results if not isinstance(r, dict) or not fields <= set(r)]
-    if malformed:
-        raise UserError(f"{where}: every result needs {', '.join(sorted(fields))}; found {str(malformed[0])[:80]}")
-    sigmas = COCO_SIGMAS if sigmas is None else np.asarray(sigmas, dtype=np.float64)
-    bad = [r for r in results if len(r.get("keypoints", ())) != 3 * len(sigmas)]
-    if bad:
-        raise UserError(f"{where}: image {bad[0].get('image_id')} has a keypoints list of length "
-                        f"{len(bad[0].get('keypoints', ()))}, expected {3 * len(sigmas)} (3 x {len(sigmas)} sigmas)")
-    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
-    if unknown:  # loadRes would only assert, without saying which image
-        raise UserError(f"{where}: image_id {sorted(unknown)[0]} is not in the ground truth")
 
     # loadRes writes 'area', 'bbox', 'id' into each dict: copy so the caller's list stays untouched.
     results = [dict(r) for r in results]
@@ -233,3 +239,74 @@ def pck_torso(pred, gt, visible, thr=0.2, rhip=12, lsho=5):
         per_joint = 100.0 * hits.sum(0) / counted.sum(0)
         mean = 100.0 * hits.sum() / counted.sum()
     return per_joint, float(mean)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CrowdPose AP: the numbers of the official crowdposetools (Jeff-sjtu/CrowdPose crowdpose-api), with pycocotools.
+# crowdposetools is pycocotools' COCOeval with: CrowdPose sigmas, OKS area = 0.53 x GT box w x h (set on the GT by
+# load_crowdpose / check_crowdpose), maxDets 20, only the 'all' area row reported, and AP per crowd-index split.
+
+CROWDPOSE_STAT_NAMES = ["AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP_easy", "AP_medium", "AP_hard"]
+# crowdposetools' summarize calls get_type_result(first=0.2, second=0.8): easy < 0.2 <= medium < 0.8 <= hard, in
+# every commit. ICON's text says easy 0-0.1, medium 0.1-0.8; the published CrowdPose numbers come from the toolkit.
+CROWD_EASY, CROWD_HARD = 0.2, 0.8
+
+
+def crowd_split(coco_gt, easy=CROWD_EASY, hard=CROWD_HARD):
+    """Image ids of the easy / medium / hard CrowdPose subsets by crowd index (crowdposetools' split())."""
+    split = {"easy": [], "medium": [], "hard": []}
+    for img in coco_gt.dataset["images"]:
+        c = img["crowdIndex"]
+        split["easy" if c < easy else "medium" if c < hard else "hard"].append(img["id"])
+    return split
+
+
+def crowdpose_eval(gt, results, verbose=True, easy=CROWD_EASY, hard=CROWD_HARD):
+    """CrowdPose keypoint AP/AR as crowdposetools computes them.
+
+    gt: path to a CrowdPose json or a pycocotools COCO object of one (its areas are set to the OKS area).
+    results: list of {image_id, category_id, keypoints (42 flat), score} or a path to such a json.
+    Returns {AP, AP50, AP75, AR, AR50, AR75, AP_easy, AP_medium, AP_hard} as floats in [0, 1]; AP_<split> is
+    rounded to 4 places and is -1 for a split without ground truth, as the toolkit reports them."""
+    if isinstance(gt, COCO):
+        check_crowdpose(gt.dataset, "ground truth")
+        coco_gt = gt
+    else:
+        coco_gt = load_crowdpose(gt)
+    results = load_results(results, coco_gt, len(CROWDPOSE_SIGMAS))
+    if not results:  # loadRes indexes results[0]; an empty submission scores zero
+        return {name: 0.0 for name in CROWDPOSE_STAT_NAMES}
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes writes into the dicts: copies
+        coco_eval = COCOeval(coco_gt, coco_dt, "keypoints")
+    p = coco_eval.params
+    p.kpt_oks_sigmas = np.array(CROWDPOSE_SIGMAS)
+    p.maxDets = [20]
+    p.areaRng, p.areaRngLbl = [[0, 1e5 ** 2]], ["all"]  # the toolkit also runs medium/large but reports only 'all'
+
+    def evaluate(image_ids):
+        """(T, R, K) precision and (T, K) recall over `image_ids` at area 'all', 20 detections."""
+        p.imgIds = image_ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        return coco_eval.eval["precision"][..., 0, 0], coco_eval.eval["recall"][..., 0, 0]
+
+    def mean(s):  # COCOeval.summarize: the mean over the settings that have ground truth (-1 marks none)
+        return float(s[s > -1].mean()) if (s > -1).any() else -1.0
+
+    precision, recall = evaluate(sorted(coco_gt.getImgIds()))
+    t50, t75 = np.isclose(p.iouThrs, 0.5), np.isclose(p.iouThrs, 0.75)
+    stats = {"AP": mean(precision), "AP50": mean(precision[t50]), "AP75": mean(precision[t75]),
+             "AR": mean(recall), "AR50": mean(recall[t50]), "AR75": mean(recall[t75])}
+    for name, image_ids in crowd_split(coco_gt, easy, hard).items():
+        # get_type_result: np.mean over the whole precision array (so -1 if the split has no ground truth), rounded
+        stats[f"AP_{name}"] = round(float(np.mean(evaluate(image_ids)[0])), 4)
+    if verbose:  # the toolkit's table
+        for name, value in stats.items():
+            kind = "Average Precision  (AP)" if name.startswith("AP") else "Average Recall     (AR)"
+            iou = {"50": "0.50", "75": "0.75"}.get(name[2:], "0.50:0.95")
+            row = f"type={name[3:]:>6s}" if "_" in name else "area=   all"
+            print(f" {kind} @[ IoU={iou:<9} | {row} | maxDets= 20 ] = {value:0.3f}")
+    return stats

@@ -470,7 +470,7 @@ def bench_eval(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. MSCL pretraining: pairs/s of mscl.py's training step against SimSiam's at the same batch
+# 4. MSCL pretraining: pairs/s of mscl.py's training step, both --fusion orders, against SimSiam's at the same batch
 
 def mscl_config(cfg):
     """Time one mscl.py training step configuration in its own process (own peak memory)."""
@@ -479,12 +479,16 @@ def mscl_config(cfg):
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
     args = mscl.get_args(["--data", "imagenet", "--batch-size", str(cfg["batch_size"])] + cfg["flags"])
-    model = mscl.MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
-                      args.fpn_width).to(device).train()
-    optimizer = mscl.build_optimizer(model, args.lr * args.batch_size / 256, args)
+    model = mscl.build_model(args).to(device).train()
+    optimizer = mscl.build_optimizer(model, mscl.batch_and_lr(args, 1)[2], args)
     weights = mscl.scale_weights(args)
     g = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(cfg["batch_size"], 3, 224, 224, generator=g).to(device) for _ in range(2))
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()  # one pair: BatchNorm1d needs eval mode for a batch of 1; the count is linear in the batch
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x1[:1], x2[:1])
+    model.train()
 
     def step():
         with autocast(args, device):
@@ -508,23 +512,25 @@ def mscl_config(cfg):
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
     return dict(model=cfg["name"], batch=cfg["batch_size"], pairs_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3,
-                peak_mib=peak)
+                peak_mib=peak, gmacs_per_pair=counter.get_total_flops() / 2 / 1e9)
 
 
 def bench_mscl(args):
-    """MSCL (four scales, FPN, ResNet-50) against SimSiam (--single-scale --no-fpn --dim 2048 --pred-dim 512)."""
+    """MSCL (four scales, FPN, ResNet-50) in both --fusion orders against SimSiam (--single-scale --no-fpn
+    --dim 2048 --pred-dim 512)."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
     amp = ["--amp", "bf16"] if args.device.type == "cuda" else []
     for batch in args.mscl_batches:
         for name, flags in [("SimSiam", ["--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512"]),
-                            ("MSCL", [])]:
+                            ("MSCL conv-pool", ["--fusion", "conv-pool"]), ("MSCL pool-conv", ["--fusion", "pool-conv"])]:
             cfg = dict(name=name, flags=flags + amp, batch_size=batch, device=args.device.type, threads=args.threads,
                        iters=args.iters, warmup=args.warmup)
             with spawn.Pool(1) as pool:
                 rows.append(pool.apply(mscl_config, (cfg,)))
             print(f"  mscl {name} batch {batch}: {rows[-1]['pairs_per_s']:.2f} pairs/s", flush=True)
-        rows[-1]["vs_simsiam"] = rows[-1]["pairs_per_s"] / rows[-2]["pairs_per_s"]
+        for row in rows[-2:]:
+            row["vs_simsiam"] = row["pairs_per_s"] / rows[-3]["pairs_per_s"]
     return rows
 
 
@@ -595,7 +601,9 @@ def main():
     if pretrain:
         print(f"\n== 4. MSCL pretraining step, ResNet-50, two 224x224 views ({'bf16 autocast' if cuda else 'fp32'}) ==")
         print(format_table(pretrain, [("model", "model", "s"), ("batch", "batch", "d"), ("pairs_per_s", "pairs/s", ".2f"),
-                                      ("ms_per_iter", "ms/iter", ".1f"), mem, ("vs_simsiam", "vs SimSiam", ".2f")]))
+                                      ("ms_per_iter", "ms/iter", ".1f"), mem,
+                                      ("gmacs_per_pair", "GFLOPs/pair (fwd MACs)", ".2f"),
+                                      ("vs_simsiam", "vs SimSiam", ".2f")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
                                  eval=evals, mscl=pretrain))

@@ -1,5 +1,5 @@
-"""Tests of mscl.py: FPN shapes and wiring, stop-gradient, Eq. (7), exact SimSiam equivalence, training
-signal, outputs and export, DDP, resume, bad input."""
+"""Tests of mscl.py: FPN shapes, wiring and fusion order, stop-gradient, Eq. (7), exact SimSiam equivalence,
+training signal, lr recipe, run names, outputs and export, DDP, resume, bad input."""
 import json
 import re
 from pathlib import Path
@@ -68,6 +68,40 @@ def test_fpn_levels_at_224_and_eq1_wiring():
     assert len(shared.projectors) == len(shared.predictors) == 1
 
 
+def test_fusion_order_conv_pool_and_pool_conv():
+    """conv-pool runs Conv2 (3x3) on the fused map, then pools; pool-conv pools, then a 1x1 Conv2. Each equals
+    an independent reference of its order, and only conv-pool escapes the width-dimensional subspace."""
+    torch.manual_seed(0)
+    channels, sizes, width, out_dim = [4, 8, 16, 32], [16, 8, 4, 2], 6, 24
+    g = torch.Generator().manual_seed(1)
+    # float64, so that the numerical rank below is exact
+    feats = [torch.randn(64, c, s, s, generator=g, dtype=torch.float64) for c, s in zip(channels, sizes)]
+    outs = {}
+    for fusion in ("conv-pool", "pool-conv"):
+        fpn = mscl.FeaturePyramid(channels, width, out_dim, fusion).double()
+        seen = []
+        for conv in fpn.conv2:
+            conv.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape[-2:])))
+        with torch.no_grad():
+            vectors = fpn(feats)
+            lat = [c(f) for c, f in zip(fpn.conv1, feats)]
+            fused = [lat[i] + F.interpolate(lat[i + 1], scale_factor=2.0, mode="nearest") for i in range(3)] + [lat[3]]
+            if fusion == "conv-pool":  # Conv2 sees the map: 3x3, padding 1, then global max pooling
+                assert seen == [(s, s) for s in sizes]
+                assert all(c.kernel_size == (3, 3) for c in fpn.conv2)
+                ref = [F.conv2d(m, c.weight, c.bias, padding=1).amax(dim=(2, 3)) for m, c in zip(fused, fpn.conv2)]
+            else:  # the order before --fusion existed: global max pooling, then a 1x1 Conv2 on the vector
+                assert seen == [(1, 1)] * 4
+                ref = [m.amax(dim=(2, 3)) @ c.weight[:, :, 0, 0].T + c.bias for m, c in zip(fused, fpn.conv2)]
+        for v, r in zip(vectors, ref):
+            assert v.shape == (64, out_dim) and torch.allclose(v, r, rtol=1e-5, atol=1e-5)
+        # rank of the centred batch of F_i vectors: pool-conv is confined to `width` dimensions
+        outs[fusion] = [torch.linalg.matrix_rank(v - v.mean(0)).item() for v in vectors]
+    assert all(r <= width for r in outs["pool-conv"]), outs
+    assert all(r > width for r in outs["conv-pool"]), outs
+    assert mscl.get_args([]).fusion == "conv-pool"
+
+
 def test_stop_gradient_target_side_carries_no_gradient():
     torch.manual_seed(0)
     model = mscl.MSCL("resnet18").train()
@@ -134,10 +168,15 @@ class SimSiam(nn.Module):
         return p1, p2, z1.detach(), z2.detach()
 
 
-def test_single_scale_no_fpn_is_exactly_simsiam():
+@pytest.mark.parametrize("fusion", ["conv-pool", "pool-conv"])
+def test_single_scale_no_fpn_is_exactly_simsiam(fusion):
+    """Whatever --fusion says (it only changes the FPN, which SimSiam does not have)."""
     torch.manual_seed(0)
     ref = SimSiam(torchvision.models.resnet18).train()
-    ours = mscl.MSCL("resnet18", dim=2048, pred_dim=512, fpn=False, single_scale=True).train()
+    simsiam_flags = ["--backbone", "resnet18", "--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512"]
+    args = mscl.get_args(simsiam_flags + ["--fusion", fusion])
+    assert mscl.run_name(args) == "simsiam"
+    ours = mscl.build_model(args).train()
     # same structure: a one-to-one key mapping, same shapes, same trainable set, same zero-init residual BNs
     rename = lambda k: ("projectors.0." + k[len("encoder.fc."):] if k.startswith("encoder.fc.") else  # noqa: E731
                         "predictors.0." + k[len("predictor."):] if k.startswith("predictor.") else
@@ -159,8 +198,7 @@ def test_single_scale_no_fpn_is_exactly_simsiam():
     ref_loss = -(criterion(p1, z2).mean() + criterion(p2, z1).mean()) * 0.5
     ref_loss.backward()
     q1, q2, y1, y2 = ours(x1, x2)
-    loss, _ = mscl.mscl_loss(q1, q2, y1, y2, mscl.scale_weights(
-        mscl.get_args(["--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512"])))
+    loss, _ = mscl.mscl_loss(q1, q2, y1, y2, mscl.scale_weights(args))
     loss.backward()
     assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6), (loss.item(), ref_loss.item())
     n = 0
@@ -199,14 +237,48 @@ def test_few_steps_lower_the_loss_without_collapse(images):
         assert mscl.collapse_monitor(z) > 0.2 / 512 ** 0.5
 
 
-def test_cosine_schedule_and_fixed_predictor_lr():
-    args = mscl.get_args(["--fix-pred-lr"])
+def test_cosine_schedule_fixed_predictor_lr_and_batch_scaling():
+    # SimSiam's 100-epoch recipe (and MMSelfSup's configs) fix the predictor's lr: on in the presets
+    assert all(mscl.get_args(["--data", d]).fix_pred_lr for d in ("imagenet", "coco"))
     model = mscl.MSCL("resnet18")
-    opt = mscl.build_optimizer(model, 0.1, args)
-    assert opt.param_groups[1]["params"] == list(model.predictors.parameters())
-    assert mscl.adjust_learning_rate(opt, 0.1, 0, 10) == pytest.approx(0.1)
-    assert mscl.adjust_learning_rate(opt, 0.1, 5, 10) == pytest.approx(0.05)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and opt.param_groups[1]["lr"] == 0.1
+    for flags, fixed in (([], True), (["--no-fix-pred-lr"], False)):
+        opt = mscl.build_optimizer(model, 0.1, mscl.get_args(["--data", "imagenet"] + flags))
+        assert opt.param_groups[1]["params"] == list(model.predictors.parameters())
+        assert mscl.adjust_learning_rate(opt, 0.1, 0, 10) == pytest.approx(0.1)
+        assert mscl.adjust_learning_rate(opt, 0.1, 5, 10) == pytest.approx(0.05)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 if fixed else 0.05)
+    # the lr scales with the batch actually used: 10 on 4 ranks is 2 per rank, 8 in all
+    args = mscl.get_args(["--data", "imagenet", "--batch-size", "10"])
+    assert mscl.batch_and_lr(args, 4) == (2, 8, pytest.approx(0.05 * 8 / 256))
+    assert mscl.batch_and_lr(args, 1) == (10, 10, pytest.approx(0.05 * 10 / 256))
+
+
+def test_run_names_follow_table5():
+    name = lambda *flags: mscl.run_name(mscl.get_args(list(flags)))  # noqa: E731
+    assert name("--single-scale", "--no-fpn", "--dim", "2048", "--pred-dim", "512") == "simsiam"  # Table 5 #1
+    assert name("--no-fpn") == "ms-nofpn"  # #2
+    assert name() == "mscl"  # #3 (--data coco), #4
+    assert name("--single-scale") == "single-fpn" and name("--single-scale", "--no-fpn") == "single-nofpn"
+    assert name("--fusion", "pool-conv") == "mscl-pool-conv" and name("--no-fpn", "--fusion", "pool-conv") == "ms-nofpn"
+    assert name("--scale-weights", "2", "2", "2", "4") == "mscl-l2-2-2-4"  # Table 4
+    assert mscl.get_args(["--data", "coco"]).out == "runs/mscl-coco-mscl-resnet50"
+
+
+def test_resume_refuses_changed_settings():
+    base = ["--data", "imagenet"]
+    saved = vars(mscl.get_args(base))
+    mscl.check_resume_args("ckpt.pth", saved, mscl.get_args(base + ["--iters", "5", "--workers", "1"]))
+    for flags, needle in [(["--backbone", "resnet18"], "--backbone"), (["--fusion", "pool-conv"], "--fusion"),
+                          (["--single-scale"], "--single-scale"), (["--no-fpn"], "--no-fpn False, this run has True"),
+                          (["--shared-heads"], "--shared-heads"), (["--dim", "256"], "--dim"),
+                          (["--pred-dim", "64"], "--pred-dim"), (["--fpn-width", "128"], "--fpn-width"),
+                          (["--scale-weights", "2", "2", "2", "4"], "--scale-weights"),
+                          (["--batch-size", "128"], "--batch-size"), (["--lr", "0.1"], "--lr"),
+                          (["--no-fix-pred-lr"], "--fix-pred-lr"), (["--epochs", "200"], "--epochs"),
+                          (["--amp"], "--amp"), (["--data", "coco"], "--data")]:
+        with pytest.raises(UserError, match="ckpt.pth: saved with " + re.escape(needle)):
+            mscl.check_resume_args("ckpt.pth", saved, mscl.get_args(base + flags))
 
 
 # ---------------------------------------------------------------------------------------------- script
@@ -247,6 +319,8 @@ def test_resume_continues_exactly(images, tmp_path):
     run(common + ["--out", tmp_path / "straight"])
     run(common + ["--iters", "2", "--out", tmp_path / "resumed"])  # stops after epoch 1 of the same schedule
     run(common + ["--resume", "--out", tmp_path / "resumed"])
+    p = run(common + ["--resume", "--fusion", "pool-conv", "--out", tmp_path / "resumed"], expect=2)
+    assert_one_line_error(p, "checkpoint.pth", "saved with --fusion conv-pool, this run has pool-conv")
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert a["iteration"] == b["iteration"] == 4 and a["epoch"] == b["epoch"] == 2
@@ -261,7 +335,9 @@ def test_resume_continues_exactly(images, tmp_path):
 def test_torchrun_two_ranks_hold_identical_weights(images, tmp_path):
     _, flags = images
     out = tmp_path / "ddp"
-    p = run(flags + SMALL + ["--iters", "3", "--epochs", "3", "--out", out], torchrun=True)
+    # batch 7 on 2 ranks: 3 per rank, 6 in all, and the lr follows the 6
+    p = run(flags + SMALL + ["--batch-size", "7", "--iters", "3", "--epochs", "3", "--out", out], torchrun=True)
+    assert "lr 0.05 x 6/256 = 0.0011719 (--batch-size 7 rounded down to 3 x 2 ranks)" in p.stdout, p.stdout
     digests = dict(re.findall(r"rank (\d)/2: parameters sha1 ([0-9a-f]{40})", p.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], p.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -274,6 +350,8 @@ def test_bad_inputs_and_nonfinite_loss(images, tmp_path):
     folder, flags = images
     p = run(["--data", "imagenet", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
+    p = run(["--data", "imagenet", "--out", tmp_path / "o"], expect=2)
+    assert_one_line_error(p, "--data imagenet needs --data-root DIR", "train/<class>/", "--images DIR")
     p = run(["--data", "folder", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, "--images")
     empty = tmp_path / "empty"
