@@ -91,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"])
     p.add_argument("--unlabeled", default="all", choices=["all", "rest"],
                    help="unlabeled persons: every training person (official) or those outside --labeled")
-    p.add_argument("--unlabeled-ann", default=None, help="unlabeled persons of another set instead (COCO-style json)")
+    p.add_argument("--unlabeled-ann", default=None, help="unlabeled persons of AI Challenger instead (official or COCO-style json; MPII + AIC)")
     p.add_argument("--unlabeled-images", default=None, help="image folder of --unlabeled-ann")
     p.add_argument("--joint-cutout", type=int, default=0, help="Joint Cutout boxes per hard view (official MPII+AIC: 5)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.datasets import TopDownDataset, load_coco, read_coco
+from common.datasets import TopDownDataset, read_aic
 from common.heatmap import joints_mse_loss
 from common.topdown import load_weights
 from common.utils import UserError
@@ -70,11 +70,11 @@ class PairedDataset(torch.utils.data.Dataset):
 
 
 def read_unlabeled(ann_file, image_dir, aspect_ratio):
-    """Person boxes of another set for the unlabeled crops: a COCO-style keypoint json (GT boxes of the
-    persons with a labeled joint, as the official COCO loader)."""
+    """Person boxes of another set for the unlabeled crops: AI Challenger (MPII + AIC, the papers' only
+    cross-set unlabeled data), its official json or the COCO-style one (common.datasets.read_aic)."""
     if not image_dir:
         raise UserError(f"{ann_file}: --unlabeled-ann needs --unlabeled-images (its image folder)")
-    return read_coco(load_coco(ann_file), image_dir, aspect_ratio)[0]
+    return read_aic(ann_file, image_dir, aspect_ratio)[0]
 
 
 def build_unlabeled(args, train_ds, info):
