@@ -330,14 +330,19 @@ def test_mscl_mpii_protocol_mpii_labeled_aic_unlabeled():
 def test_semi_dual_end_to_end(tmp_path):
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=16, n_val=6)
     out = tmp_path / "run"
-    run_script("mrpose.py", [
+    flags = [
         "--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json", "--images", f"{root}/train2017",
         "--val-ann", f"{root}/annotations/person_keypoints_val2017.json", "--val-images", f"{root}/val2017",
         "--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "4", "--workers", "0", "--print-freq", "1",
-        "--labeled", "8", "--semi", "dual", "--joint-cutout", "2", "--iters", "3", "--lr-steps", "9", "--out", out])
+        "--labeled", "8", "--semi", "dual", "--joint-cutout", "2", "--lr-steps", "9", "--out", out]
+    run_script("mrpose.py", flags + ["--iters", "4"])  # one epoch: 16 unlabeled persons (all), batch 4
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert log["iteration"] == 3 and np.isfinite(log["loss"])
+    assert log["iteration"] == 4 and np.isfinite(log["loss"])
     assert {"sup1", "sup2", "cons1", "cons2", "peak1", "peak2", "metrics", "metrics_net2", "metrics_ensemble"} <= set(log)
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["model"].keys() == ckpt["model2"].keys()  # network 1 is `model`: mrpose.py --eval-only reads it
     assert any(not torch.equal(v, ckpt["model2"][k]) for k, v in ckpt["model"].items() if v.is_floating_point())
+    # --resume restores both networks and goes on; a supervised --resume of a dual run is refused
+    run_script("mrpose.py", flags + ["--iters", "6", "--resume"])
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iteration"] == 6
+    run_script("mrpose.py", [f for f in flags if f not in ("--semi", "dual")] + ["--iters", "8", "--resume"], expect=2)
