@@ -26,11 +26,11 @@ from common.backbone import ResNetFeatures, load_backbone
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
-from common.topdown import (build_data, check_resume_args, evaluate, format_metrics, load_weights, main_metric,
-                            parse_labeled, summary, to_memory_format, write_eval_outputs)
+from common.topdown import (build_data, evaluate, format_metrics, load_weights, main_metric, parse_labeled, summary,
+                            to_memory_format, write_eval_outputs)
 from common.transforms import normalize
-from common.utils import (Progress, UserError, autocast, check_finite, load_checkpoint, rng_state, run_main,
-                          save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
+                          run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".

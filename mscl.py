@@ -32,8 +32,8 @@ from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
 from common.plots import plot_curves
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, load_checkpoint, rng_state,
-                          run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
+                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
@@ -374,19 +374,6 @@ RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_head
                "scale_weights", "crop_size", "batch_size", "lr", "fix_pred_lr", "momentum", "wd", "epochs", "amp")
 
 
-def check_resume_args(path, saved, args):
-    """--resume continues the saved run: refuse a changed model, data or schedule (as mrpose.py does)."""
-    for k in RESUME_KEYS:
-        was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
-        if k in saved and was != now:
-            flag = "--" + k.replace("_", "-")
-            if k == "fpn":  # the flag is --no-fpn
-                flag, was, now = "--no-fpn", not was, not now
-            raise UserError(f"{path}: saved with {flag} {was}, this run has {now}; "
-                            f"resume with the same settings or use another --out")
-
-
 def parameter_digest(model):
     """sha1 of every parameter's bytes: equal on all ranks when DDP keeps them in step."""
     h = hashlib.sha1()
@@ -428,7 +415,7 @@ def main():
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
         try:
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape (e.g. a checkpoint saved before --fusion)

@@ -228,17 +228,6 @@ def load_weights(model, path, state=None):
     model.load_state_dict(state)
 
 
-def check_resume_args(path, saved, args, keys):
-    """--resume continues the saved run: the settings named by `keys` (the model and the schedule) must not
-    change (--epochs/--iters may grow, which is how an interrupted run is finished)."""
-    for k in keys:
-        was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
-        if k in saved and was != now:
-            raise UserError(f"{path}: saved with --{k.replace('_', '-')} {was}, this run has {now}; "
-                            f"resume with the same settings or use another --out")
-
-
 def main_metric(metrics):
     return metrics.get("AP", metrics.get("Mean", 0.0))
 
