@@ -4,8 +4,8 @@ checkpoint loading and the evaluation outputs. The scripts keep their model, los
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
 heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
-labeled, labeled_order (optional, default random), augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
-gt_mat, out and oracle.
+labeled, labeled_order (optional, default random), augmentation (scale_factor, rot_factor, flip,
+half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle.
 """
 import os
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import mrpose
 from common.heatmap import joints_mse_loss
-from common.semi import (ConsistencyTraining, PairedDataset, PseudoLabelTraining, argmax_joints, build_unlabeled,
-                         cutout_draw, hard_affine, hard_points, joint_cutout, pseudo_label_mask, warp_heatmaps,
-                         warp_images)
+from common.semi import (ConsistencyTraining, PairedDataset, PseudoLabelTraining, argmax_joints, build_semi,
+                         build_unlabeled, cutout_draw, hard_affine, hard_points, joint_cutout, pseudo_label_mask,
+                         warp_heatmaps, warp_images)
 from common.topdown import build_data
 from common.utils import UserError
 from data.demo import make_demo
@@ -228,6 +228,21 @@ def test_pseudo_label_mask_and_loss():
     assert torch.allclose(loss, expected) and parts["pseudo_kept"] == 2 / 3  # Eq. (6), λu = 0.1
     loss.backward()
     assert teacher.w.grad is None and student.conv.weight.grad.abs().sum() > 0
+
+
+def test_build_semi_pseudo_loads_a_frozen_teacher(tmp_path):
+    args = mrpose.get_args(["--data", "demo", "--semi", "pseudo"])
+    def make():
+        return mrpose.build_model(args)[0]
+
+    net, teacher = make(), make()
+    with pytest.raises(UserError, match="--teacher"):
+        build_semi("pseudo", net, make, args)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    semi = build_semi("pseudo", net, make, args, str(tmp_path / "teacher.pth"))
+    assert semi.nets[0] is net and all(torch.equal(v, teacher.state_dict()[k]) for k, v in semi.teacher.state_dict().items())
+    assert not any(p.requires_grad for p in semi.teacher.parameters())  # mrpose.py's Adam gets the student only
+    assert (semi.gamma, semi.lambda_u) == (0.75, 0.1)  # ICON Sec. 4: γ = 0.75, λu = 0.1
 
 
 class Items(torch.utils.data.Dataset):
