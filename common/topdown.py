@@ -3,9 +3,9 @@
 checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
-heatmap_size, num_joints, batch_size, workers, channels_last, flip_test, sigma, det_json, det_thresh,
-labeled, augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
-gt_mat, out and oracle; bgr where the script has it.
+heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
+labeled, labeled_order (optional, default random), augmentation (scale_factor, rot_factor, flip,
+half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where the script has it.
 """
 import os
 
@@ -69,14 +69,28 @@ def data_paths(args):
     return paths
 
 
-def split_labeled(records, n, seed):
-    """Few-label protocol: N images drawn with a seeded permutation; the rest is the unlabeled set."""
-    image_ids = sorted({r["image_id"] for r in records})
-    if n > len(image_ids):
-        raise UserError(f"--labeled {n}: only {len(image_ids)} training images have labeled persons")
-    perm = np.random.default_rng(seed).permutation(len(image_ids))
-    labeled = {image_ids[i] for i in perm[:n]}
-    return [r for r in records if r["image_id"] in labeled], sorted(set(image_ids) - labeled)
+def parse_labeled(text):
+    """--labeled: N persons (int), or P% of the training persons (a float fraction; ICON's protocol)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
+    except ValueError:
+        raise UserError(f"--labeled {text}: expected a number of persons or a percentage (e.g. 1000 or 5%)") from None
+    if value <= 0 or (isinstance(value, float) and value > 1):
+        raise UserError(f"--labeled {text}: must be a positive count or a percentage up to 100%")
+    return value
+
+
+def split_labeled(records, n, seed, order="random"):
+    """Few-label protocols count persons ("samples"): N persons (or a fraction of them), the first N in
+    the annotation file's order (`first`: the official subsets of Xie et al., no seed) or drawn with a
+    seeded permutation (`random`: MSCL's "randomly select"). Returns (labeled, the other persons)."""
+    n = round(n * len(records)) if isinstance(n, float) else n
+    if n > len(records):
+        raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
+    chosen = np.arange(n) if order == "first" else np.random.default_rng(seed).permutation(len(records))[:n]
+    labeled = np.zeros(len(records), bool)
+    labeled[chosen] = True
+    return [r for r, k in zip(records, labeled) if k], [r for r, k in zip(records, labeled) if not k]
 
 
 def build_data(args, train):
@@ -119,13 +133,18 @@ def build_data(args, train):
         info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON, split=split.removeprefix("image_info_"))
         flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
         if train:
-            train_records, skipped = read_coco(load_coco(paths["train_ann"]), paths["train_images"], aspect)
+            coco = load_coco(paths["train_ann"])  # persons in the file's order: `--labeled-order first` takes the first N
+            train_records, skipped = read_coco(coco, paths["train_images"], aspect,
+                                               image_ids=[im["id"] for im in coco.dataset["images"]])
     if train and dist.is_main():
         print(f"train: {len(train_records)} persons from {paths['train_ann']}; skipped {skipped}")
+    info["unlabeled"] = []
     if train and args.labeled:
-        train_records, unlabeled = split_labeled(train_records, args.labeled, args.seed)
+        order = getattr(args, "labeled_order", "random")
+        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed, order)
         if dist.is_main():
-            print(f"--labeled {args.labeled}: {len(train_records)} persons; {len(unlabeled)} images left unlabeled")
+            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons; "
+                  f"{len(info['unlabeled'])} persons left unlabeled")
     if train and not train_records:
         raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
     if not val_records:
@@ -190,7 +209,7 @@ def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9, sigma
     return results
 
 
-def evaluate(model, dataset, args, device, info, oracle=False):
+def evaluate(model, dataset, args, device, info, oracle=False, verbose=True):
     """Metrics dict (COCO AP... or MPII PCKh table), COCO-format results, crops for the figure."""
     coords, conf, shown = predict(model, dataset, args, device, info, oracle)
     if info["kind"] == "mpii":  # the predictions themselves are the results: pred.mat
@@ -201,7 +220,7 @@ def evaluate(model, dataset, args, device, info, oracle=False):
     results = coco_results(dataset.records, coords, conf)
     if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
         return {}, results, shown
-    metrics = coco_keypoint_eval(info["coco"], results, verbose=dist.is_main()) if dist.is_main() else {}
+    metrics = coco_keypoint_eval(info["coco"], results, verbose=verbose) if dist.is_main() else {}
     return metrics, results, shown
 
 

@@ -15,6 +15,9 @@
 4. MSCL pretraining (both --fusion orders) against SimSiam in the same code, pairs/s.
 5. LiftedCL pretraining (encoder + discriminator step) against MoCo v2, its degenerate setting.
 6. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
+7. Semi-supervised: mrpose.py --semi dual's step (common.semi.ConsistencyTraining: two networks, each on
+   labeled, easy and hard views, the hard view warped on the device) next to two supervised steps of
+   the same two networks on the labeled batch alone.
 
 It only measures and prints; nothing here asserts a speed.
 """
@@ -699,6 +702,73 @@ def bench_icon(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# 7. Semi-supervised: the dual step against two supervised steps of the same networks (same batch of pairs)
+
+def semi_config(cfg):
+    """ms per step of mrpose.py's --semi dual iteration and of two plain steps (net 1, then net 2)."""
+    from common.semi import ConsistencyTraining
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = mrpose_args("simplebaseline", cfg["backbone"], cfg["batch_size"], cfg["mode"])
+    nets = [mrpose.build_model(args)[0] for _ in range(2)]
+    dual = ConsistencyTraining(*nets, args.input_size, args.heatmap_size, args.num_joints,
+                               args.scale_factor, args.rot_factor, channels_last=args.channels_last).to(device).train()
+    if args.channels_last:
+        dual.to(memory_format=torch.channels_last)
+    labeled, unlabeled = (synthetic_batch(cfg["batch_size"], args, device, seed) for seed in (0, 1))
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.Adam(dual.parameters(), lr=args.lr)
+    plain = []  # each network's own supervised step (train_step, section 1)
+    for net in nets:
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        plain.append((opt, torch.optim.lr_scheduler.MultiStepLR(opt, [10 ** 9], gamma=0.1)))
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+
+    def dual_step():  # mrpose.main's --semi branch, line for line
+        x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
+        xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
+        target, weight = gaussian_targets(labeled["joints"].to(device), labeled["visible"].to(device),
+                                          args.input_size, args.heatmap_size, args.sigma)
+        with autocast(args, device):
+            out = dual(x, xu, dual.draw_view(rng, xu.shape[0]))
+        loss, _ = dual.loss(out, target, weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def two_steps():
+        for net, (opt, sched) in zip(nets, plain):
+            train_step(net, opt, sched, scaler, labeled, args, device)
+
+    times = {}
+    for name, step in (("dual", dual_step), ("two supervised", two_steps)):
+        for _ in range(cfg["warmup"]):
+            step()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg["iters"]):
+            step()
+        synchronize(device)
+        times[name] = (time.perf_counter() - t0) / cfg["iters"]
+    return [dict(step=name, backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
+                 ms_per_iter=t * 1e3, pairs_per_s=cfg["batch_size"] / t, vs_two_supervised=t / times["two supervised"])
+            for name, t in times.items()]
+
+
+def bench_semi(args):
+    mode = args.modes[-1]
+    cfg = dict(backbone=args.eval_backbone, mode=mode, device=args.device.type, batch_size=args.batch_size,
+               iters=args.iters, warmup=args.warmup, threads=args.threads)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rows = pool.apply(semi_config, (cfg,))
+    print(f"  semi dual: {rows[0]['ms_per_iter']:.0f} ms/step, {rows[0]['vs_two_supervised']:.2f}x two supervised steps",
+          flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 def format_table(rows, columns):
@@ -735,6 +805,7 @@ def main():
     pretrain = bench_mscl(args) if args.mscl_batches else []
     lifted = bench_liftedcl(args) if args.liftedcl_batches else []
     icon_rows = bench_icon(args) if args.icon_backbones else []
+    semi = bench_semi(args)
 
     mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
     train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
@@ -781,9 +852,13 @@ def main():
               f" baseline (λp = 0) and + ICON (hard sampling, 256 queries, 512 negatives) ==")
         print(format_table(icon_rows, [("model", "model", "s"), ("img_per_s", "img/s", ".1f"),
                                        ("ms_per_iter", "ms/iter", ".1f"), mem, ("added", "step time added", ".1%")]))
+    print(f"\n== 7. semi-supervised step (--semi dual: 2 SimpleBaseline-{args.eval_backbone}, {semi[0]['mode']}), "
+          f"batch {args.batch_size} labeled + {args.batch_size} unlabeled vs two supervised steps on the labeled batch ==")
+    print(format_table(semi, [("step", "step", "s"), ("ms_per_iter", "ms/iter", ".1f"), ("pairs_per_s", "pairs/s", ".2f"),
+                              ("vs_two_supervised", "vs two supervised", ".2f")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
-                                 eval=evals, mscl=pretrain, liftedcl=lifted, icon=icon_rows))
+                                 eval=evals, mscl=pretrain, liftedcl=lifted, icon=icon_rows, semi=semi))
         print(f"\nwrote {args.out}")
 
 
