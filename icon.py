@@ -16,6 +16,7 @@ file: arguments, data, model, loss, DDP training, evaluation.
     torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \
         --pretrained hrnet_w32-36af842e.pth                                    # Table 3, HRNet-W32 + ICON
     torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose   # Table 2
+    python icon.py --data demo --labeled 10% --semi dual                       # Table 4, SSPose + ICON
 """
 import argparse
 import json
@@ -36,8 +37,9 @@ from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
-from common.topdown import (build_data, data_paths, evaluate, format_metrics, load_weights, main_metric, predict,
-                            summary, to_memory_format, write_eval_outputs)
+from common.semi import PairedDataset, build_semi, build_unlabeled
+from common.topdown import (build_data, data_paths, evaluate, format_metrics, load_weights, main_metric,
+                            parse_labeled, predict, summary, to_memory_format, write_eval_outputs)
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
                           run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
@@ -123,7 +125,15 @@ def get_args(argv=None):
     p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
     p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
     p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
-    p.add_argument("--labeled", type=int, default=None, help="train on N seeded random images (few-label)")
+    p.add_argument("--labeled", type=parse_labeled, default=None, help="train on N persons, or P%% of them (few-label)")
+    # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi): Xie et al.'s dual networks (SSPose) or
+    # the pseudo-label teacher of Eq. (6); ICON's contrast on top unless --lambda-p 0
+    p.add_argument("--semi", default=None, choices=["none", "dual", "pseudo"])
+    p.add_argument("--unlabeled", default="rest", choices=["all", "rest"],
+                   help="unlabeled persons: those outside --labeled (ICON: \"the remaining\") or every training person "
+                        "(Xie et al.'s official sets)")
+    p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
+    p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: Joint Cutout boxes per hard view")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
     # augmentation
@@ -161,6 +171,8 @@ def get_args(argv=None):
     args.input_size = tuple(args.input_size)
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])
+    args.semi = None if args.semi == "none" else args.semi
+    args.unlabeled_ann = args.unlabeled_images = None  # ICON's unlabeled persons come from the same set
     # --no-skcc / --no-prcc drop one term of Eq. (5); the other keeps its λ (paper silent)
     args.lambda_1 = args.lambda_1 if args.skcc else 0.0
     args.lambda_2 = args.lambda_2 if args.prcc else 0.0
@@ -172,7 +184,7 @@ def get_args(argv=None):
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
-    args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
+    args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}" + (f"-{args.semi}" if args.semi else "")
                                         + ("" if args.contrast_on else "-baseline"))
     return args
 
@@ -230,16 +242,21 @@ def build_model(args):
         pose = PoseHighResolutionNet(HRNETS[args.backbone], args.num_joints)
         if args.pretrained:
             report = load_hrnet_pretrained(pose, args.pretrained)
-        tap_channels = sum(pose.stage3_channels)
     else:
         backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
         if args.pretrained not in (None, "torchvision"):
             report = load_backbone(backbone, args.pretrained)
         pose = SimpleBaseline(backbone, args.num_joints, args.head_channels)
-        tap_channels = backbone.channels[2]
     # built after the pose network, so the pose network's initialisation does not depend on it
-    head = ProjectionHead(tap_channels, args.embed_dim, args.heatmap_size) if args.contrast_on else None
-    return pose, head, report
+    return pose, build_head(args, pose), report
+
+
+def build_head(args, pose):
+    """The projection head of a pose network (None when the contrast is off)."""
+    if not args.contrast_on:
+        return None
+    channels = sum(pose.stage3_channels) if isinstance(pose, PoseHighResolutionNet) else pose.backbone.channels[2]
+    return ProjectionHead(channels, args.embed_dim, args.heatmap_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,14 +443,21 @@ def icon_losses(model, batch, args, device, offsets=None):
         return loss, dict(mse=loss.detach())
     heatmaps, emb = out
     mse = joints_mse_loss(heatmaps.float(), target, weight)  # Eq. (5), L_mse (HRNet's 0.5 x mean)
+    ctr, terms = contrast_loss(heatmaps, emb, joints, target, weight, batch["vis_flag"].to(device), args, offsets)
+    return mse + args.lambda_p * ctr, dict(mse=mse.detach(), **terms)  # Eq. (5)
+
+
+def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, offsets=None):
+    """L_ctrcon = λ1 L_sin + λ2 L_pair (Eq. (5)) of one labeled batch: its heatmaps (for hard sampling)
+    and projection-head embeddings. Returns the loss and its terms (detached)."""
     # "only the visible keypoint categories are considered ... occluded or unlabeled joints are ignored"
-    usable = (batch["vis_flag"].to(device) >= args.visible_flag) & (weight > 0)
+    usable = (vis_flag >= args.visible_flag) & (weight > 0)
     offsets = region_offsets(args.sigma, args.region_thresh) if offsets is None else offsets
     feats, valid = keypoint_embeddings(emb, joints, usable, args.input_size, offsets)  # fp32, outside autocast
     hardness = class_hardness(heatmaps, target, usable.float()) if args.sampling == "hard" else None
     # every head parameter stays in the graph when no class qualifies, so DDP finds all its gradients
     ctr = emb.sum() * 0
-    terms = dict(mse=mse.detach())
+    terms = {}
     if args.lambda_1 > 0:
         l_sin, _ = contrast_term(feats, valid, hardness, "skcc", args)  # Eq. (1)
         ctr = ctr + args.lambda_1 * l_sin
@@ -445,7 +469,39 @@ def icon_losses(model, batch, args, device, offsets=None):
         l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness, "prcc", args)  # Eq. (4)
         ctr = ctr + args.lambda_2 * l_pair
         terms["prcc"] = l_pair.detach()
-    return mse + args.lambda_p * ctr, terms  # Eq. (5)
+    return ctr, terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Semi-supervised setting (§ICON under Fully/Semi-supervised Setting, Table 4): common/semi.py's training
+# (Xie et al.'s dual networks = SSPose, or the pseudo-label teacher of Eq. (6)) with ICON's contrast added
+
+def semi_wrapper(args, model, pose):
+    """--semi around `pose` (network 1, the reported one). With the contrast on, every trained network
+    runs its labeled crops with its own projection head (`model` = ICON(pose, head) for network 1)."""
+    labeled = (lambda nets: [model] + [ICON(f, build_head(args, f)) for f in nets[1:]]) if args.contrast_on else None
+    return build_semi(args.semi, pose, lambda: build_model(args)[0], args, args.teacher, labeled)
+
+
+def semi_losses(model, semi_model, batch, args, device, rng, offsets=None):
+    """Eq. (7): L_mse^semi + λp L_ctrcon. L_mse^semi is Eq. (6) (--semi pseudo) or Xie et al.'s
+    0.5 sup1 + 0.5 sup2 + cons1 + cons2 (--semi dual, SSPose); L_ctrcon is each trained network's,
+    summed. Paper silent on the contrast's crops: the labeled ones, whose GT places Eq. (1)'s keypoints."""
+    labeled = batch["labeled"]
+    x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
+    xu = to_memory_format(normalize(batch["unlabeled"]["image"].to(device, non_blocking=True)), args)
+    joints = labeled["joints"].to(device)
+    target, weight = gaussian_targets(joints, labeled["visible"].to(device), args.input_size, args.heatmap_size,
+                                      args.sigma)
+    with autocast(args, device):
+        out = model(x, xu, semi_model.draw_view(rng, xu.shape[0]))
+    loss, terms = semi_model.loss(out, target, weight)  # Eq. (6), or the dual loss
+    vis_flag = labeled["vis_flag"].to(device)
+    for i, (heatmaps, emb) in enumerate(zip(out["sup"], out["sup_extra"] or [])):
+        ctr, parts = contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, offsets)
+        loss = loss + args.lambda_p * ctr  # Eq. (7)
+        terms.update({f"{k}{i + 1}": v for k, v in parts.items()})
+    return loss, terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +597,9 @@ def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
 # --resume refuses a change of these (the model, the loss and the schedule)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp", "lambda_p",
                "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries", "num_negatives", "hard_q",
-               "hard_h", "embed_dim", "region_thresh", "visible_flag")
+               "hard_h", "embed_dim", "region_thresh", "visible_flag", "semi")
+# what the log keeps of each --semi step (those a mode has): common/semi.py's terms and each network's contrast
+SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1", "peak2", "pseudo_kept"]
 
 
 def main():
@@ -561,9 +619,12 @@ def main():
     if args.weights:
         load_weights(pose, args.weights)
     model = pose if head is None else ICON(pose, head)
-    model.to(device)
+    # --semi: network 2 (dual) or the frozen teacher (pseudo) around `pose`, trained by common/semi.py
+    semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
+    trained = semi_model or model
+    trained.to(device)
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        trained.to(memory_format=torch.channels_last)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     gt_ds = gt_val_dataset(args, val_ds, info)
     if main_proc:
@@ -578,6 +639,8 @@ def main():
         dist.cleanup()
         return
 
+    if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
+        train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
     # Data: each rank sees its share of every epoch; batch size is the total over ranks, and the contrast
     # runs over each rank's own batch (the paper's "batch size is 16", per GPU)
     per_rank = args.batch_size // world
@@ -593,10 +656,10 @@ def main():
     milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
     eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
 
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    # Adam, no weight decay (HRNet), over the pose network and the projection head
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else trained
+    # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen teacher
+    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     offsets = region_offsets(args.sigma, args.region_thresh)
@@ -608,6 +671,10 @@ def main():
         load_weights(pose, ckpt_path, ckpt)
         if head is not None:
             head.load_state_dict(ckpt["proj"])
+        if args.semi == "dual":
+            load_weights(semi_model.nets[1], ckpt_path, ckpt["model2"])
+            if head is not None:
+                semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -621,19 +688,24 @@ def main():
               f"{len(train_ds)} train / {len(val_ds)} val persons; {iters_per_epoch} it/epoch x {epochs} epochs "
               f"= {total_iters} iterations on {world} x {device}; "
               + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), {args.sampling} sampling, "
-                 f"{args.contrast}-image" if head else "baseline (λp = 0)"))
+                 f"{args.contrast}-image" if head else "baseline (λp = 0)")
+              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model else ""))
 
-    names = ["loss", "mse", "skcc", "prcc"]
+    names = SEMI_TERMS if semi_model else ["loss", "mse", "skcc", "prcc"]
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        model.train()
+        trained.train()
         progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
         sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
-            loss, terms = icon_losses(ddp_model, batch, args, device, offsets)
+            if semi_model:  # Eq. (7)
+                loss, terms = semi_losses(ddp_model, semi_model, batch, args, device,
+                                          np.random.default_rng([args.seed, rank, it]), offsets)
+            else:
+                loss, terms = icon_losses(ddp_model, batch, args, device, offsets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -643,7 +715,7 @@ def main():
             values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device)) for k in names[1:]])
             sums += values
             n_iters += 1
-            n_seen += batch["image"].shape[0] * world
+            n_seen += (batch["labeled"] if semi_model else batch)["image"].shape[0] * world
             if (i + 1) % args.print_freq == 0:
                 mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
                 check_finite(mean[0], it, ckpt_path)
@@ -659,6 +731,8 @@ def main():
             dist.broadcast_buffers(pose)
             metrics, results, shown = evaluate(pose, val_ds, args, device, info)
             log["metrics"] = metrics
+            for name, extra in (semi_model.eval_models() if semi_model else {}).items():  # network 2, ensemble: logged
+                log[f"metrics_{name}"] = evaluate(extra, val_ds, args, device, info, verbose=False)[0]
             log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall and last))
             if main_proc:
                 score = main_metric(metrics)
@@ -675,12 +749,19 @@ def main():
                      "iteration": it, "best": best, "args": vars(args), "rng": rngs}
             if head is not None:  # kept apart from "model" so the checkpoint also evaluates as a pose network
                 state["proj"] = head.state_dict()
+            if args.semi == "dual":
+                state["model2"] = semi_model.nets[1].state_dict()
+                if head is not None:
+                    state["proj2"] = semi_model.labeled[1].head.state_dict()
             save_checkpoint(ckpt_path, state)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in names if k in log)
                   + f", {log['img_per_s']:.1f} img/s" + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""),
                   flush=True)
+            for k, v in log.items():
+                if k.startswith("metrics_"):
+                    print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
         if last:
             break
     dist.cleanup()

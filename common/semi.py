@@ -25,7 +25,9 @@ A training script uses it in a few lines (see mrpose.py):
 
 `out` holds per network the labeled heatmaps (`sup`), the unlabeled easy-view heatmaps (`easy`), the
 consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps (`cons`),
-so another method (ICON) can add its own terms on them.
+so another method (ICON) can add its own terms on them. `build_semi(..., labeled=...)` runs each
+network's labeled pass through a module that also returns features (ICON: the network with its
+projection head); they come back as `sup_extra`.
 
 Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's convention);
 input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates (align_corners=False) put
@@ -189,6 +191,15 @@ def joint_cutout(x, joints, draw):
     return x.masked_fill(mask[:, None], 0.0)
 
 
+def labeled_forward(nets, labeled, x):
+    """Per network, the heatmaps of the labeled crops and, where `labeled` gives each network a module
+    returning (heatmaps, extra), the extras (else None)."""
+    if labeled is None:
+        return [f(x) for f in nets], None
+    heatmaps, extra = zip(*(g(x) for g in labeled))
+    return list(heatmaps), list(extra)
+
+
 def collapse_monitor(heatmaps):
     """Mean over samples and joints of each heatmap's peak (teachers on unlabeled crops): about the
     Gaussian's peak when healthy, toward 0 when the networks collapse to background."""
@@ -211,6 +222,7 @@ class ConsistencyTraining(nn.Module):
         self.nets = nn.ModuleList([net1] if net2 is None else [net1, net2])
         self.input_size, self.heatmap_size, self.num_joints = tuple(input_size), tuple(heatmap_size), num_joints
         self.scale_factor, self.rot_factor, self.cutout, self.channels_last = scale_factor, rot_factor, cutout, channels_last
+        self.labeled = None  # build_semi's `labeled` hook
 
     def draw_view(self, rng, n):
         """The random part of a step, drawn on the host so a run is reproducible: θ of the hard view
@@ -221,7 +233,7 @@ class ConsistencyTraining(nn.Module):
         return view
 
     def forward(self, x_l, x_u, view):
-        sup = [f(x_l) for f in self.nets]
+        sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
         with torch.no_grad():
             easy = [f(x_u).float() for f in self.nets]
         teachers = easy[::-1]  # dual: network i learns from the other one; single: from itself
@@ -237,7 +249,7 @@ class ConsistencyTraining(nn.Module):
         if self.channels_last:
             hard = [h.contiguous(memory_format=torch.channels_last) for h in hard]
         cons = [f(h) for f, h in zip(self.nets, hard)]
-        return {"sup": sup, "easy": easy, "targets": targets, "hard": hard, "cons": cons}
+        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard, "cons": cons}
 
     def loss(self, out, target, weight):
         """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) + MSE(c2, T2),
@@ -286,6 +298,7 @@ class PseudoLabelTraining(nn.Module):
         self.nets = nn.ModuleList([student])
         self.teacher = teacher.requires_grad_(False).eval()
         self.gamma, self.lambda_u = gamma, lambda_u
+        self.labeled = None  # build_semi's `labeled` hook
 
     def train(self, mode=True):
         super().train(mode)
@@ -298,7 +311,8 @@ class PseudoLabelTraining(nn.Module):
     def forward(self, x_l, x_u, view=None):
         with torch.no_grad():
             pseudo = self.teacher(x_u).float()
-        return {"sup": [self.nets[0](x_l)], "easy": [pseudo], "targets": [pseudo], "cons": [self.nets[0](x_u)]}
+        sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
+        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo], "cons": [self.nets[0](x_u)]}
 
     def loss(self, out, target, weight):
         """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints whose
@@ -314,21 +328,24 @@ class PseudoLabelTraining(nn.Module):
         return {}
 
 
-def build_semi(mode, net1, make_net, args, teacher_path=None):
+def build_semi(mode, net1, make_net, args, teacher_path=None, labeled=None):
     """The training wrapper of `--semi dual|cons|pseudo` around the reported network `net1`.
     make_net() builds another network of the same architecture (network 2, or the teacher, whose
-    weights come from the checkpoint `teacher_path`). Reads args.input_size, heatmap_size, num_joints,
-    scale_factor, rot_factor (the hard view's law is the easy view's, as official), joint_cutout and
-    channels_last."""
+    weights come from the checkpoint `teacher_path`). labeled(trained networks) -> one module per
+    network for its labeled pass, returning (heatmaps, extra) (optional; ICON's projection heads).
+    Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor (the hard view's law is
+    the easy view's, as official), joint_cutout and channels_last."""
     common = dict(input_size=args.input_size, heatmap_size=args.heatmap_size, num_joints=args.num_joints,
                   scale_factor=args.scale_factor, rot_factor=args.rot_factor, cutout=args.joint_cutout,
                   channels_last=args.channels_last)
-    if mode == "dual":
-        return ConsistencyTraining(net1, make_net(), **common)
-    if mode == "cons":
-        return ConsistencyTraining(net1, None, **common)
-    if not teacher_path:
-        raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled set only)")
-    teacher = make_net()
-    load_weights(teacher, teacher_path)
-    return PseudoLabelTraining(net1, teacher)
+    if mode in ("dual", "cons"):
+        semi = ConsistencyTraining(net1, make_net() if mode == "dual" else None, **common)
+    else:
+        if not teacher_path:
+            raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled set only)")
+        teacher = make_net()
+        load_weights(teacher, teacher_path)
+        semi = PseudoLabelTraining(net1, teacher)
+    if labeled:
+        semi.labeled = nn.ModuleList(labeled(list(semi.nets)))
+    return semi
