@@ -184,8 +184,8 @@ def get_args(argv=None):
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
-    args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}" + (f"-{args.semi}" if args.semi else "")
-                                        + ("" if args.contrast_on else "-baseline"))
+    args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
+                                        + (f"-{args.semi}" if args.semi else "") + ("" if args.contrast_on else "-baseline"))
     return args
 
 
@@ -599,7 +599,8 @@ RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "l
                "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries", "num_negatives", "hard_q",
                "hard_h", "embed_dim", "region_thresh", "visible_flag", "semi")
 # what the log keeps of each --semi step (those a mode has): common/semi.py's terms and each network's contrast
-SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1", "peak2", "pseudo_kept"]
+SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1", "peak2",
+              "pseudo_kept"]
 
 
 def main():

@@ -105,7 +105,8 @@ def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
     p = run_script("icon.py", supervised + ["--iters", "3", "--resume"], expect=2)
     assert_one_line_error(p, "--semi dual")
     # Pseudo + ICON with the dual run's network 1 as the teacher
-    run_script("icon.py", tiny + ["--semi", "pseudo", "--teacher", out / "best.pth", "--iters", "1", "--out", tmp_path / "p"])
+    run_script("icon.py", tiny + ["--semi", "pseudo", "--teacher", out / "best.pth", "--iters", "1",
+                                  "--out", tmp_path / "p"])
     log = json.loads((tmp_path / "p" / "log.jsonl").read_text().splitlines()[-1])
     assert {"sup1", "cons1", "skcc1", "pseudo_kept"} <= set(log) and "sup2" not in log
     assert "model2" not in torch.load(tmp_path / "p" / "checkpoint.pth", map_location="cpu", weights_only=True)
