@@ -62,3 +62,17 @@ def plot_skeletons_3d(path, rows, bones, cols=4):
             ax.set_title(f"{name} {c + 1}", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_embeddings(path, points, labels, names, title=""):
+    """2-D points (e.g. a PCA of keypoint embeddings) coloured by class, one legend entry per class."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20")
+    for k, name in enumerate(names):
+        sel = labels == k
+        if sel.any():
+            ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.6, color=cmap(k % 20), label=name)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,690 @@
+"""Inter-image Contrastive Consistency for Multi-Person Pose Estimation (ICON, Xu et al., AAAI 2023).
+
+A top-down pose network (SimpleBaseline on a ResNet, or HRNet) trained with the joints MSE plus two
+contrastive terms computed on a training-only projection head: SKCC (Eq. (1)) pulls the pixel
+embeddings of one keypoint class together across the people of a batch and pushes the other classes
+away; PRCC (Eqs. (2)-(4)) does the same for the 8 limb pairs; Eq. (5) adds them to the MSE. Hard
+sampling picks the query classes (uncertain, high-loss joints) and the negative classes (the most
+similar ones). The head is dropped at inference: the saved pose network is the baseline's, same
+parameters and FLOPs (a SimpleBaseline one also evaluates in `mrpose.py --eval-only --weights`). One
+file: arguments, data, model, loss, DDP training, evaluation.
+
+    python icon.py --data demo                                                 # laptop CPU, minutes
+    python icon.py --data demo --lambda-p 0                                    # the baseline, same schedule
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone resnet50 \\
+        --pretrained torchvision                                               # Table 3, SBN + ICON
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \
+        --pretrained hrnet_w32-36af842e.pth                                    # Table 3, HRNet-W32 + ICON
+    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose   # Table 2
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from common import dist
+from common.backbone import RESNETS, ResNetFeatures, load_backbone
+from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
+from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
+from common.heatmap import gaussian_targets, joints_mse_loss
+from common.plots import plot_embeddings
+from common.posenet import SimpleBaseline
+from common.topdown import (build_data, data_paths, evaluate, format_metrics, load_weights, main_metric, predict,
+                            summary, to_memory_format, write_eval_outputs)
+from common.transforms import normalize
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
+                          run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
+
+# ----------------------------------------------------------------------------------------------
+# Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of --data".
+
+PRESETS = {
+    # COCO: 256x192 (Table 3 also 384x288: --input-size 288 384), 210 epochs, "the learning rate follows
+    # HRNet": Adam 1e-3, x0.1 at 170 and 200. Flip, rotation ±45°, scale [0.65, 1.35], half-body (HRNet's
+    # p 0.3). Batch "16": per GPU on the paper's 4 V100s (paper ambiguous), 64 in total, lr not rescaled
+    "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=210, lr_steps=(170, 200), lr=1e-3,
+                 scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64, workers=4,
+                 head_channels=256, channels_last=False),
+    # MPII: 180 epochs; the text says 384x384, but every MPII baseline it compares with (Tables 1, 4, 5, 7)
+    # is the published 256x256 number, so 256x256 (--input-size 384 384 for the text's size). Drops
+    # where HRNet's 170/200 of 210 fall in 180 epochs (paper silent)
+    "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=180, lr_steps=(145, 170), lr=1e-3,
+                 scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64, workers=4,
+                 head_channels=256, channels_last=False),
+    # CrowdPose: 220 epochs (trainval -> test, the standard protocol); drops where HRNet's 170/200 of 210
+    # fall in 220 epochs, rounded (paper silent)
+    "crowdpose": dict(backbone="resnet50", input_size=(192, 256), epochs=220, lr_steps=(180, 210), lr=1e-3,
+                      scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64, workers=4,
+                      head_channels=256, channels_last=False),
+    # demo: mrpose.py's demo preset (ResNet-18 from scratch at 96x128, 64-channel deconvs, 5 epochs) with
+    # the contrast on; not a paper setting
+    "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
+                 scale_factor=0.25, rot_factor=0.0, half_body_prob=0.0, batch_size=16, eval_every=2, workers=1,
+                 head_channels=64, channels_last=True),
+}
+JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS, "crowdpose": CROWDPOSE_JOINTS}
+HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
+# Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8 limb
+# bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for these,
+# so only they are built (a pair with M = 0 would be the zero vector)
+LIMB_PAIRS = {
+    "coco": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
+    "demo": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
+    "mpii": [(13, 14), (14, 15), (12, 11), (11, 10), (3, 4), (4, 5), (2, 1), (1, 0)],
+    "crowdpose": [(0, 2), (2, 4), (1, 3), (3, 5), (6, 8), (8, 10), (7, 9), (9, 11)],
+}
+# --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each step
+RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(queries=(3, 5), negatives=(4, 8))}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
+                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet)")
+    p.add_argument("--pretrained", default=None,
+                   help="ResNet: 'torchvision' (ImageNet, downloads) or a backbone .pth; HRNet: e.g. hrnet_w32-36af842e.pth")
+    p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256)")
+    # ICON (§Method, §Implementation Details)
+    p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0 trains the baseline alone")
+    p.add_argument("--lambda-1", type=float, default=0.3, help="λ1 of Eq. (5), SKCC")
+    p.add_argument("--lambda-2", type=float, default=0.7, help="λ2 of Eq. (5), PRCC")
+    p.add_argument("--no-skcc", dest="skcc", action="store_false", help="Table 5 'Base+PRCC' (λ1 = 0)")
+    p.add_argument("--no-prcc", dest="prcc", action="store_false", help="Table 5 'Base+SKCC' (λ2 = 0)")
+    p.add_argument("--tau", type=float, default=0.07, help="temperature τ of Eqs. (1), (4)")
+    p.add_argument("--sampling", default="hard", choices=["hard", "random", "all"], help="Table 7")
+    p.add_argument("--contrast", default="inter", choices=["inter", "intra"],
+                   help="Table 5: across the instances of the batch, or within each instance")
+    p.add_argument("--num-queries", type=int, default=256, help="queries per query class (Table 8)")
+    p.add_argument("--num-negatives", type=int, default=512, help="negatives per query class (Table 8)")
+    p.add_argument("--hard-q", type=int, nargs=2, default=[5, 8], metavar=("SKCC", "PRCC"),
+                   help="hard sampling: number of query classes Q")
+    p.add_argument("--hard-h", type=int, nargs=2, default=[6, 4], metavar=("SKCC", "PRCC"),
+                   help="hard sampling: number of negative classes H per query class")
+    p.add_argument("--embed-dim", type=int, default=256, help="m, the projection head's output width (paper silent)")
+    p.add_argument("--region-thresh", type=float, default=0.5,
+                   help="a joint's pixels: where its Gaussian target is >= this (1: the joint's pixel alone)")
+    p.add_argument("--visible-flag", type=int, default=2, choices=[1, 2],
+                   help="lowest raw visibility flag counted as visible (contrast, --recall, embeddings); "
+                        "2: visible only, 1: occluded too")
+    # data
+    p.add_argument("--data", default="demo", choices=list(PRESETS))
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
+    p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
+    p.add_argument("--val-ann", default=None)
+    p.add_argument("--val-images", default=None)
+    p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
+    p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
+    p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
+    p.add_argument("--labeled", type=int, default=None, help="train on N seeded random images (few-label)")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
+    # augmentation
+    p.add_argument("--scale-factor", type=float, default=None)
+    p.add_argument("--rot-factor", type=float, default=None)
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip augmentation")
+    p.add_argument("--half-body-prob", type=float, default=None, help="HRNet half-body augmentation")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
+    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (HRNet: 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks; the contrast runs per rank")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    # evaluation and outputs
+    p.add_argument("--no-flip-test", dest="flip_test", action="store_false")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations (default 1; with --iters about 2000 iterations)")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
+    p.add_argument("--oracle", action="store_true", help="evaluate the ground truth through the heatmap path")
+    p.add_argument("--recall", action="store_true",
+                   help="Table 6: share of visible GT keypoints whose confidence exceeds 0.1..0.9 (GT boxes)")
+    p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    p.add_argument("--out", default=None)
+    p.add_argument("--print-freq", type=int, default=20)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.data].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.input_size = tuple(args.input_size)
+    args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
+    args.num_joints = len(JOINT_NAMES[args.data])
+    # --no-skcc / --no-prcc drop one term of Eq. (5); the other keeps its λ (paper silent)
+    args.lambda_1 = args.lambda_1 if args.skcc else 0.0
+    args.lambda_2 = args.lambda_2 if args.prcc else 0.0
+    args.contrast_on = args.lambda_p > 0 and (args.lambda_1 > 0 or args.lambda_2 > 0)
+    for flag in ("tau", "num_queries", "num_negatives", "embed_dim"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.backbone in HRNETS and args.pretrained == "torchvision":
+        raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
+    if not 0 < args.region_thresh <= 1:
+        raise UserError("--region-thresh must be in (0, 1]")
+    args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
+                                        + ("" if args.contrast_on else "-baseline"))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (§Approach Overview). The pose network is the baseline, unchanged. The projection head f_proj
+# sits on the encoder "parallel to the regression head" and only trains: ResNet's "res-4" (C4, stride
+# 16; Detectron's naming of torchvision's layer3) or HRNet's stage-3 output.
+
+class ProjectionHead(nn.Module):
+    """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmap resolution, L2-normalised
+    per pixel. The paper gives neither the layers nor m: the standard pixel-contrast head (1x1 conv-BN-
+    ReLU-1x1 conv, m = 256, as ReCo, which ICON cites), upsampled bilinearly to the heatmaps' 1/4."""
+
+    def __init__(self, cin, m, heatmap_size):
+        super().__init__()
+        self.heatmap_size = heatmap_size
+        self.net = nn.Sequential(nn.Conv2d(cin, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(inplace=True),
+                                 nn.Conv2d(m, m, 1))
+
+    def forward(self, tap):
+        w, h = self.heatmap_size
+        z = F.interpolate(self.net(tap), size=(h, w), mode="bilinear", align_corners=False)
+        return F.normalize(z.float(), dim=1)  # "all embeddings are L2-normalized" (after Eq. (1)); fp32
+
+
+def forward_tapped(pose, x):
+    """Heatmaps and the tapped encoder map in one pass (one forward, as DDP expects). HRNet: its stage-3
+    branches (1/4, 1/8, 1/16) upsampled to 1/4 and concatenated, as HRNetV2's representation head does
+    for pixel-level tasks (paper silent on how the stage-3 branches meet the head)."""
+    if isinstance(pose, PoseHighResolutionNet):
+        heatmaps, stage3 = pose(x, return_stage3=True)
+        size = stage3[0].shape[-2:]
+        return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                                                  for y in stage3[1:]], 1)
+    return pose(x, return_c4=True)
+
+
+class ICON(nn.Module):
+    """Pose network + projection head, trained together; only `pose` is saved for inference."""
+
+    def __init__(self, pose, head):
+        super().__init__()
+        self.pose, self.head = pose, head
+
+    def forward(self, x):
+        heatmaps, tap = forward_tapped(self.pose, x)
+        return heatmaps, self.head(tap)
+
+
+def build_model(args):
+    """(pose network, projection head or None when the contrast is off, backbone loading report)."""
+    report = None
+    if args.backbone in HRNETS:
+        pose = PoseHighResolutionNet(HRNETS[args.backbone], args.num_joints)
+        if args.pretrained:
+            report = load_hrnet_pretrained(pose, args.pretrained)
+        tap_channels = sum(pose.stage3_channels)
+    else:
+        backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+        if args.pretrained not in (None, "torchvision"):
+            report = load_backbone(backbone, args.pretrained)
+        pose = SimpleBaseline(backbone, args.num_joints, args.head_channels)
+        tap_channels = backbone.channels[2]
+    # built after the pose network, so the pose network's initialisation does not depend on it
+    head = ProjectionHead(tap_channels, args.embed_dim, args.heatmap_size) if args.contrast_on else None
+    return pose, head, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Keypoint embeddings. "Each keypoint embedding f_k can be derived according to the coordinate
+# groundtruth"; the positives of Eq. (1) are "other pixels also belonging to the same category". Which
+# pixels belong to a keypoint is left open: its region is where its Gaussian target (σ = 2) is >= 0.5,
+# 21 pixels, so that 256 queries and 512 negatives per class (Table 8) exist in a batch of 16 people.
+
+def region_offsets(sigma, thresh):
+    """(dx, dy) offsets (O, 2) of the pixels whose Gaussian target exp(-d²/2σ²) is >= thresh."""
+    r = int(sigma * 3)
+    dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    keep = (dx ** 2 + dy ** 2) <= -2 * sigma ** 2 * math.log(thresh) + 1e-6
+    return torch.stack([dx[keep], dy[keep]], -1)
+
+
+def keypoint_embeddings(emb, joints, usable, input_size, offsets):
+    """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): the joint is
+    usable and its centre pixel and that region pixel lie on the map."""
+    b, m, h, w = emb.shape
+    stride = joints.new_tensor([input_size[0] / w, input_size[1] / h])
+    mu = torch.trunc(joints / stride + 0.5).long()  # the pixel gaussian_targets centres the Gaussian on
+    centre_on = (mu[..., 0] >= 0) & (mu[..., 0] < w) & (mu[..., 1] >= 0) & (mu[..., 1] < h)
+    px = mu[:, :, None, :] + offsets.to(mu.device)
+    on = (px[..., 0] >= 0) & (px[..., 0] < w) & (px[..., 1] >= 0) & (px[..., 1] < h)
+    valid = (usable & centre_on)[..., None] & on
+    index = px[..., 1].clamp(0, h - 1) * w + px[..., 0].clamp(0, w - 1)
+    flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, m)
+    return flat[torch.arange(b, device=emb.device)[:, None, None], index], valid
+
+
+def pair_embeddings(feats, valid, pairs):
+    """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised to unit length
+    ("all embeddings are L2-normalized"). The region pixel at offset o of joint i pairs with the pixel at
+    the same offset of joint j (the pairing is left open; this one needs no sampling)."""
+    a, b = (torch.tensor(s, device=feats.device) for s in zip(*pairs))
+    return F.normalize((feats[:, a] + feats[:, b]) / 2, dim=-1), valid[:, a] & valid[:, b]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling (§Hard Sampling on Queries and Negatives, Tables 7-8). Everything is batched over query
+# classes and queries: the only Python loop is over the two terms, SKCC and PRCC.
+
+def class_hardness(heatmaps, target, usable):
+    """Per-class hardness: "larger uncertainty (entropy of joint prediction value) and prediction loss".
+    How the two combine is left open: the entropy of the predicted heatmap as a spatial distribution
+    (divided by log HW) plus the joint's MSE, each averaged over the batch's usable instances and
+    divided by its largest class value, so both weigh alike."""
+    heat = heatmaps.detach().float()
+    p = heat.relu().flatten(2) + 1e-12
+    p = p / p.sum(-1, keepdim=True)
+    entropy = -(p * p.log()).sum(-1) / math.log(p.shape[-1])
+    mse = ((heat - target) ** 2).flatten(2).mean(-1)
+    n = usable.sum(0).clamp(min=1)
+    e, l = (entropy * usable).sum(0) / n, (mse * usable).sum(0) / n
+    return e / e.max().clamp(min=1e-12) + l / l.max().clamp(min=1e-12)
+
+
+def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
+    """Query classes (nq,) and their negative classes (nq, C) as a mask.
+
+    hard: the q hardest eligible classes; for each, the h present classes whose prototypes (mean
+    embedding in the batch; the paper's "feature similarity ... cosine") are most similar to its own.
+    random: counts drawn from `counts`, classes uniformly. all: every eligible class against every
+    other present class. Query classes left without a negative class are dropped."""
+    c = len(eligible)
+    device = eligible.device
+    n_eligible = int(eligible.sum())
+    other = present[None, :] & ~torch.eye(c, dtype=torch.bool, device=device)
+    if sampling == "all":
+        qc = eligible.nonzero()[:, 0]
+        neg = other[qc]
+    else:
+        if sampling == "hard":
+            qc = hardness.masked_fill(~eligible, -math.inf).topk(min(q, n_eligible)).indices
+            keys = proto[qc] @ proto.T  # cosine similarity of unit prototypes
+            n_neg = torch.full((len(qc),), h, device=device)
+        else:
+            lo, hi = counts["queries"]
+            nq = min(int(torch.randint(lo, hi + 1, ())), n_eligible)
+            qc = torch.rand(c, device=device).masked_fill(~eligible, -math.inf).topk(nq).indices
+            keys = torch.rand(len(qc), c, device=device)
+            lo, hi = counts["negatives"]
+            n_neg = torch.randint(lo, hi + 1, (len(qc),), device=device)
+        keys = keys.masked_fill(~other[qc], -math.inf)
+        rank = keys.argsort(-1, descending=True).argsort(-1)  # 0 = most similar / first drawn
+        neg = (rank < n_neg[:, None]) & other[qc]
+    keep = neg.any(-1)
+    return qc[keep], neg[keep]
+
+
+def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra):
+    """Indices and masks of Eq. (1) for the query classes `qc`; entries are indexed into the class-major
+    pool (C, B*O) of `valid` (B, C, O).
+
+    Queries: `num_queries` pixels of the class, drawn with replacement (as ReCo; 256 is then always
+    reachable). Positives P_i: every pixel of the class in the other instances (inter) / the other
+    pixels of the query's own joint (intra: "the self as positive"). Negatives N_i: inter, `num_negatives`
+    pixels drawn with replacement from the negative classes and shared by the class's queries; intra,
+    every pixel of the negative classes in the query's own instance (at most H x O, fewer than 512)."""
+    b, c, o = valid.shape
+    device = valid.device
+    ok = valid.transpose(0, 1).reshape(c, b * o)
+    inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
+    qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
+    q_inst = inst[qi]
+    same = q_inst[..., None] == inst  # (nq, Nq, B*O)
+    if intra:
+        pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
+    else:
+        pos_mask = ok[qc][:, None] & ~same
+    candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
+    if intra:
+        neg_index = None
+        neg_mask = candidates[:, None, :] & (q_inst[..., None] == inst.repeat(c))  # (nq, Nq, C*B*O)
+    else:
+        neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)  # (nq, Nn)
+        neg_mask = None
+    return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
+
+
+MASKED = -1e4  # a logit that vanishes in exp() yet keeps logsumexp's gradient finite (|i·j|/τ <= 1/0.07)
+
+
+def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
+    """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
+        L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
+    q (nq, Nq, m); pos (nq, P, m) with pos_mask (nq, Nq, P); neg (nq, N, m) or (N, m) shared, neg_mask
+    (nq, Nq, N) or None (all valid). L_i is averaged over the queries that have a positive and a
+    negative, then over the classes that have such a query (the paper leaves the averaging open).
+    Returns (loss, number of classes that contributed)."""
+    s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
+    s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
+    has_neg = torch.ones_like(pos_mask[..., 0])
+    if neg_mask is not None:
+        s_neg = s_neg.masked_fill(~neg_mask, MASKED)
+        has_neg = neg_mask.any(-1)
+    lse = torch.logsumexp(s_neg, -1, keepdim=True)
+    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable  # Eq. (1)
+    n_pos = pos_mask.sum(-1)
+    per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
+    has = (n_pos > 0) & has_neg
+    per_class = (per_query * has).sum(-1) / has.sum(-1).clamp(min=1)
+    counted = has.any(-1)
+    return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
+
+
+def contrast_term(feats, valid, hardness, term, args):
+    """SKCC (Eq. (1)) or PRCC (Eq. (4)) over one batch: feats (B, C, O, m) unit embeddings of the C
+    classes (keypoints or limb pairs), valid (B, C, O). Returns (loss, number of query classes used)."""
+    b, c, o, m = feats.shape
+    intra = args.contrast == "intra"
+    count = valid.sum(-1)  # (B, C) pixels per instance and class
+    present = (count > 0).any(0)
+    # a query class needs a positive: the class in two instances (inter), two pixels of one joint (intra)
+    eligible = (count >= 2).any(0) if intra else (count > 0).sum(0) >= 2
+    pool = feats.transpose(0, 1).reshape(c, b * o, m)
+    ok = valid.transpose(0, 1).reshape(c, b * o)
+    with torch.no_grad():
+        proto = F.normalize((pool * ok[..., None]).sum(1), dim=-1)  # class prototypes for hard negatives
+    i = 0 if term == "skcc" else 1
+    qc, neg_classes = choose_classes(args.sampling, hardness, proto, eligible, present, args.hard_q[i],
+                                     args.hard_h[i], RANDOM_COUNTS[term])
+    if len(qc) == 0:
+        return feats.sum() * 0, 0
+    s = sample_contrast(valid, qc, neg_classes, args.num_queries, args.num_negatives, intra)
+    q = pool[qc[:, None], s["qi"]]
+    flat = pool.reshape(c * b * o, m)
+    neg = flat if intra else flat[s["neg_index"]]
+    return info_nce(q, pool[qc], s["pos_mask"], neg, s["neg_mask"], args.tau)
+
+
+def icon_losses(model, batch, args, device, offsets=None):
+    """One training batch through the model: Eq. (5), L_total = L_mse + λp (λ1 L_sin + λ2 L_pair).
+    Returns the total and a dict of its terms (detached) for the log. With the contrast off (λp = 0) this
+    is mrpose.py's SimpleBaseline step exactly."""
+    x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
+    joints, visible = batch["joints"].to(device), batch["visible"].to(device)
+    target, weight = gaussian_targets(joints, visible, args.input_size, args.heatmap_size, args.sigma)
+    with autocast(args, device):
+        out = model(x)
+    if not args.contrast_on:
+        loss = joints_mse_loss(out.float(), target, weight)  # Eq. (5), L_mse
+        return loss, dict(mse=loss.detach())
+    heatmaps, emb = out
+    mse = joints_mse_loss(heatmaps.float(), target, weight)  # Eq. (5), L_mse (HRNet's 0.5 x mean)
+    # "only the visible keypoint categories are considered ... occluded or unlabeled joints are ignored"
+    usable = (batch["vis_flag"].to(device) >= args.visible_flag) & (weight > 0)
+    offsets = region_offsets(args.sigma, args.region_thresh) if offsets is None else offsets
+    feats, valid = keypoint_embeddings(emb, joints, usable, args.input_size, offsets)  # fp32, outside autocast
+    hardness = class_hardness(heatmaps, target, usable.float()) if args.sampling == "hard" else None
+    # every head parameter stays in the graph when no class qualifies, so DDP finds all its gradients
+    ctr = emb.sum() * 0
+    terms = dict(mse=mse.detach())
+    if args.lambda_1 > 0:
+        l_sin, _ = contrast_term(feats, valid, hardness, "skcc", args)  # Eq. (1)
+        ctr = ctr + args.lambda_1 * l_sin
+        terms["skcc"] = l_sin.detach()
+    if args.lambda_2 > 0:
+        pairs = LIMB_PAIRS[args.data]
+        pair_feats, pair_valid = pair_embeddings(feats, valid, pairs)  # Eqs. (2)-(3)
+        pair_hardness = None if hardness is None else (hardness[[i for i, _ in pairs]] + hardness[[j for _, j in pairs]]) / 2
+        l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness, "prcc", args)  # Eq. (4)
+        ctr = ctr + args.lambda_2 * l_pair
+        terms["prcc"] = l_pair.detach()
+    return mse + args.lambda_p * ctr, terms  # Eq. (5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation extras: keypoint embeddings on the validation set (Fig. 5) and keypoint recall (Table 6).
+
+def gt_val_dataset(args, val_ds, info):
+    """The validation persons with their ground-truth joints (with --det-json, val_ds holds detections)."""
+    if not args.det_json:
+        return val_ds
+    records, _ = read_coco(info["coco"], data_paths(args)["val_images"], args.input_size[0] / args.input_size[1])
+    return TopDownDataset(records, args.input_size, info["flip_pairs"], [])
+
+
+@torch.no_grad()
+def embedding_separation(pose, dataset, args, device, max_persons=256):
+    """Fig. 5 as a number: encoder features at the visible GT joints of the first `max_persons` validation
+    persons, sampled (bilinear) from the tapped map, before the projection head, so a baseline run and
+    an ICON run are measured alike. Returns (mean cosine of same-class pairs across instances, mean
+    cosine of other-class pairs across instances, features (n, D), classes (n,))."""
+    pose.eval()
+    subset = torch.utils.data.Subset(dataset, range(min(max_persons, len(dataset))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=max(1, args.batch_size // dist.world_size()),
+                                         num_workers=args.workers)
+    feats, classes, instances = [], [], []
+    for batch in loader:
+        x = to_memory_format(normalize(batch["image"].to(device)), args)
+        with autocast(args, device):
+            _, tap = forward_tapped(pose, x)
+        tap = tap.float()
+        size = tap.new_tensor([tap.shape[-1], tap.shape[-2]])
+        stride = tap.new_tensor(args.input_size) / size
+        joints = batch["joints"].to(device)
+        grid = (joints / stride + 0.5) / size * 2 - 1  # feature pixel i sits at input pixel stride x i
+        f = F.grid_sample(tap, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)  # (B, K, D)
+        inside = ((joints >= 0) & (joints < joints.new_tensor(args.input_size))).all(-1)
+        keep = (batch["vis_flag"].to(device) >= args.visible_flag) & inside
+        feats.append(f[keep])
+        classes.append(keep.nonzero()[:, 1])
+        instances.append(batch["index"].to(device)[:, None].expand_as(keep)[keep])
+    if not feats or not sum(len(f) for f in feats):
+        return float("nan"), float("nan"), None, None
+    x = F.normalize(torch.cat(feats), dim=1)
+    k, n = torch.cat(classes), torch.cat(instances)
+    sim = x @ x.T
+    across = n[:, None] != n[None, :]
+    same = (k[:, None] == k[None, :]) & across
+    other = (k[:, None] != k[None, :]) & across
+    return sim[same].mean().item(), sim[other].mean().item(), x.cpu(), k.cpu()
+
+
+def plot_embedding_pca(path, x, k, names, same, other, title):
+    """embeddings.png: the first two principal components of the unit features, coloured by keypoint class."""
+    xc = x - x.mean(0)
+    _, _, v = torch.linalg.svd(xc, full_matrices=False)
+    plot_embeddings(path, (xc @ v[:2].T).numpy(), k.numpy(), names,
+                    f"{title}: cosine same class {same:.3f}, other classes {other:.3f} (across instances)")
+
+
+RECALL_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def keypoint_recall(conf, flags, visible_flag, thresholds=RECALL_THRESHOLDS):
+    """Table 6: share of visible GT keypoints whose predicted confidence (heatmap maximum) exceeds t."""
+    vis = flags >= visible_flag
+    return {f"{t:.1f}": float((conf[vis] > t).mean()) if vis.any() else float("nan") for t in thresholds}
+
+
+def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
+    """The separation number (+ embeddings.png) and, with `recall`, Table 6's recall (+ recall.json).
+    Every rank takes part in the recall's prediction; rank 0 measures the embeddings."""
+    out = {}
+    if recall:
+        _, conf, _ = predict(pose, gt_ds, args, device, info)
+        flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
+        out["recall"] = keypoint_recall(conf, flags, args.visible_flag)
+    if dist.is_main():
+        same, other, x, k = embedding_separation(pose, gt_ds, args, device)
+        out.update(embed_same=same, embed_other=other, embed_sep=same - other)
+        if x is not None:
+            plot_embedding_pca(os.path.join(args.out, "embeddings.png"), x, k, JOINT_NAMES[args.data], same, other,
+                               f"{args.backbone} tapped features")
+        if recall:
+            save_json(os.path.join(args.out, "recall.json"), out["recall"])
+            print("recall: " + " ".join(f"{t} {v:.3f}" for t, v in out["recall"].items()), flush=True)
+        print(f"embeddings (tapped features, val): same-class cosine {same:.4f}, other-class {other:.4f}, "
+              f"separation {same - other:.4f}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+# --resume refuses a change of these (the model, the loss and the schedule)
+RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp", "lambda_p",
+               "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries", "num_negatives", "hard_q",
+               "hard_h", "embed_dim", "region_thresh", "visible_flag")
+
+
+def main():
+    args = get_args()
+    rank, world, device = dist.setup(args.device)
+    main_proc = dist.is_main()
+    seed_everything(args.seed + rank)
+    pose, head, report = build_model(args)
+    if args.summary:
+        n, gmacs = summary(pose, args.input_size)
+        extra = f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} parameters" if head else ""
+        print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} joints: {n:,} "
+              f"parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at inference{extra}")
+        return
+    if report and main_proc:
+        print(report)
+    if args.weights:
+        load_weights(pose, args.weights)
+    model = pose if head is None else ICON(pose, head)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_ds, val_ds, info = build_data(args, train=not args.eval_only)
+    gt_ds = gt_val_dataset(args, val_ds, info)
+    if main_proc:
+        os.makedirs(args.out, exist_ok=True)
+
+    if args.eval_only:
+        metrics, results, shown = evaluate(pose, val_ds, args, device, info, oracle=args.oracle)
+        if main_proc:
+            write_eval_outputs(args, metrics, results, shown, info)
+        if not args.oracle:
+            evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall)
+        dist.cleanup()
+        return
+
+    # Data: each rank sees its share of every epoch; batch size is the total over ranks, and the contrast
+    # runs over each rank's own batch (the paper's "batch size is 16", per GPU)
+    per_rank = args.batch_size // world
+    if per_rank < 1 or per_rank * world > len(train_ds):
+        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} training persons")
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    iters_per_epoch = len(loader)
+    total_iters = args.iters or args.epochs * iters_per_epoch
+    epochs = math.ceil(total_iters / iters_per_epoch)
+    milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
+    eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
+
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    # Adam, no weight decay (HRNet), over the pose network and the projection head
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+    offsets = region_offsets(args.sigma, args.region_thresh)
+    start_epoch, it, best = 0, 0, -1.0
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS)
+        load_weights(pose, ckpt_path, ckpt)
+        if head is not None:
+            head.load_state_dict(ckpt["proj"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, it, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if main_proc:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+    if main_proc:
+        extra = f" + {sum(p.numel() for p in head.parameters()):,} in the projection head (training only)" if head else ""
+        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters{extra}; "
+              f"{len(train_ds)} train / {len(val_ds)} val persons; {iters_per_epoch} it/epoch x {epochs} epochs "
+              f"= {total_iters} iterations on {world} x {device}; "
+              + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), {args.sampling} sampling, "
+                 f"{args.contrast}-image" if head else "baseline (λp = 0)"))
+
+    names = ["loss", "mse", "skcc", "prcc"]
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        model.train()
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
+        sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
+        for i, batch in enumerate(loader):
+            if it >= total_iters:
+                break
+            loss, terms = icon_losses(ddp_model, batch, args, device, offsets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            it += 1
+            values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device)) for k in names[1:]])
+            sums += values
+            n_iters += 1
+            n_seen += batch["image"].shape[0] * world
+            if (i + 1) % args.print_freq == 0:
+                mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
+                check_finite(mean[0], it, ckpt_path)
+                progress.step(i, args.print_freq * per_rank * world, lr=optimizer.param_groups[0]["lr"],
+                              **{k: v.item() for k, v in zip(names, mean) if k in terms or k == "loss"})
+        epoch_means = dist.all_reduce_mean(sums / max(1, n_iters))
+        check_finite(epoch_means[0], it, ckpt_path)
+        log = dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, epoch_means)
+                                                     if k == "loss" or k in terms},
+                   lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0))
+        last = it >= total_iters
+        if (epoch + 1) % eval_every == 0 or last:
+            dist.broadcast_buffers(pose)
+            metrics, results, shown = evaluate(pose, val_ds, args, device, info)
+            log["metrics"] = metrics
+            log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall and last))
+            if main_proc:
+                score = main_metric(metrics)
+                write_eval_outputs(args, metrics, results, shown, info)
+                if score > best:
+                    best = score
+                    # the inference model: the pose network alone, without the projection head
+                    save_checkpoint(os.path.join(args.out, "best.pth"), {"model": pose.state_dict(), "args": vars(args),
+                                                                         "epoch": epoch + 1, "metrics": metrics})
+        rngs = dist.gather_objects(rng_state())
+        if main_proc:
+            state = {"model": pose.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "iteration": it, "best": best, "args": vars(args), "rng": rngs}
+            if head is not None:  # kept apart from "model" so the checkpoint also evaluates as a pose network
+                state["proj"] = head.state_dict()
+            save_checkpoint(ckpt_path, state)
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in names if k in log)
+                  + f", {log['img_per_s']:.1f} img/s" + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""),
+                  flush=True)
+        if last:
+            break
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)
