@@ -36,11 +36,11 @@ from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
-from common.topdown import (build_data, check_resume_args, data_paths, evaluate, format_metrics, load_weights,
-                            main_metric, predict, summary, to_memory_format, write_eval_outputs)
+from common.topdown import (build_data, data_paths, evaluate, format_metrics, load_weights, main_metric, predict,
+                            summary, to_memory_format, write_eval_outputs)
 from common.transforms import normalize
-from common.utils import (Progress, UserError, autocast, check_finite, load_checkpoint, rng_state, run_main,
-                          save_checkpoint, save_json, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
+                          run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of --data".

@@ -8,6 +8,7 @@ torchvision ResNet, trained top-down with the joints MSE of Eq. (1) and evaluate
     torchrun --nproc_per_node=4 mrpose.py --data coco --data-root /data/coco --arch mrfeanet2 \
         --backbone resnet50 --pretrained torchvision              # Table I
     python mrpose.py --data coco --data-root /data/coco --eval-only --weights runs/x/best.pth
+    python mrpose.py --data demo --labeled 300 --semi dual                 # semi-supervised (common/semi.py)
 """
 import argparse
 import json
@@ -15,6 +16,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -23,35 +25,46 @@ from common import dist
 from common.backbone import ResNetFeatures, load_backbone
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.posenet import PoseNet, SimpleBaseline, deconv
-from common.topdown import (build_data, check_resume_args, evaluate, format_metrics, load_weights, main_metric,
-                            summary, to_memory_format, write_eval_outputs)
+from common.semi import PairedDataset, build_semi, build_unlabeled
+from common.topdown import (build_data, evaluate, format_metrics, load_weights, main_metric, parse_labeled, summary,
+                            to_memory_format, write_eval_outputs)
 from common.transforms import normalize
-from common.utils import (Progress, UserError, autocast, check_finite, load_checkpoint, rng_state, run_main,
-                          save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
+                          run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
 
 PRESETS = {
-    # COCO: 256x192, rotation ±30°, scale ±40%, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs
+    # COCO: 256x192, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs. Augmentation: the official configs that
+    # produced Tables I/III (ROT_FACTOR 40, SCALE_FACTOR 0.3, common.datasets.draw_scale_rotation); the paper's
+    # text gives the pair swapped ("rotation ±30°, scale ±40%")
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=170, lr_steps=(120, 150), lr=1e-3,
-                 scale_factor=0.4, rot_factor=30.0, batch_size=64, workers=4, head_channels=256, channels_last=False),
-    # MPII: 256x256, rotation ±30°, scale ±25%, flip; drops at 90 and 120, 140 epochs
+                 scale_factor=0.3, rot_factor=40.0, batch_size=64, workers=4, head_channels=256, channels_last=False,
+                 pretrained="torchvision"),
+    # MPII: 256x256, flip; drops at 90 and 120, 140 epochs; official config ROT_FACTOR 30, SCALE_FACTOR 0.25
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=140, lr_steps=(90, 120), lr=1e-3,
-                 scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4, head_channels=256, channels_last=False),
+                 scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4, head_channels=256, channels_last=False,
+                 pretrained="torchvision"),
     # demo: ResNet-18 from scratch within 10 minutes on a 2-core CPU (not a paper setting): a small input, a
     # 64-channel deconv head (1.5x faster than 256 and, from scratch on 3K persons, it learns faster), a short
     # schedule with a higher lr, no rotation (the demo people are already tilted)
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1, head_channels=64,
-                 channels_last=True),
+                 channels_last=True, pretrained="none"),
 }
-# MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50, GT boxes, no flip test
+# MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50 fine-tuned inside Xie et al.'s dual networks
+# (ESCP), GT boxes, no flip test; `--semi none` is Table 1's supervised-only SimpleBaseline* row. Batch 128
+# pairs (paper silent: 36K x 128 = 30.8 epochs of COCO's 149,813 persons, the official 1K config's 30
+# epochs with drops at 20/25 = 24K/30K), Xie et al.'s augmentation (scale 0.25, rotation 30), the official
+# first-N-persons subsets; MPII+AIC with Joint Cutout 5 (the only released MPII+AIC config)
 PROTOCOLS = {
     "mscl-coco": dict(data="coco", arch="simplebaseline", backbone="resnet50", iters=36000,
-                      lr_steps=(24000, 30000), flip_test=False),
+                      lr_steps=(24000, 30000), flip_test=False, semi="dual", batch_size=128, scale_factor=0.25,
+                      rot_factor=30.0, labeled_order="first"),
     "mscl-mpii": dict(data="mpii", arch="simplebaseline", backbone="resnet50", iters=30000, input_size=(192, 256),
-                      lr_steps=(15000, 21000), flip_test=False),
+                      lr_steps=(15000, 21000), flip_test=False, semi="dual", batch_size=128, scale_factor=0.25,
+                      rot_factor=30.0, joint_cutout=5),
 }
 
 
@@ -60,7 +73,8 @@ def get_args(argv=None):
     p.add_argument("--arch", default="simplebaseline",
                    choices=["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"])
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
-    p.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet, downloads) or a backbone .pth")
+    p.add_argument("--pretrained", default=None, help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii "
+                   "presets, as the paper), 'none' (from scratch; the demo preset) or a backbone .pth")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="MSCL transfer preset")
     # data
     p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"])
@@ -72,13 +86,26 @@ def get_args(argv=None):
     p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
     p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
     p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
-    p.add_argument("--labeled", type=int, default=None, help="train on N seeded random images (few-label)")
+    p.add_argument("--labeled", type=parse_labeled, default=None, help="train on N persons, or P%% of them (few-label)")
+    p.add_argument("--labeled-order", default="random", choices=["first", "random"],
+                   help="--labeled takes the first N persons of the annotation file (official subsets) or a seeded draw")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--head-channels", type=int, default=None, help="deconv width C of SimpleBaseline/MRHeatNet (paper: 256)")
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
+    p.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed BGR channels as the official code does (cv2); default: on for --weights in the official "
+                        "SimpleBaseline/SimMRPose names or from a --bgr run, off otherwise")
+    # semi-supervised training (common/semi.py): Xie et al.'s dual networks, one network, or ICON's pseudo-labels
+    p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"])
+    p.add_argument("--unlabeled", default="all", choices=["all", "rest"],
+                   help="unlabeled persons: every training person (official) or those outside --labeled")
+    p.add_argument("--unlabeled-ann", default=None, help="unlabeled persons of AI Challenger instead (official or COCO-style json; MPII + AIC)")
+    p.add_argument("--unlabeled-images", default=None, help="image folder of --unlabeled-ann")
+    p.add_argument("--joint-cutout", type=int, default=0, help="Joint Cutout boxes per hard view (official MPII+AIC: 5)")
+    p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
     # augmentation
-    p.add_argument("--scale-factor", type=float, default=None)
-    p.add_argument("--rot-factor", type=float, default=None)
+    p.add_argument("--scale-factor", type=float, default=None, help="sf: scale x N(1, sf) clipped to 1 ± sf")
+    p.add_argument("--rot-factor", type=float, default=None, help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6 (degrees)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip augmentation")
     p.add_argument("--half-body-prob", type=float, default=0.0, help="HRNet half-body augmentation")
     # optimisation
@@ -106,9 +133,15 @@ def get_args(argv=None):
     if args.protocol:  # the protocol's values become defaults: flags on the command line still win
         p.set_defaults(**PROTOCOLS[args.protocol])
         args = p.parse_args(argv)
+    if args.pretrained is None and (args.eval_only or args.weights or args.resume or args.summary):
+        args.pretrained = "none"  # the weights come from a checkpoint (or are not needed): nothing to download
     for k, v in PRESETS[args.data].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.semi = None if args.semi == "none" else args.semi
+    if args.protocol == "mscl-mpii" and args.semi and not args.unlabeled_ann:
+        raise UserError("--protocol mscl-mpii: the unlabeled set is AI Challenger train (--unlabeled-ann, "
+                        "--unlabeled-images); --semi none trains the supervised-only row")
     args.input_size = tuple(args.input_size)
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = 16 if args.data == "mpii" else 17
@@ -136,6 +169,9 @@ class MRHeatNet1(SimpleBaseline):
     """Fig. 3a: heatmaps at 1/16 are upsampled and added to the heatmaps at 1/8; their sum is
     upsampled to 1/4 and added to the final heatmaps."""
 
+    # official mrheat1_pose_resnet names -> ours (deconv1..3 and final_layer are named alike)
+    OFFICIAL_KEYS = {"s_conv1.": "side1.", "s_deconv1.": "side1_up.", "s_conv2.": "side2.", "s_deconv2.": "side2_up."}
+
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
         self.side1, self.side1_up = side_conv(c, k), deconv(k, k)
@@ -152,6 +188,9 @@ class MRHeatNet1(SimpleBaseline):
 
 class MRHeatNet2(SimpleBaseline):
     """Fig. 3b: heatmaps of each deconv stage go up to 1/4 on their own and all are summed."""
+
+    OFFICIAL_KEYS = {"s_conv1.": "side1.", "s_deconv1.": "side1_up.0.", "s_deconv12.": "side1_up.1.",
+                     "s_conv2.": "side2.", "s_deconv2.": "side2_up."}  # official mrheat2_pose_resnet names -> ours
 
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone, k, c)
@@ -177,6 +216,10 @@ class MRFeaNet(PoseNet):
     256 for ResNet-50/101/152 (the official code's 256), 64 for ResNet-18/34, where the official
     code's fixed 256 cannot be added to a 64-channel C2 and crashes."""
 
+    # official mrfea1/mrfea2_pose_resnet names -> ours: deconv1x from C5, deconv2x from C4, deconv3 from C3
+    OFFICIAL_KEYS = {"deconv11.": "branch5.0.", "deconv12.": "branch5.1.", "deconv13.": "branch5.2.",
+                     "deconv21.": "branch4.0.", "deconv22.": "branch4.1.", "deconv3.": "branch3.0."}
+
     def __init__(self, backbone, k, halve):
         super().__init__(backbone)
         c = backbone.channels[0]
@@ -199,9 +242,13 @@ class MRFeaNet(PoseNet):
 
 
 def build_model(args):
-    backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+    try:
+        backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
+    except OSError as e:  # URLError included: no network and no cached copy
+        raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {args.backbone} weights ({e}); "
+                        f"pass a backbone .pth or --pretrained none") from None
     report = None
-    if args.pretrained not in (None, "torchvision"):
+    if args.pretrained not in (None, "none", "torchvision"):
         report = load_backbone(backbone, args.pretrained)
     k = args.num_joints
     c = args.head_channels
@@ -212,7 +259,8 @@ def build_model(args):
 
 
 # --resume refuses a change of these (the model and the schedule)
-RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp")
+RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp", "bgr",
+               "semi")
 
 
 def main():
@@ -223,16 +271,28 @@ def main():
     model, report = build_model(args)
     if args.summary:
         n, gmacs = summary(model, args.input_size)
-        print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} joints: "
-              f"{n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates)")
+        head = (f"{model.final_layer.in_channels}-channel head (C2's width)" if args.arch.startswith("mrfea")
+                else f"{args.head_channels}-channel head" + ("" if args.head_channels == 256 else " (the paper's is 256)"))
+        print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {head}, {args.num_joints} joints "
+              f"(--data {args.data} preset): {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates)")
         return
     if report and main_proc:
         print(report)
+    official = False
     if args.weights:
-        load_weights(model, args.weights)
-    model.to(device)
+        ckpt = load_checkpoint(args.weights)
+        official = load_weights(model, args.weights, ckpt)
+        if args.bgr is None:
+            args.bgr = official or bool(isinstance(ckpt.get("args"), dict) and ckpt["args"].get("bgr"))
+    if main_proc and args.bgr:
+        print(f"BGR input{' (official checkpoint)' if official else ''}")
+    # --semi: a wrapper that trains `model` (network 1, the reported one) with network 2 or a frozen teacher
+    semi_model = build_semi(args.semi, model, lambda: build_model(args)[0], args, args.teacher) \
+        if args.semi and not args.eval_only else None
+    trained = semi_model or model
+    trained.to(device)
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        trained.to(memory_format=torch.channels_last)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
@@ -244,6 +304,8 @@ def main():
         dist.cleanup()
         return
 
+    if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the unlabeled set
+        train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
     # Data: each rank sees its share of every epoch; batch size is the total over ranks.
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
@@ -259,18 +321,25 @@ def main():
     milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
     eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
 
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    # Adam, no weight decay (Sec. IV)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # BatchNorm over the whole batch under CUDA DDP, as the official runs had it on one GPU (SyncBatchNorm, as
+    # mscl.py); the conversion swaps BN children in place, so `model` stays network 1 inside `trained`
+    trained = dist.convert_sync_bn(trained, device)
+    ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else trained
+    # Adam, no weight decay (Sec. IV); one optimiser over both networks with --semi dual (official)
+    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, best = 0, 0, -1.0
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if args.bgr is None:
+            args.bgr = bool(ckpt.get("args", {}).get("bgr", False))
         check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS)
         load_weights(model, ckpt_path, ckpt)
+        if args.semi == "dual":
+            load_weights(semi_model.nets[1], ckpt_path, ckpt["model2"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -278,26 +347,39 @@ def main():
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if main_proc:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+    args.bgr = bool(args.bgr)
     if main_proc:
-        print(f"{args.arch} {args.backbone}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        init = {"torchvision": "ImageNet (torchvision)", "none": "scratch"}.get(args.pretrained, args.pretrained)
+        print(f"{args.arch} {args.backbone} (backbone from {init}): {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_ds)} train / {len(val_ds)} val persons; {iters_per_epoch} it/epoch x {epochs} epochs "
               f"= {total_iters} iterations on {world} x {device}")
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        model.train()
+        trained.train()
         progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
         loss_sum, n_iters, n_seen, t0 = torch.zeros((), device=device), 0, 0, time.time()
+        semi_sums = {}
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
-            x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
-            target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
+            labeled = batch["labeled"] if semi_model else batch
+            x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True), bgr=args.bgr), args)
+            target, weight = gaussian_targets(labeled["joints"].to(device), labeled["visible"].to(device),
                                               args.input_size, args.heatmap_size, args.sigma)
-            with autocast(args, device):
-                output = ddp_model(x)
-            loss = joints_mse_loss(output.float(), target, weight)  # Eq. (1)
+            if semi_model:  # Xie et al.'s consistency step or ICON's Eq. (6), common/semi.py
+                xu = to_memory_format(normalize(batch["unlabeled"]["image"].to(device, non_blocking=True), bgr=args.bgr), args)
+                view = semi_model.draw_view(np.random.default_rng([args.seed, rank, it]), xu.shape[0])
+                with autocast(args, device):
+                    out = ddp_model(x, xu, view)
+                loss, parts = semi_model.loss(out, target, weight)
+                for k, v in parts.items():
+                    semi_sums[k] = semi_sums.get(k, 0) + v
+            else:
+                with autocast(args, device):
+                    output = ddp_model(x)
+                loss = joints_mse_loss(output.float(), target, weight)  # Eq. (1)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -316,11 +398,15 @@ def main():
         check_finite(epoch_loss, it, ckpt_path)
         log = dict(epoch=epoch + 1, iteration=it, loss=epoch_loss.item(), lr=optimizer.param_groups[0]["lr"],
                    img_per_s=n_seen / (time.time() - t0))
+        # per-term losses; peakN: the collapse monitor (mean peak of network N's unlabeled easy-view heatmaps)
+        log.update({k: dist.all_reduce_mean(v / max(1, n_iters)).item() for k, v in semi_sums.items()})
         last = it >= total_iters
         if (epoch + 1) % eval_every == 0 or last:
-            dist.broadcast_buffers(model)
+            dist.broadcast_buffers(trained)
             metrics, results, shown = evaluate(model, val_ds, args, device, info)
             log["metrics"] = metrics
+            for name, extra in (semi_model.eval_models() if semi_model else {}).items():  # logged, not reported
+                log[f"metrics_{name}"] = evaluate(extra, val_ds, args, device, info, verbose=False)[0]
             if main_proc:
                 score = main_metric(metrics)
                 write_eval_outputs(args, metrics, results, shown, info)
@@ -330,14 +416,19 @@ def main():
                                                                          "epoch": epoch + 1, "metrics": metrics})
         rngs = dist.gather_objects(rng_state())
         if main_proc:
+            extra = {"model2": semi_model.nets[1].state_dict()} if args.semi == "dual" else {}
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                         "epoch": epoch + 1, "iteration": it, "best": best, "args": vars(args),
-                                        "rng": rngs})
+                                        "rng": rngs, **extra})
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             print(f"epoch {epoch + 1}/{epochs}: loss {log['loss']:.6f}, {log['img_per_s']:.1f} img/s"
                   + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
+            if semi_model:
+                print("  " + ", ".join([f"{k} {log[k]:.4g}" for k in semi_sums] + [
+                    f"{k.removeprefix('metrics_')}: {format_metrics(v)}" for k, v in log.items() if k.startswith("metrics_")]),
+                    flush=True)
         if last:
             break
     dist.cleanup()

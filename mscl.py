@@ -17,23 +17,21 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
-from PIL import ImageFilter
 from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
 from common.plots import plot_curves
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, load_checkpoint, rng_state,
-                          run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.ssl import moco_v2_augmentation
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
+                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
@@ -140,31 +138,6 @@ def scale_weights(args):
 
 # ----------------------------------------------------------------------------------------------
 # Data: two MoCo v2 views of every image (Sec. 4.2; MoCo v2's main_moco.py augmentation)
-
-IMAGENET_NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-class GaussianBlur:
-    """MoCo v2's blur: PIL Gaussian blur with σ drawn uniformly from [0.1, 2] (pixels)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-def moco_v2_augmentation(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        IMAGENET_NORMALIZE,
-    ])
-
 
 class TwoViews(torch.utils.data.Dataset):
     """Unlabeled images; each item is two independent augmentations of one image."""
@@ -374,19 +347,6 @@ RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_head
                "scale_weights", "crop_size", "batch_size", "lr", "fix_pred_lr", "momentum", "wd", "epochs", "amp")
 
 
-def check_resume_args(path, saved, args):
-    """--resume continues the saved run: refuse a changed model, data or schedule (as mrpose.py does)."""
-    for k in RESUME_KEYS:
-        was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
-        if k in saved and was != now:
-            flag = "--" + k.replace("_", "-")
-            if k == "fpn":  # the flag is --no-fpn
-                flag, was, now = "--no-fpn", not was, not now
-            raise UserError(f"{path}: saved with {flag} {was}, this run has {now}; "
-                            f"resume with the same settings or use another --out")
-
-
 def parameter_digest(model):
     """sha1 of every parameter's bytes: equal on all ranks when DDP keeps them in step."""
     h = hashlib.sha1()
@@ -428,7 +388,7 @@ def main():
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
         try:
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape (e.g. a checkpoint saved before --fusion)

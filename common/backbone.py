@@ -43,7 +43,8 @@ def load_backbone(backbone, path):
     """Load a ResNet state_dict in torchvision key names into `backbone`; return a one-line report.
 
     Accepts a bare state_dict or a dict holding one under 'state_dict'/'model'/'backbone', with an
-    optional 'module.' (DDP) or 'backbone.' prefix. Keys the backbone lacks (fc.*) are reported,
+    optional 'module.' (DDP) or 'backbone.' prefix; of a MoCo checkpoint ('module.encoder_q.*',
+    'module.encoder_k.*', 'module.queue') the query encoder. Keys the backbone lacks (fc.*) are reported,
     a shape mismatch is an error naming the key."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: pretrained backbone file not found")
@@ -60,6 +61,8 @@ def load_backbone(backbone, path):
     for prefix in ("module.", "backbone."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith("encoder_q.") for k in state):  # a MoCo checkpoint: its query encoder
+        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
     own = backbone.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:

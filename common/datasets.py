@@ -36,14 +36,17 @@ MPII_SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (3, 4), (4, 5), (6, 7), (7, 8),
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def load_coco(ann_file):
-    """pycocotools COCO object for a keypoint json (read once), with a one-line error for a bad file."""
+def load_coco(ann_file, image_info=False):
+    """pycocotools COCO object for a keypoint json (read once), with a one-line error for a bad file.
+    With `image_info`, an image list without annotations (image_info_test-dev2017.json) is accepted too."""
     from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = load_json(os.fspath(ann_file), "annotation file")
-    if not isinstance(coco.dataset, dict) or "annotations" not in coco.dataset or "images" not in coco.dataset:
+    if not isinstance(coco.dataset, dict) or "images" not in coco.dataset:
         raise UserError(f"{ann_file}: not a COCO annotation file (needs 'images' and 'annotations')")
-    missing_area = [a.get("id") for a in coco.dataset["annotations"] if "area" not in a]
+    if "annotations" not in coco.dataset and not image_info:
+        raise UserError(f"{ann_file}: no 'annotations' (an image-info file such as test-dev needs --det-json)")
+    missing_area = [a.get("id") for a in coco.dataset.get("annotations", []) if "area" not in a]
     if missing_area:  # COCOeval's OKS divides by the GT area; without it pycocotools dies with a bare KeyError
         raise UserError(f"{ann_file}: annotation id {missing_area[0]} has no 'area' (OKS needs it)")
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints "creating index..."
@@ -59,7 +62,7 @@ def read_coco(coco, image_dir, aspect_ratio, image_ids=None, det_json=None, det_
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory not found")
     image_ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
-    k = len(coco.loadCats(1)[0]["keypoints"]) if coco.getCatIds() else 17
+    k = len(coco.cats.get(1, {}).get("keypoints", [None] * 17))  # image-info files list categories without keypoints
     records, skipped = [], {"crowd": 0, "bad_box": 0, "no_joints": 0, "low_score": 0}
     if det_json is not None:
         dets = load_json(det_json, "detection file")
@@ -169,6 +172,14 @@ def read_image(path):
     return load_image(path)[0]
 
 
+def draw_scale_rotation(rng, scale_factor, rot_factor):
+    """The official law (SimpleBaseline/SimMRPose/HRNet JointsDataset, in their order of draws): scale factor
+    from N(1, sf) clipped to 1 ± sf; rotation with probability 0.6 from N(0, rf) clipped to ±2·rf, else 0."""
+    factor = float(np.clip(rng.standard_normal() * scale_factor + 1, 1 - scale_factor, 1 + scale_factor))
+    rot = float(np.clip(rng.standard_normal() * rot_factor, -2 * rot_factor, 2 * rot_factor)) if rng.random() <= 0.6 else 0.0
+    return factor, rot
+
+
 class TopDownDataset(torch.utils.data.Dataset):
     """Person crops for top-down pose: one affine per sample moves pixels and joints together.
 
@@ -207,12 +218,8 @@ class TopDownDataset(torch.utils.data.Dataset):
                 half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio, rng)
                 if half is not None:
                     center, scale = half
-            # HRNet's draws: scale ~ clip(N(1, sf), 1 ± sf); rotation with p 0.6 from a normal clipped
-            # at twice its σ (paper silent on the law; the paper's ±rf is that clip)
-            scale = scale * np.clip(rng.standard_normal() * self.scale_factor + 1,
-                                    1 - self.scale_factor, 1 + self.scale_factor)
-            if rng.random() <= 0.6:
-                rot = float(np.clip(rng.standard_normal() * self.rot_factor / 2, -self.rot_factor, self.rot_factor))
+            factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
+            scale = scale * factor
             flip = self.flip and rng.random() <= 0.5
         img, (width, _) = load_image(r["image"], scale=self.input_size[0] / scale[0])
         m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)

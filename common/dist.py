@@ -59,6 +59,16 @@ def broadcast_buffers(model):
             dist.broadcast(b, 0)
 
 
+def all_gather_cat(t):
+    """Every rank's `t` (same shape on all ranks) concatenated along dim 0, in rank order, without
+    gradient (MoCo's concat_all_gather); `t` itself without a process group."""
+    if not dist.is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
 def gather_objects(obj):
     """List of every rank's `obj` (picklable), in rank order; [obj] without a process group."""
     if not dist.is_initialized():

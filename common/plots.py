@@ -47,6 +47,23 @@ def plot_curves(path, steps, curves, xlabel="iteration", ylabel="loss"):
     _save(fig, path)
 
 
+def plot_skeletons_3d(path, rows, bones, cols=4):
+    """3D stick figures, one row per named set of skeletons ((n, J, 3) arrays, y pointing down)."""
+    fig = plt.figure(figsize=(2.6 * cols, 2.8 * len(rows)))
+    for r, (name, skeletons) in enumerate(rows.items()):
+        for c, joints in enumerate(skeletons[:cols]):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1, projection="3d")
+            x, y, z = joints[:, 0], joints[:, 2], -joints[:, 1]  # depth into the page, up is up
+            for a, b in bones:
+                ax.plot([x[a], x[b]], [y[a], y[b]], [z[a], z[b]], "-", lw=2, color="tab:blue")
+            ax.scatter(x, y, z, s=6, c="red")
+            half = max(1e-6, float(abs(joints).max()))
+            ax.set(xlim=(-half, half), ylim=(-half, half), zlim=(-half, half), xticks=[], yticks=[], zticks=[])
+            ax.set_title(f"{name} {c + 1}", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_embeddings(path, points, labels, names, title=""):
     """2-D points (e.g. a PCA of keypoint embeddings) coloured by class, one legend entry per class."""
     fig, ax = plt.subplots(figsize=(7, 6))

@@ -33,6 +33,10 @@ class PoseNet(nn.Module):
 class SimpleBaseline(PoseNet):
     """MRPose Fig. 2: three 256-channel deconvs on C5, then a 1x1 conv to k heatmaps at 1/4 resolution."""
 
+    # official pose_resnet key prefixes -> ours (common.topdown.load_weights; the ResNet keys sit at its top level)
+    OFFICIAL_KEYS = {"deconv_layers.0.": "deconv1.0.", "deconv_layers.1.": "deconv1.1.", "deconv_layers.3.": "deconv2.0.",
+                     "deconv_layers.4.": "deconv2.1.", "deconv_layers.6.": "deconv3.0.", "deconv_layers.7.": "deconv3.1."}
+
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone)
         self.deconv1, self.deconv2, self.deconv3 = deconv(backbone.channels[3], c), deconv(c, c), deconv(c, c)

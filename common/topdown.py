@@ -4,12 +4,13 @@ checkpoint loading and the evaluation outputs. The scripts keep their model, los
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
 heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
-labeled, augmentation (scale_factor, rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/
-gt_mat, out and oracle.
+labeled, labeled_order (optional, default random), augmentation (scale_factor, rot_factor, flip,
+half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where the script has it.
 """
 import os
 
 import numpy as np
+import scipy.io
 import torch
 
 from common import dist
@@ -20,7 +21,7 @@ from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
-from common.utils import UserError, autocast, load_checkpoint, load_json, save_json
+from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
 from data.demo import default_demo_root, make_demo
 
 
@@ -68,14 +69,28 @@ def data_paths(args):
     return paths
 
 
-def split_labeled(records, n, seed):
-    """Few-label protocol: N images drawn with a seeded permutation; the rest is the unlabeled set."""
-    image_ids = sorted({r["image_id"] for r in records})
-    if n > len(image_ids):
-        raise UserError(f"--labeled {n}: only {len(image_ids)} training images have labeled persons")
-    perm = np.random.default_rng(seed).permutation(len(image_ids))
-    labeled = {image_ids[i] for i in perm[:n]}
-    return [r for r in records if r["image_id"] in labeled], sorted(set(image_ids) - labeled)
+def parse_labeled(text):
+    """--labeled: N persons (int), or P% of the training persons (a float fraction; ICON's protocol)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
+    except ValueError:
+        raise UserError(f"--labeled {text}: expected a number of persons or a percentage (e.g. 1000 or 5%)") from None
+    if value <= 0 or (isinstance(value, float) and value > 1):
+        raise UserError(f"--labeled {text}: must be a positive count or a percentage up to 100%")
+    return value
+
+
+def split_labeled(records, n, seed, order="random"):
+    """Few-label protocols count persons ("samples"): N persons (or a fraction of them), the first N in
+    the annotation file's order (`first`: the official subsets of Xie et al., no seed) or drawn with a
+    seeded permutation (`random`: MSCL's "randomly select"). Returns (labeled, the other persons)."""
+    n = round(n * len(records)) if isinstance(n, float) else n
+    if n > len(records):
+        raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
+    chosen = np.arange(n) if order == "first" else np.random.default_rng(seed).permutation(len(records))[:n]
+    labeled = np.zeros(len(records), bool)
+    labeled[chosen] = True
+    return [r for r, k in zip(records, labeled) if k], [r for r, k in zip(records, labeled) if not k]
 
 
 def build_data(args, train):
@@ -89,7 +104,9 @@ def build_data(args, train):
     needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
         (["gt_mat"] if args.data == "mpii" else [])
     if any(paths[k] is None for k in needed):
-        raise UserError(f"--data {args.data} needs --data-root (or --{'/--'.join(k.replace('_', '-') for k in needed)})")
+        flags = dict(train_ann="--ann", train_images="--images", val_ann="--val-ann", val_images="--val-images",
+                     gt_mat="--gt-mat")
+        raise UserError(f"--data {args.data} needs --data-root (or {'/'.join(flags[k] for k in needed)})")
     train_records = None
     if args.data == "mpii":
         val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)
@@ -103,23 +120,31 @@ def build_data(args, train):
     elif args.data == "crowdpose":
         coco = load_crowdpose(paths["val_ann"])
         val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
-        info = dict(kind="crowdpose", coco=coco, skeleton=CROWDPOSE_SKELETON)
+        info = dict(kind="crowdpose", coco=coco, skeleton=CROWDPOSE_SKELETON,
+                    split=os.path.basename(paths["val_ann"]).removesuffix(".json"))  # crowdpose_val, crowdpose_test
         flip_pairs, upper = CROWDPOSE_FLIP_PAIRS, CROWDPOSE_UPPER
         if train:
             train_records, skipped = read_coco(load_crowdpose(paths["train_ann"]), paths["train_images"], aspect)
     else:
-        coco = load_coco(paths["val_ann"])
+        coco = load_coco(paths["val_ann"], image_info=args.det_json is not None)
         val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
-        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON)
+        # image_info_test-dev2017.json -> test-dev2017, person_keypoints_val2017.json -> val2017: the results file name
+        split = os.path.basename(paths["val_ann"]).removesuffix(".json").removeprefix("person_keypoints_")
+        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON, split=split.removeprefix("image_info_"))
         flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
         if train:
-            train_records, skipped = read_coco(load_coco(paths["train_ann"]), paths["train_images"], aspect)
+            coco = load_coco(paths["train_ann"])  # persons in the file's order: `--labeled-order first` takes the first N
+            train_records, skipped = read_coco(coco, paths["train_images"], aspect,
+                                               image_ids=[im["id"] for im in coco.dataset["images"]])
     if train and dist.is_main():
         print(f"train: {len(train_records)} persons from {paths['train_ann']}; skipped {skipped}")
+    info["unlabeled"] = []
     if train and args.labeled:
-        train_records, unlabeled = split_labeled(train_records, args.labeled, args.seed)
+        order = getattr(args, "labeled_order", "random")
+        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed, order)
         if dist.is_main():
-            print(f"--labeled {args.labeled}: {len(train_records)} persons; {len(unlabeled)} images left unlabeled")
+            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons; "
+                  f"{len(info['unlabeled'])} persons left unlabeled")
     if train and not train_records:
         raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
     if not val_records:
@@ -144,17 +169,16 @@ def predict(model, dataset, args, device, info, oracle=False):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     out_index, out_coords, out_conf, shown = [], [], [], None
     for batch in loader:
-        x = normalize(batch["image"].to(device, non_blocking=True))
+        x = normalize(batch["image"].to(device, non_blocking=True), bgr=getattr(args, "bgr", False))
         if oracle:  # the ground truth itself through the identical path
             heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
-        else:
-            with autocast(args, device):
-                heat = model(to_memory_format(x, args)).float()
-                if args.flip_test:
-                    flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
-                    # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
-                    flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
-                    heat = (heat + flipped) * 0.5
+        else:  # fp32 even when training with --amp: the argmax, quarter offset and rescoring are sensitive to bf16
+            heat = model(to_memory_format(x, args)).float()
+            if args.flip_test:
+                flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
+                # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
+                flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
+                heat = (heat + flipped) * 0.5
         coords, conf = decode_heatmaps(heat.cpu())
         if shown is None:
             shown = (batch["image"][:8], coords[:8] * 4, conf[:8])
@@ -185,16 +209,18 @@ def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9, sigma
     return results
 
 
-def evaluate(model, dataset, args, device, info, oracle=False):
+def evaluate(model, dataset, args, device, info, oracle=False, verbose=True):
     """Metrics dict (COCO AP... or MPII PCKh table), COCO-format results, crops for the figure."""
     coords, conf, shown = predict(model, dataset, args, device, info, oracle)
-    if info["kind"] == "mpii":
-        return mpii_pckh(coords, info["gt"], index=info["index"]), None, shown
+    if info["kind"] == "mpii":  # the predictions themselves are the results: pred.mat
+        return mpii_pckh(coords, info["gt"], index=info["index"]), coords, shown
     if info["kind"] == "crowdpose":  # crowdposetools: its sigmas in the NMS and the metric
         results = coco_results(dataset.records, coords, conf, sigmas=CROWDPOSE_SIGMAS)
         return (crowdpose_eval(info["coco"], results) if dist.is_main() else {}), results, shown
     results = coco_results(dataset.records, coords, conf)
-    metrics = coco_keypoint_eval(info["coco"], results, verbose=dist.is_main()) if dist.is_main() else {}
+    if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
+        return {}, results, shown
+    metrics = coco_keypoint_eval(info["coco"], results, verbose=verbose) if dist.is_main() else {}
     return metrics, results, shown
 
 
@@ -205,14 +231,43 @@ def to_memory_format(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
+RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def from_official_names(model, state):
+    """A state_dict of the released SimpleBaseline (pose_resnet_*) / SimMRPose models -> our names, or None if
+    `state` is not in their names: their ResNet sits at the top level, their head names map through the model
+    class's OFFICIAL_KEYS. BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
+    if not any(k.startswith("layer1.") for k in state):
+        return None
+    table = getattr(type(model), "OFFICIAL_KEYS", {})
+    renamed = {}
+    for k, v in state.items():
+        if k.startswith(RESNET_KEYS):
+            k = "backbone." + k
+        else:
+            k = next((new + k[len(old):] for old, new in table.items() if k.startswith(old)), k)
+        renamed[k] = v
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            renamed.setdefault(k, v)
+    return renamed
+
+
 def load_weights(model, path, state=None):
-    """Model weights from a checkpoint (ours, or a bare state_dict; `state` if already loaded from `path`);
-    a clear error if they don't fit."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose model in
+    the official names; `state` if already loaded from `path`); a clear error if they don't fit. Returns True
+    when the names were the official ones (those models were trained on BGR input, see --bgr)."""
     state = load_checkpoint(path) if state is None else state
-    state = state.get("model", state) if isinstance(state, dict) else state
+    for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    official = from_official_names(model, state)
+    state = state if official is None else official
     own = model.state_dict()
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if wrong:
@@ -222,17 +277,7 @@ def load_weights(model, path, state=None):
         raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
                         f"{expected}, found {found}; check --arch/--backbone/--head-channels/--data)")
     model.load_state_dict(state)
-
-
-def check_resume_args(path, saved, args, keys):
-    """--resume continues the saved run: the settings named by `keys` (the model and the schedule) must not
-    change (--epochs/--iters may grow, which is how an interrupted run is finished)."""
-    for k in keys:
-        was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
-        if k in saved and was != now:
-            raise UserError(f"{path}: saved with --{k.replace('_', '-')} {was}, this run has {now}; "
-                            f"resume with the same settings or use another --out")
+    return official is not None
 
 
 def main_metric(metrics):
@@ -245,12 +290,29 @@ def format_metrics(m):
     return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}" for k in keys if k in m)
 
 
+def results_file(args, info):
+    """COCO's results name, person_keypoints_[split]_[alg]_results.json, as the evaluation server wants it;
+    alg is the --out folder's name (the server splits the name at '_')."""
+    alg = os.path.basename(os.path.normpath(args.out)).replace("_", "-")
+    if info["kind"] == "crowdpose":  # no server: the annotation file's name stands for the split
+        return os.path.join(args.out, f"{info['split']}_{alg}_results.json")
+    return os.path.join(args.out, f"person_keypoints_{info.get('split', 'val2017')}_{alg}_results.json")
+
+
 def write_eval_outputs(args, metrics, results, shown, info):
     save_json(os.path.join(args.out, "metrics.json"), metrics)
-    if results is not None:
-        save_json(os.path.join(args.out, "results.json"), results)
+    if info["kind"] == "mpii":
+        # HRNet/SimpleBaseline's pred.mat: 'preds' (persons in valid.json order, 16, 2), 1-based MATLAB pixels;
+        # `python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat` scores it
+        atomic_write(os.path.join(args.out, "pred.mat"), lambda f: scipy.io.savemat(f, {"preds": results + 1.0}))
+    elif results is not None:
+        save_json(results_file(args, info), results)
     if shown is not None:
         plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(), shown[2].numpy(),
                          info["skeleton"])
+    if results is not None and not metrics:
+        print(f"{len(results)} results for {info.get('split')} in {results_file(args, info)}: no annotations to score "
+              f"them here; submit the file to the COCO evaluation server", flush=True)
+        return
     print(("oracle " if args.oracle else "") + "val: " + format_metrics(metrics), flush=True)
 

@@ -75,8 +75,13 @@ def to_tensor_uint8(img):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
-def normalize(x):
-    """uint8 images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets expect)."""
+def normalize(x, bgr=False):
+    """uint8 RGB images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets expect).
+
+    With `bgr`, the channels are reversed first and normalised with the same per-position mean and std,
+    as the official SimpleBaseline/SimMRPose code feeds cv2's BGR images through the RGB Normalize."""
+    if bgr:
+        x = x.flip(1)
     mean = torch.tensor(IMAGENET_MEAN * 255, device=x.device).view(1, 3, 1, 1)
     inv_std = torch.tensor(1 / (IMAGENET_STD * 255), device=x.device).view(1, 3, 1, 1)
     return x.to(torch.float32, copy=True).sub_(mean).mul_(inv_std)  # in place: one fresh buffer, not three

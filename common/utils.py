@@ -133,3 +133,18 @@ def check_finite(loss, it, ckpt_path):
     """Stop on a NaN/inf loss before anything is written; the last checkpoint stays as it was."""
     if not torch.isfinite(loss).all():
         raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is {ckpt_path}")
+
+
+def check_resume_args(path, saved, args, keys, negated=()):
+    """--resume continues the saved run: the settings named by `keys` (the model and the schedule) must not
+    change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys in `negated` are
+    store_false flags, named --no-<key> in the message."""
+    for k in keys:
+        was, now = saved.get(k), getattr(args, k)
+        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
+        if k in saved and was != now:
+            flag = "--" + k.replace("_", "-")
+            if k in negated:
+                flag, was, now = "--no-" + flag[2:], not was, not now
+            raise UserError(f"{path}: saved with {flag} {was}, this run has {now}; "
+                            f"resume with the same settings or use another --out")

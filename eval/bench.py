@@ -1,9 +1,9 @@
-"""Throughput of the shipped MRPose code on the current device: training, data pipeline, evaluation.
+"""Throughput of the shipped code on the current device: pose training, data pipeline, evaluation, pretraining.
 
     python -m eval.bench                                  # CPU: a few minutes on 2 cores
     python -m eval.bench --device cuda --out bench.json   # GPU: the five heads on ResNet-50, MFU
     python -m eval.bench --quick                          # smoke test: ResNet-18 only, < 1 min on a CPU
-    python -m eval.bench --icon-backbones                 # without the ICON section (5: on by default)
+    python -m eval.bench --icon-backbones                 # without the ICON section (6: on by default)
 
 1. Training: the step of mrpose.py's loop (forward, gaussian_targets on the device, joints MSE,
    Adam) on models built by mrpose.build_model at the paper's COCO input 256x192, 17 joints.
@@ -12,7 +12,12 @@
    preset's augmentation plus batched gaussian_targets, against a re-implementation of the
    reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
 3. Evaluation: img/s of common.topdown.predict's inner loop (forward, flip test, decode, back-projection).
-5. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
+4. MSCL pretraining (both --fusion orders) against SimSiam in the same code, pairs/s.
+5. LiftedCL pretraining (encoder + discriminator step) against MoCo v2, its degenerate setting.
+6. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
+7. Semi-supervised: mrpose.py --semi dual's step (common.semi.ConsistencyTraining: two networks, each on
+   labeled, easy and hard views, the hard view warped on the device) next to two supervised steps of
+   the same two networks on the labeled batch alone.
 
 It only measures and prints; nothing here asserts a speed.
 """
@@ -43,7 +48,8 @@ ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeane
 # CPU default: the baseline and the paper's best head on ResNet-50, and the baseline on ResNet-18
 CPU_PAIRS = [("simplebaseline", "resnet50"), ("mrfeanet2", "resnet50"), ("simplebaseline", "resnet18")]
 # mode -> mrpose.py flags; CPU shows whether channels_last alone helps, CUDA the fast training setting
-MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
+MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16": ["--amp", "bf16"],
+         "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
 # dense bf16 peak (no sparsity) for the MFU; H100 SXM and H200 share the same tensor cores
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHARED_COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -66,6 +72,9 @@ def get_args(argv=None):
     p.add_argument("--mscl-batches", type=int, nargs="*", default=None,
                    help="batch sizes of the MSCL-vs-SimSiam pretraining section (default 8 64 on CUDA, 8 on the "
                         "CPU; none: skip it)")
+    p.add_argument("--liftedcl-batches", type=int, nargs="*", default=None,
+                   help="batch sizes of the LiftedCL-vs-MoCo v2 pretraining section (default 8 64 on CUDA, 8 on the "
+                        "CPU; none: skip it)")
     p.add_argument("--icon-backbones", nargs="*", default=None, choices=["resnet18", "resnet50", "hrnet_w32", "hrnet_w48"],
                    help="ICON section: training step with and without the contrast (default resnet50 hrnet_w32; "
                         "none: skip it)")
@@ -81,6 +90,7 @@ def get_args(argv=None):
         args.archs, args.backbones = args.archs or ["simplebaseline"], args.backbones or ["resnet18"]
         args.batch_size = args.batch_size or 2
         args.mscl_batches = []
+        args.liftedcl_batches = []
         args.icon_backbones = [] if args.icon_backbones is None else args.icon_backbones
     if args.icon_backbones is None:
         args.icon_backbones = ["resnet50", "hrnet_w32"]
@@ -90,10 +100,13 @@ def get_args(argv=None):
         archs = args.archs or (ALL_ARCHS if cuda else ["simplebaseline", "mrfeanet2"])
         args.pairs = [(a, b) for b in (args.backbones or ["resnet50"]) for a in archs]
     args.eval_backbone = (args.backbones or ["resnet50"])[0]
-    args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else ["fp32", "channels_last"]
+    args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else \
+        ["fp32", "channels_last"] + (["amp-bf16", "amp-bf16+channels_last"] if cpu_has_bf16() else [])
     args.batch_size = args.batch_size or (32 if cuda else 8)
     if args.mscl_batches is None:
         args.mscl_batches = [8, 64] if cuda else [8]
+    if args.liftedcl_batches is None:
+        args.liftedcl_batches = [8, 64] if cuda else [8]
     args.iters = args.iters or (1 if args.quick else 50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if cuda else 2)
     args.samples = args.samples or (16 if args.quick else 256)
@@ -103,8 +116,20 @@ def get_args(argv=None):
 
 def mrpose_args(arch, backbone, batch_size, mode):
     """mrpose.py's own arguments for the COCO preset: 192x256 input, 48x64 heatmaps, 17 joints."""
-    return mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", backbone,
+    return mrpose.get_args(["--data", "coco", "--pretrained", "none", "--arch", arch, "--backbone", backbone,
                             "--batch-size", str(batch_size)] + MODES[mode])
+
+
+def cpu_has_bf16():
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): the only case where --amp bf16 can pay off on a CPU;
+    elsewhere bf16 is emulated and slower than fp32."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return False
+    if not os.path.isfile("/proc/cpuinfo"):
+        return True
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name(device):
@@ -543,7 +568,79 @@ def bench_mscl(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling, 256 queries and
+# 5. LiftedCL pretraining: pairs/s of liftedcl.py's training step against MoCo v2's in the same code
+
+def liftedcl_config(cfg):
+    """Time one liftedcl.py training step (encoder step, then D step, as in liftedcl.main) in its own process."""
+    import liftedcl
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = liftedcl.get_args(["--data", "coco", "--crop-size", "224", "--batch-size", str(cfg["batch_size"])]
+                             + cfg["flags"])
+    groups = args.bn_groups or 4  # liftedcl.main in one process: the paper's 4 GPUs as 4 BatchNorm groups
+    model = liftedcl.LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
+                              args.lambda_adv > 0, args.normalize_lifted, args.align_size, groups).to(device).train()
+    disc = liftedcl.Discriminator().to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    d_optimizer = torch.optim.SGD(disc.parameters(), args.d_lr, momentum=args.momentum, weight_decay=args.wd)
+    real = liftedcl.sample_prior(1000).to(device)
+    g = torch.Generator().manual_seed(0)
+    n = cfg["batch_size"]
+    x1, x2 = (torch.randn(n, 3, 224, 224, generator=g).to(device) for _ in range(2))
+    # the two crops overlap on their lower-right part; every second key view is flipped
+    geom_q = torch.tensor([[0.0, 0.0, 200.0, 200.0, 0.0]], device=device).repeat(n, 1)
+    geom_k = torch.tensor([[40.0, 30.0, 180.0, 190.0, 0.0]], device=device).repeat(n, 1)
+    geom_k[1::2, 4] = 1.0
+
+    def step():
+        with autocast(args, device):
+            out = model(x1, x2, geom_q, geom_k)
+        loss, _ = liftedcl.encoder_loss(out, disc, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        liftedcl.discriminator_step(disc, d_optimizer, real[torch.randint(len(real), (n,), device=device)],
+                                    out["lifted"])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dict(model=cfg["name"], batch=n, bn_groups=groups, pairs_per_s=n / dt, ms_per_iter=dt * 1e3, peak_mib=peak)
+
+
+def bench_liftedcl(args):
+    """LiftedCL (ResNet-50, K 16384, both contrasts, lifting, KCS discriminator) against MoCo v2, its degenerate
+    setting (--lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --moco-k 4096), same shuffle-BN groups."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    amp = ["--amp", "bf16"] if args.device.type == "cuda" else []
+    for batch in args.liftedcl_batches:
+        for name, flags in [("MoCo v2 (liftedcl.py, degenerate)", ["--lambda-inv", "1", "--lambda-equiv", "0",
+                                                                     "--lambda-adv", "0", "--moco-k", "4096"]),
+                            ("LiftedCL", [])]:
+            cfg = dict(name=name, flags=flags + amp, batch_size=batch, device=args.device.type, threads=args.threads,
+                       iters=args.iters, warmup=args.warmup)
+            with spawn.Pool(1) as pool:
+                rows.append(pool.apply(liftedcl_config, (cfg,)))
+            print(f"  liftedcl {name} batch {batch}: {rows[-1]['pairs_per_s']:.2f} pairs/s", flush=True)
+        rows[-1]["vs_moco"] = rows[-1]["pairs_per_s"] / rows[-2]["pairs_per_s"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling, 256 queries and
 # 512 negatives per class) against the same step at λp = 0 (the baseline), 256x192, batch 8 as the issue asks
 
 ICON_BATCH = 8
@@ -605,6 +702,73 @@ def bench_icon(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# 7. Semi-supervised: the dual step against two supervised steps of the same networks (same batch of pairs)
+
+def semi_config(cfg):
+    """ms per step of mrpose.py's --semi dual iteration and of two plain steps (net 1, then net 2)."""
+    from common.semi import ConsistencyTraining
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    device = torch.device(cfg["device"])
+    args = mrpose_args("simplebaseline", cfg["backbone"], cfg["batch_size"], cfg["mode"])
+    nets = [mrpose.build_model(args)[0] for _ in range(2)]
+    dual = ConsistencyTraining(*nets, args.input_size, args.heatmap_size, args.num_joints,
+                               args.scale_factor, args.rot_factor, channels_last=args.channels_last).to(device).train()
+    if args.channels_last:
+        dual.to(memory_format=torch.channels_last)
+    labeled, unlabeled = (synthetic_batch(cfg["batch_size"], args, device, seed) for seed in (0, 1))
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.Adam(dual.parameters(), lr=args.lr)
+    plain = []  # each network's own supervised step (train_step, section 1)
+    for net in nets:
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        plain.append((opt, torch.optim.lr_scheduler.MultiStepLR(opt, [10 ** 9], gamma=0.1)))
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+
+    def dual_step():  # mrpose.main's --semi branch, line for line
+        x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
+        xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
+        target, weight = gaussian_targets(labeled["joints"].to(device), labeled["visible"].to(device),
+                                          args.input_size, args.heatmap_size, args.sigma)
+        with autocast(args, device):
+            out = dual(x, xu, dual.draw_view(rng, xu.shape[0]))
+        loss, _ = dual.loss(out, target, weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def two_steps():
+        for net, (opt, sched) in zip(nets, plain):
+            train_step(net, opt, sched, scaler, labeled, args, device)
+
+    times = {}
+    for name, step in (("dual", dual_step), ("two supervised", two_steps)):
+        for _ in range(cfg["warmup"]):
+            step()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg["iters"]):
+            step()
+        synchronize(device)
+        times[name] = (time.perf_counter() - t0) / cfg["iters"]
+    return [dict(step=name, backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
+                 ms_per_iter=t * 1e3, pairs_per_s=cfg["batch_size"] / t, vs_two_supervised=t / times["two supervised"])
+            for name, t in times.items()]
+
+
+def bench_semi(args):
+    mode = args.modes[-1]
+    cfg = dict(backbone=args.eval_backbone, mode=mode, device=args.device.type, batch_size=args.batch_size,
+               iters=args.iters, warmup=args.warmup, threads=args.threads)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rows = pool.apply(semi_config, (cfg,))
+    print(f"  semi dual: {rows[0]['ms_per_iter']:.0f} ms/step, {rows[0]['vs_two_supervised']:.2f}x two supervised steps",
+          flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 
 def format_table(rows, columns):
@@ -639,7 +803,9 @@ def main():
     data, speedup, data_note = bench_data(args)
     evals = bench_eval(args)
     pretrain = bench_mscl(args) if args.mscl_batches else []
+    lifted = bench_liftedcl(args) if args.liftedcl_batches else []
     icon_rows = bench_icon(args) if args.icon_backbones else []
+    semi = bench_semi(args)
 
     mem = ("peak_mib", "peak MiB (cuda max_allocated)" if cuda else "peak RSS +MiB (ru_maxrss delta)", ".0f")
     train_cols = [("arch", "arch", "s"), ("backbone", "backbone", "s"), ("mode", "mode", "s"),
@@ -675,14 +841,24 @@ def main():
                                       ("ms_per_iter", "ms/iter", ".1f"), mem,
                                       ("gmacs_per_pair", "GFLOPs/pair (fwd MACs)", ".2f"),
                                       ("vs_simsiam", "vs SimSiam", ".2f")]))
+    if lifted:
+        print(f"\n== 5. LiftedCL pretraining step, ResNet-50, two 224x224 views, encoder + D step "
+              f"({'bf16 autocast' if cuda else 'fp32'}) ==")
+        print(format_table(lifted, [("model", "model", "s"), ("batch", "batch", "d"), ("bn_groups", "BN groups", "d"),
+                                    ("pairs_per_s", "pairs/s", ".2f"), ("ms_per_iter", "ms/iter", ".1f"), mem,
+                                    ("vs_moco", "vs MoCo v2", ".2f")]))
     if icon_rows:
-        print(f"\n== 5. ICON training step, 256x192, batch {ICON_BATCH} ({'bf16 autocast + channels_last' if cuda else 'fp32'}):"
+        print(f"\n== 6. ICON training step, 256x192, batch {ICON_BATCH} ({'bf16 autocast + channels_last' if cuda else 'fp32'}):"
               f" baseline (λp = 0) and + ICON (hard sampling, 256 queries, 512 negatives) ==")
         print(format_table(icon_rows, [("model", "model", "s"), ("img_per_s", "img/s", ".1f"),
                                        ("ms_per_iter", "ms/iter", ".1f"), mem, ("added", "step time added", ".1%")]))
+    print(f"\n== 7. semi-supervised step (--semi dual: 2 SimpleBaseline-{args.eval_backbone}, {semi[0]['mode']}), "
+          f"batch {args.batch_size} labeled + {args.batch_size} unlabeled vs two supervised steps on the labeled batch ==")
+    print(format_table(semi, [("step", "step", "s"), ("ms_per_iter", "ms/iter", ".1f"), ("pairs_per_s", "pairs/s", ".2f"),
+                              ("vs_two_supervised", "vs two supervised", ".2f")]))
     if args.out:
         save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
-                                 eval=evals, mscl=pretrain, icon=icon_rows))
+                                 eval=evals, mscl=pretrain, liftedcl=lifted, icon=icon_rows, semi=semi))
         print(f"\nwrote {args.out}")
 
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 from PIL import Image
 
@@ -213,7 +214,7 @@ R50_PARAMS = {"simplebaseline": 33_999_697, "mrheatnet1": 34_017_785, "mrheatnet
 
 @pytest.mark.parametrize("arch", list(R50_PARAMS))
 def test_parameter_counts_match_official_code(arch):
-    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet50"])
+    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet50", "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     assert sum(p.numel() for p in model.parameters()) == R50_PARAMS[arch]
 
@@ -222,7 +223,7 @@ def test_parameter_counts_match_official_code(arch):
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
 def test_every_arch_trains_on_basic_block_backbones(arch, backbone):
     # the official MRFeaNet crashes on ResNet-18/34; MRHeatNet1's official in-place add breaks backward
-    args = mrpose.get_args(["--data", "mpii", "--arch", arch, "--backbone", backbone, "--input-size", "64", "96"])
+    args = mrpose.get_args(["--data", "mpii", "--arch", arch, "--backbone", backbone, "--input-size", "64", "96", "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     out = model(torch.randn(2, 3, 96, 64))
     assert out.shape == (2, 16, 24, 16)
@@ -231,7 +232,7 @@ def test_every_arch_trains_on_basic_block_backbones(arch, backbone):
 
 
 def test_head_starts_from_small_gaussian_weights():
-    args = mrpose.get_args(["--data", "coco", "--arch", "mrheatnet1", "--backbone", "resnet18"])
+    args = mrpose.get_args(["--data", "coco", "--arch", "mrheatnet1", "--backbone", "resnet18", "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     head = [m.weight for n, m in model.named_modules() if not n.startswith("backbone")
             and isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
@@ -297,3 +298,134 @@ def test_atomic_write_leaves_old_file_on_failure_and_normal_permissions(tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_augmentation_draws_follow_the_official_law_and_presets():
+    """SimpleBaseline/SimMRPose JointsDataset: s ~ clip(N(1, sf), 1 ± sf); r ~ clip(N(0, rf), ±2rf) with p 0.6."""
+    from scipy.stats import norm
+
+    from common.datasets import draw_scale_rotation
+    rng, n, sf, rf = np.random.default_rng(0), 40000, 0.3, 40.0
+    s, r = np.array([draw_scale_rotation(rng, sf, rf) for _ in range(n)]).T
+
+    def clipped_std(c):  # std of clip(N(0, 1), -c, c): the mass beyond ±c sits on the bounds
+        return math.sqrt((2 * norm.cdf(c) - 1) - 2 * c * norm.pdf(c) + 2 * c * c * norm.sf(c))
+
+    rotated = r[r != 0]
+    assert abs(len(rotated) / n - 0.6) < 0.01
+    assert np.abs(rotated).max() <= 2 * rf and (np.abs(rotated) > 1.5 * rf).mean() > 0.1  # N(0, rf/2) would not reach 1.5rf
+    assert abs(rotated.std() / (rf * clipped_std(2)) - 1) < 0.02
+    assert s.min() >= 1 - sf and s.max() <= 1 + sf and abs((s == 1 + sf).mean() - norm.sf(1)) < 0.01
+    assert abs((s - 1).std() / (sf * clipped_std(1)) - 1) < 0.02
+    coco, mpii = mrpose.get_args(["--data", "coco"]), mrpose.get_args(["--data", "mpii"])
+    assert (coco.rot_factor, coco.scale_factor, mpii.rot_factor, mpii.scale_factor) == (40, 0.3, 30, 0.25)
+
+
+def _official_pose_net(arch, k=17):
+    """The released models' layout, written from the official code (SimpleBaseline pose_resnet.py, SimMRPose
+    mrheat*/mrfea*_pose_resnet.py): ResNet at the top level, their head names, their forward."""
+    def dc(cin, cout, bare=False):
+        t = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False)
+        return t if bare else nn.Sequential(t, nn.BatchNorm2d(cout), nn.ReLU())
+
+    net = torchvision.models.resnet18()
+    del net.fc, net.avgpool
+    if arch == "simplebaseline":
+        net.deconv_layers = nn.Sequential(*dc(512, 32), *dc(32, 32), *dc(32, 32))
+        net.final_layer = nn.Conv2d(32, k, 1)
+    elif arch == "mrheatnet2":
+        net.deconv1, net.deconv2, net.deconv3 = dc(512, 32), dc(32, 32), dc(32, 32)
+        net.s_conv1 = nn.Sequential(nn.Conv2d(32, k, 1), nn.BatchNorm2d(k), nn.ReLU())
+        net.s_conv2 = nn.Sequential(nn.Conv2d(32, k, 1), nn.BatchNorm2d(k), nn.ReLU())
+        net.s_deconv1, net.s_deconv12, net.s_deconv2 = dc(k, k), dc(k, k, bare=True), dc(k, k, bare=True)
+        net.final_layer = nn.Conv2d(32, k, 1)
+    else:  # mrfeanet2 on ResNet-18: channels halve from each stage down to C2's 64
+        net.deconv11, net.deconv12, net.deconv13 = dc(512, 256), dc(256, 128), dc(128, 64)
+        net.deconv21, net.deconv22, net.deconv3 = dc(256, 128), dc(128, 64), dc(128, 64)
+        net.final_layer = nn.Conv2d(64, k, 1)
+
+    def forward(x):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        x1 = net.layer1(x)
+        x2 = net.layer2(x1)
+        x3 = net.layer3(x2)
+        x4 = net.layer4(x3)
+        if arch == "simplebaseline":
+            return net.final_layer(net.deconv_layers(x4))
+        if arch == "mrheatnet2":
+            d1 = net.deconv1(x4)
+            d2 = net.deconv2(d1)
+            return (net.final_layer(net.deconv3(d2)) + net.s_deconv12(net.s_deconv1(net.s_conv1(d1)))
+                    + net.s_deconv2(net.s_conv2(d2)))
+        return net.final_layer((x1 + net.deconv3(x2) + net.deconv22(net.deconv21(x3))
+                                + net.deconv13(net.deconv12(net.deconv11(x4)))) / 4)
+    net.forward = forward
+    return net
+
+
+@pytest.mark.parametrize("arch", ["simplebaseline", "mrheatnet2", "mrfeanet2"])
+def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_path):
+    from common.topdown import load_weights
+    torch.manual_seed(0)
+    official = _official_pose_net(arch)
+    for m in official.modules():  # random weights and BatchNorm statistics everywhere: nothing may stay at its init
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+    official.eval()
+    # a DataParallel dump of a PyTorch < 0.4.1 run: 'module.' prefix, no BatchNorm counters
+    state = {"module." + k: v for k, v in official.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "official.pth")
+    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet18", "--head-channels", "32",
+                            "--pretrained", "none"])
+    ours, _ = mrpose.build_model(args)
+    assert load_weights(ours, str(tmp_path / "official.pth")) is True
+    ours.eval()
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), official(x))
+    assert load_weights(ours, str(tmp_path / "official.pth"), {"model": ours.state_dict()}) is False
+    backbone = ResNetFeatures("resnet18")  # --pretrained takes the released model's ResNet part
+    n = len(backbone.state_dict())
+    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(f"loaded {n}/{n} backbone tensors")
+    for a, b in zip(backbone.state_dict().values(), ours.backbone.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_bgr_normalize_is_the_official_transform_on_cv2_channels():
+    """Official input: ToTensor + Normalize(ImageNet mean/std) on cv2's BGR image, i.e. position-wise statistics."""
+    rgb = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = (rgb.flip(1).float() / 255 - mean) / std
+    torch.testing.assert_close(normalize(rgb, bgr=True), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(normalize(rgb), expected)
+
+
+def test_evaluation_runs_in_fp32_under_amp():
+    """--amp trains in bf16; prediction must not: argmax, quarter offset and rescoring move with bf16 rounding."""
+    from types import SimpleNamespace
+
+    from common.topdown import predict
+    from common.utils import autocast
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
+    samples = [dict(image=images[i], center=torch.tensor([24.0, 32.0]), scale=torch.tensor([48.0, 64.0]), index=i)
+               for i in range(2)]
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "16",
+                                                   "--pretrained", "none"]))
+    model.eval()
+    args = SimpleNamespace(batch_size=2, workers=0, flip_test=True, channels_last=False, input_size=(48, 64),
+                           heatmap_size=(12, 16), num_joints=17, amp=None)
+    info = dict(flip_pairs=COCO_FLIP_PAIRS)
+    fp32 = predict(model, samples, args, torch.device("cpu"), info)
+    args.amp = "bf16"
+    with torch.no_grad():  # what bf16 would do: the test can tell them apart
+        reference = model(normalize(images))
+        with autocast(args, torch.device("cpu")):
+            assert not torch.equal(model(normalize(images)).float(), reference)
+    amp = predict(model, samples, args, torch.device("cpu"), info)
+    np.testing.assert_array_equal(amp[0], fp32[0])
+    np.testing.assert_array_equal(amp[1], fp32[1])

@@ -171,7 +171,7 @@ def test_only_labeled_visible_joints_enter_the_contrast():
     """The contrast has no gradient at joints flagged occluded (1) or unlabeled (0), and has one at visible joints."""
     joints = np.array([[10, 10], [30, 30], [50, 50], [20, 60], [40, 15]], np.float32)
     flags = np.array([2, 1, 0, 2, 2], np.float32)
-    b, k, m, w, h = 3, 5, 8, 16, 24
+    b, m, w, h = 3, 8, 16, 24
     emb = F.normalize(torch.randn(b, m, h, w), dim=1).requires_grad_()
     jt = torch.tensor(joints)[None].repeat(b, 1, 1)
     usable = torch.tensor(flags)[None].repeat(b, 1) >= 2
@@ -244,8 +244,8 @@ def test_run_writes_outputs_and_saves_the_pose_network_alone(tiny, tmp_path):
     p = run_script("icon.py", tiny + SMALL + ["--iters", "2", "--lr-steps", "9", "--num-queries", "32",
                                               "--num-negatives", "64", "--out", out])
     assert "embeddings (tapped features, val): same-class cosine" in p.stdout
-    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "results.json", "predictions.png",
-                 "embeddings.png"]:
+    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json",
+                 "person_keypoints_val2017_icon_results.json", "predictions.png", "embeddings.png"]:
         assert (out / name).stat().st_size > 0, name
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert all(np.isfinite(log[k]) for k in ("loss", "mse", "skcc", "prcc", "embed_same", "embed_other"))

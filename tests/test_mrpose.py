@@ -1,6 +1,7 @@
 """End-to-end tests of mrpose.py: outputs, DDP, resume, bad input, the oracle on real data."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +23,16 @@ def run(args, expect=0, torchrun=False):
     return run_script("mrpose.py", args, expect, torchrun)
 
 
+def results_of(out, split="val2017"):
+    """The COCO results file of a run, under COCO's name person_keypoints_[split]_[alg]_results.json."""
+    return json.loads((out / f"person_keypoints_{split}_{out.name.replace('_', '-')}_results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 24-image demo set in COCO format, and the flags that point mrpose.py at it."""
     root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=24, n_val=8)
-    flags = ["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+    flags = ["--data", "coco", "--pretrained", "none", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
              "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
              "--val-images", f"{root}/val2017"]
     return root, flags
@@ -36,11 +42,12 @@ def test_demo_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     p = run(["--data", "demo", "--iters", "3", "--batch-size", "8", "--workers", "0", "--out", out])
     assert "val: AP" in p.stdout
-    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "results.json", "predictions.png"]:
+    for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json", "person_keypoints_val2017_run_results.json",
+                 "predictions.png"]:
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APm", "APl", "AR"}
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     assert results and len(results[0]["keypoints"]) == 51
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["iteration"] == 3 and np.isfinite(log[-1]["loss"]) and "metrics" in log[-1]
@@ -52,7 +59,9 @@ def test_demo_run_writes_every_output(tmp_path):
 
 def test_summary_prints_parameters_and_flops():
     p = run(["--data", "coco", "--arch", "mrfeanet2", "--backbone", "resnet50", "--summary"])
-    assert "80,141,137 parameters" in p.stdout and "GFLOPs" in p.stdout
+    assert "80,141,137 parameters" in p.stdout and "GFLOPs" in p.stdout and "(--data coco preset)" in p.stdout
+    p = run(["--summary"])  # the demo preset's narrow head is said, not silently counted as the paper's model
+    assert "64-channel head (the paper's is 256)" in p.stdout and "(--data demo preset)" in p.stdout
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
@@ -79,10 +88,49 @@ def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", single])
     assert json.loads((single / "metrics.json").read_text()) == ddp_metrics
     # every rank evaluated rank 0's saved weights, BatchNorm statistics included
-    assert json.loads((out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+    assert results_of(out) == results_of(single)
     ddp_eval = tmp_path / "ddp_eval"
     run(flags + SMALL + ["--eval-only", "--weights", out / "checkpoint.pth", "--out", ddp_eval], torchrun=True)
-    assert json.loads((ddp_eval / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+    assert results_of(ddp_eval) == results_of(single)
+
+
+def test_test_dev_image_info_with_detections_writes_server_file_and_no_metrics(tiny, tmp_path):
+    root = Path(tiny[0])
+    val = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [dict(image_id=a["image_id"], category_id=1, bbox=a["bbox"], score=0.9) for a in val["annotations"]]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    info = dict(images=val["images"], categories=[dict(id=1, name="person", supercategory="person")])
+    (tmp_path / "image_info_test-dev2017.json").write_text(json.dumps(info))
+    out = tmp_path / "mine"
+    p = run(SMALL + ["--data", "coco", "--val-ann", tmp_path / "image_info_test-dev2017.json", "--val-images",
+                     root / "val2017", "--det-json", tmp_path / "dets.json", "--eval-only", "--out", out])
+    assert "COCO evaluation server" in p.stdout and "AP" not in p.stdout
+    assert json.loads((out / "metrics.json").read_text()) == {}
+    results = results_of(out, "test-dev2017")
+    assert {r["image_id"] for r in results} == {a["image_id"] for a in val["annotations"]}
+    p = run(SMALL + ["--data", "coco", "--val-ann", tmp_path / "image_info_test-dev2017.json", "--val-images",
+                     root / "val2017", "--eval-only", "--out", out], expect=2)
+    assert_one_line_error(p, "image_info_test-dev2017.json", "needs --det-json")
+
+
+def test_official_checkpoint_evaluates_on_bgr_input_by_itself(tiny, tmp_path):
+    _, flags = tiny
+    torch.manual_seed(0)
+    model, _ = mrpose.build_model(mrpose.get_args(flags + SMALL))
+    ours = model.state_dict()
+    torch.save(ours, tmp_path / "ours.pth")
+    deconv = {"deconv1.0.": "deconv_layers.0.", "deconv1.1.": "deconv_layers.1.", "deconv2.0.": "deconv_layers.3.",
+              "deconv2.1.": "deconv_layers.4.", "deconv3.0.": "deconv_layers.6.", "deconv3.1.": "deconv_layers.7."}
+    official = {}
+    for k, v in ours.items():  # pose_resnet's names: ResNet at the top level, one deconv_layers Sequential
+        k = k.removeprefix("backbone.")
+        official[next((new + k[len(old):] for old, new in deconv.items() if k.startswith(old)), k)] = v
+    torch.save(official, tmp_path / "pose_resnet.pth")
+    p = run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "pose_resnet.pth", "--out", tmp_path / "off"])
+    assert "BGR input (official checkpoint)" in p.stdout
+    run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "ours.pth", "--bgr", "--out", tmp_path / "bgr"])
+    run(flags + SMALL + ["--eval-only", "--no-flip-test", "--weights", tmp_path / "ours.pth", "--out", tmp_path / "rgb"])
+    assert results_of(tmp_path / "off") == results_of(tmp_path / "bgr") != results_of(tmp_path / "rgb")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
@@ -101,8 +149,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
 
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     root, flags = tiny
-    p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    p = run(["--data", "coco", "--pretrained", "none", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
+    p = run(["--data", "coco", "--pretrained", "none", "--ann", tmp_path / "a.json", "--out", tmp_path / "o"], expect=2)
+    assert_one_line_error(p, "needs --data-root (or --val-ann/--val-images/--ann/--images)")
     missing = tmp_path / "missing.json"
     p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out", tmp_path / "o"],
             expect=2)
@@ -136,7 +186,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
     ann = json.loads((bad / "annotations" / "person_keypoints_train2017.json").read_text())
     victim = bad / "train2017" / ann["images"][0]["file_name"]
     victim.write_bytes(b"\xff\xd8 truncated jpeg")
-    flags = ["--data", "coco", "--ann", bad / "annotations" / "person_keypoints_train2017.json",
+    flags = ["--data", "coco", "--pretrained", "none", "--ann", bad / "annotations" / "person_keypoints_train2017.json",
              "--images", bad / "train2017", "--val-ann", bad / "annotations" / "person_keypoints_val2017.json",
              "--val-images", bad / "val2017"]
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
@@ -147,7 +197,7 @@ def test_corrupt_image_and_unlabeled_annotations(tiny, tmp_path):
         a["num_keypoints"] = 0
     empty = bad / "annotations" / "empty.json"
     empty.write_text(json.dumps(ann))
-    flags[3] = empty
+    flags[flags.index("--ann") + 1] = empty
     p = run(flags + SMALL + ["--epochs", "1", "--lr-steps", "9", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, empty, "no trainable person")
 
@@ -160,7 +210,7 @@ def test_loss_falls_on_real_coco_batches():
     records, _ = read_coco(coco, str(SHARED / "coco_mini" / "train2017"), 0.75)
     ds = TopDownDataset(records[:8], (64, 96), COCO_FLIP_PAIRS, COCO_UPPER, train=True)
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
-    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18"]))
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--pretrained", "none"]))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     target, weight = gaussian_targets(batch["joints"], batch["visible"], (64, 96), (16, 24))
     losses = []
@@ -183,4 +233,12 @@ def test_oracle_on_real_coco_and_mpii(tmp_path):
     run(["--data", "mpii", "--val-ann", mpii / "annot" / "test_mpii.json", "--val-images", mpii / "images",
          "--gt-mat", mpii / "annot" / "detections_our_format.mat", "--eval-only", "--oracle", "--workers", "0",
          "--out", tmp_path / "m"])
-    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["Mean"] >= 99
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["Mean"] >= 99
+    # pred.mat in HRNet/SimpleBaseline's layout scores the same through eval.mpii
+    from common.metrics import load_mpii_gt, match_mpii_gt, mpii_pckh
+    from eval.mpii import load_preds
+    gt = load_mpii_gt(str(mpii / "annot" / "detections_our_format.mat"))
+    index = match_mpii_gt(json.loads((mpii / "annot" / "test_mpii.json").read_text()), gt)
+    again = mpii_pckh(load_preds(str(tmp_path / "m" / "pred.mat")), gt, index)
+    assert {k: v for k, v in again.items() if k != "per_joint"} == {k: v for k, v in metrics.items() if k != "per_joint"}

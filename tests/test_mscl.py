@@ -12,7 +12,7 @@ import torchvision
 
 import mrpose
 import mscl
-from common.utils import UserError
+from common.utils import UserError, check_resume_args
 from data.demo import make_demo
 from helpers import assert_one_line_error, run_script
 
@@ -268,7 +268,8 @@ def test_run_names_follow_table5():
 def test_resume_refuses_changed_settings():
     base = ["--data", "imagenet"]
     saved = vars(mscl.get_args(base))
-    mscl.check_resume_args("ckpt.pth", saved, mscl.get_args(base + ["--iters", "5", "--workers", "1"]))
+    resume = mscl.RESUME_KEYS, ("fpn",)
+    check_resume_args("ckpt.pth", saved, mscl.get_args(base + ["--iters", "5", "--workers", "1"]), *resume)
     for flags, needle in [(["--backbone", "resnet18"], "--backbone"), (["--fusion", "pool-conv"], "--fusion"),
                           (["--single-scale"], "--single-scale"), (["--no-fpn"], "--no-fpn False, this run has True"),
                           (["--shared-heads"], "--shared-heads"), (["--dim", "256"], "--dim"),
@@ -278,7 +279,7 @@ def test_resume_refuses_changed_settings():
                           (["--no-fix-pred-lr"], "--fix-pred-lr"), (["--epochs", "200"], "--epochs"),
                           (["--amp"], "--amp"), (["--data", "coco"], "--data")]:
         with pytest.raises(UserError, match="ckpt.pth: saved with " + re.escape(needle)):
-            mscl.check_resume_args("ckpt.pth", saved, mscl.get_args(base + flags))
+            check_resume_args("ckpt.pth", saved, mscl.get_args(base + flags), *resume)
 
 
 # ---------------------------------------------------------------------------------------------- script

@@ -1,0 +1,741 @@
+"""Lifting Contrastive Learning (LiftedCL, Chen et al., ICLR 2023): human-centric pretraining.
+
+A MoCo v2 encoder (momentum key encoder, queue, shuffle BN) with two contrastive heads: an invariant
+one on the pooled C5 vector (Eq. (2)) and an equivariant one on the C5 map, whose two views are
+aligned on their shared crop area after undoing the flip (Eq. (4)). A lifting network turns the
+pooled vector into a 17-joint 3D skeleton, which a KCS discriminator (Eqs. (5)-(6)) compares with
+skeletons sampled from a kinematic prior (App. B) in an LSGAN game (Eq. (7)); the encoder minimises
+λ1 (L_inv + L_equiv) + λ2 L_adv (Eq. (1)). The pretrained ResNet is exported as `backbone.pth` in
+torchvision key names for `mrpose.py --pretrained` (Table 1 transfer).
+One file: arguments, data, skeleton prior, model, losses, DDP training, export.
+
+    python liftedcl.py --data demo                                                  # laptop CPU, minutes
+    torchrun --nproc_per_node=4 liftedcl.py --data coco --data-root /data/coco \\
+        --pretrained /weights/moco_v2_200ep_pretrain.pth.tar                        # stage II (Sec. 4.1)
+    python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --moco-k 4096 ...  # MoCo v2, exactly
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.ops import roi_align
+
+from common import dist
+from common.backbone import RESNETS, ResNetFeatures, load_backbone
+from common.datasets import list_images, load_coco, read_coco, read_image
+from common.plots import plot_curves, plot_skeletons_3d
+from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
+from common.transforms import affine_matrix, warp_image
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
+                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+
+# ----------------------------------------------------------------------------------------------
+# Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
+
+PRESETS = {
+    # COCO person crops (App. A, C): ResNet-50, 256 px views of 192x256 crops, total batch 128 (4 GPUs),
+    # SGD lr 0.03 x batch/128, cosine, 200 epochs, K = 16384, m = 0.999
+    "coco": dict(backbone="resnet50", crop_size=256, person_size=(192, 256), epochs=200, lr=0.03, batch_size=128,
+                 moco_k=16384, moco_m=0.999, workers=4),
+    # ImageNet train/ or any folder (--images DIR): whole images, the same recipe (paper silent; MoCo v2's
+    # 200 epochs)
+    "imagenet": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03, batch_size=128,
+                     moco_k=16384, moco_m=0.999, workers=4),
+    "folder": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03, batch_size=128,
+                   moco_k=16384, moco_m=0.999, workers=4),
+    # demo (not a paper setting): ResNet-18 on 64 px views of 72x96 crops of the demo persons, a small queue,
+    # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run every part of the method
+    # (too few iterations for MoCo to leave its early phase; README)
+    "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
+                 moco_k=1024, moco_m=0.99, workers=1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", "--arch", dest="backbone", default=None, choices=list(RESNETS))
+    p.add_argument("--pretrained", default=None,
+                   help="'torchvision' (ImageNet, downloads) or a file: a MoCo checkpoint (module.encoder_q.*, the "
+                        "paper's stage I) or a backbone.pth of this project")
+    # model and losses (Sec. 3, App. C)
+    p.add_argument("--dim", type=int, default=128, help="output width of both projection heads")
+    p.add_argument("--moco-k", type=int, default=None, help="queue length K of both queues (paper 16384)")
+    p.add_argument("--moco-m", type=float, default=None, help="key encoder momentum (paper 0.999)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="temperature τ of Eqs. (2) and (4)")
+    p.add_argument("--lambda-inv", type=float, default=0.5, help="weight of L_inv (λ1 of Eq. 1)")
+    p.add_argument("--lambda-equiv", type=float, default=0.5, help="weight of L_equiv (λ1 of Eq. 1; 0: no dense head)")
+    p.add_argument("--lambda-adv", type=float, default=0.5,
+                   help="weight of L_adv (λ2 of Eq. 1; 0: the lifting network is only monitored, D still trains)")
+    p.add_argument("--align-size", type=int, default=16, help="side of the aligned shared area (App. C: 16)")
+    p.add_argument("--normalize-lifted", action=argparse.BooleanOptionalAction, default=True,
+                   help="root-centre and Frobenius-normalise lifted skeletons like the prior's; --no-normalize-lifted "
+                        "is the official code (raw lifted output against normalised real skeletons)")
+    p.add_argument("--bn-groups", type=int, default=None,
+                   help="BatchNorm groups per rank for shuffle BN (default 4 / world size, at least 1: the paper's "
+                        "4 GPUs; 1 in a single process is MoCo v2 without shuffle)")
+    p.add_argument("--skeletons", default=None, help="real skeletons: a torch file holding an (N, 17, 3) tensor "
+                                                     "(e.g. the official norm_joints.pt) instead of the App. B prior")
+    p.add_argument("--prior-size", type=int, default=10000, help="skeletons sampled from the prior (App. B: ~10K)")
+    # data (App. A)
+    p.add_argument("--data", default="demo", choices=list(PRESETS))
+    p.add_argument("--data-root", default=None, help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
+    p.add_argument("--images", default=None, help="a folder of images, used whole (any layout; overrides --data-root)")
+    p.add_argument("--crop-size", type=int, default=None, help="side of each view (App. C: 256)")
+    p.add_argument("--person-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="person crops of --data coco/demo (App. A: 192 256)")
+    # optimisation (Sec. 4.1, App. C)
+    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule")
+    p.add_argument("--iters", type=int, default=None,
+                   help="stop after this many iterations in total (the cosine schedule still spans --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 128")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (encoder and discriminator)")
+    p.add_argument("--d-lr", type=float, default=0.03, help="discriminator lr, constant (official code)")
+    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    # outputs
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    p.add_argument("--out", default=None)
+    p.add_argument("--print-freq", type=int, default=20)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.data].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
+        raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
+    if args.moco_k % args.batch_size:
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
+    args.person_size = tuple(args.person_size) if args.person_size else None
+    args.out = args.out or os.path.join("runs", f"liftedcl-{args.data}-{args.backbone}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: COCO person crops (App. A) or whole images, two MoCo v2 views each with their geometry
+
+class TwoViews(torch.utils.data.Dataset):
+    """Each item: two views of one image and their crop boxes and flips (top, left, height, width, flip)
+    in the pixels of that image (the 192x256 person crop, or the whole image)."""
+
+    def __init__(self, items, crop_size, person_size=None):
+        self.items, self.crop_size, self.person_size = items, crop_size, person_size
+        self.appearance = moco_v2_appearance()
+
+    def __len__(self):
+        return len(self.items)
+
+    def source(self, i):
+        item = self.items[i]
+        if isinstance(item, str):
+            return read_image(item)
+        # App. A: the box extended to the crop's aspect ratio (h:w = 4:3), not padded; read_coco pads it by
+        # SimpleBaseline's 1.25, which is undone here
+        img = read_image(item["image"])
+        return warp_image(img, affine_matrix(item["center"], item["scale"] / 1.25, 0.0, self.person_size),
+                          self.person_size)
+
+    def __getitem__(self, i):
+        img = self.source(i)
+        (v1, g1), (v2, g2) = random_view(img, self.crop_size, self.appearance), random_view(img, self.crop_size,
+                                                                                           self.appearance)
+        return v1, v2, g1, g2
+
+
+def random_view(img, size, appearance=None):
+    """One MoCo v2 view (App. C: random resized crop, scale 0.2-1, colour, grayscale, blur, flip) with stock
+    torchvision, and its geometry (top, left, height, width, flip) for the inverse transformation."""
+    top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+    view = TF.resized_crop(img, top, left, h, w, [size, size])
+    if appearance is not None:
+        view = appearance(view)
+    flip = bool(torch.rand(1) < 0.5)  # after the colour, as RandomHorizontalFlip in MoCo v2's pipeline
+    if flip:
+        view = TF.hflip(view)
+    return IMAGENET_NORMALIZE(TF.to_tensor(view)), torch.tensor([top, left, h, w, float(flip)])
+
+
+def training_items(args):
+    """Person records (--data coco/demo) or image files (--data imagenet/folder, --images DIR)."""
+    if args.images:
+        return list_images(args.images)
+    if args.data == "folder":
+        raise UserError("--data folder needs --images DIR")
+    if args.data == "demo":
+        from data.demo import default_demo_root, make_demo
+        root = default_demo_root(args.seed)
+        if dist.is_main():
+            make_demo(root, seed=args.seed)
+        dist.barrier()
+    else:
+        root = args.data_root
+        if root is None or not os.path.isdir(root):
+            raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
+    if args.data == "imagenet":
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise UserError(f"{root}: no train folder inside (give --images DIR for another layout)")
+        return list_images(os.path.join(root, "train"))
+    ann = os.path.join(root, "annotations", "person_keypoints_train2017.json")
+    images = os.path.join(root, "train2017")
+    images = images if os.path.isdir(images) else os.path.join(root, "images", "train2017")
+    # non-crowd persons with at least one labeled keypoint (SimpleBaseline's 149,813 on train2017)
+    records, skipped = read_coco(load_coco(ann), images, args.person_size[0] / args.person_size[1])
+    if not records:
+        raise UserError(f"{ann}: no person with labeled keypoints")
+    if dist.is_main():
+        print(f"{len(records)} person crops from {ann}; skipped {skipped}")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# 3D skeletons: Human3.6M's 17 joints, the KCS (Eqs. (5)-(6)), the kinematic prior (App. B)
+
+H36M_JOINTS = ["root", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "belly", "neck", "nose", "head",
+               "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist"]
+PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15]
+BONES = [(PARENTS[j], j) for j in range(1, 17)]  # the 16 bones, parent -> child
+LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]  # (left, right) bone indices: hip..forearm
+# Template bones in cm (App. B's b_pc), frame x = the subject's right, y = down, z = facing: Human3.6M's
+# mean proportions scaled so that the thigh is the paper's (0, 45, 0)
+TEMPLATE = np.array([
+    [13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],         # root -> r_hip -> r_knee -> r_ankle
+    [-13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],        # root -> l_hip -> l_knee -> l_ankle
+    [0, -23.7, 0], [0, -26.1, 0],                     # root -> belly -> neck
+    [0, -12.3, 0], [0, -11.7, 0],                     # neck -> nose -> head
+    [-15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],        # neck -> l_shoulder -> l_elbow -> l_wrist
+    [15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],         # neck -> r_shoulder -> r_elbow -> r_wrist
+])
+# Euler angle ranges (degrees) R = euler(a, b, c): a about x, then b about y, then c about z (fixed axes).
+# For a bone hanging down, a > 0 swings its end forward, b turns it about the vertical, c tilts it sideways.
+# Only the hip -> knee row is the paper's; the others are this file's choice (README). Bones listed
+# together share one rotation, so that the pelvis, the shoulder line and the head stay rigid.
+PRIOR_RANGES = [
+    ((0, 3), (-15, 15), (-45, 45), (-10, 10)),        # pelvis (root -> hips)
+    ((1,), (-90, 90), (-180, 180), (-90, 90)),        # right thigh (App. B)
+    ((4,), (-90, 90), (-180, 180), (-90, 90)),        # left thigh (App. B)
+    ((2,), (-150, 30), (-30, 30), (-30, 30)),         # right shin: knee flexion bends it backwards
+    ((5,), (-150, 30), (-30, 30), (-30, 30)),         # left shin
+    ((6,), (-30, 15), (-30, 30), (-15, 15)),          # lower spine (a < 0 bends forward)
+    ((7,), (-30, 15), (-30, 30), (-15, 15)),          # upper spine
+    ((8, 9), (-45, 45), (-60, 60), (-30, 30)),        # head (neck -> nose -> head)
+    ((10, 13), (-15, 15), (-30, 30), (-15, 15)),      # shoulder line (neck -> shoulders)
+    ((11,), (-90, 180), (-90, 90), (-90, 90)),        # left upper arm
+    ((12,), (-90, 180), (-90, 90), (-90, 90)),        # left forearm
+    ((14,), (-90, 180), (-90, 90), (-90, 90)),        # right upper arm
+    ((15,), (-90, 180), (-90, 90), (-90, 90)),        # right forearm
+]
+
+
+def bone_matrix():
+    """C of Eq. (5): column k has +1 at bone k's parent joint and -1 at its child, so B = XC."""
+    c = torch.zeros(len(H36M_JOINTS), len(BONES))
+    for k, (parent, child) in enumerate(BONES):
+        c[parent, k], c[child, k] = 1.0, -1.0
+    return c
+
+
+BONE_MATRIX = bone_matrix()
+
+
+def kcs(x):
+    """Ψ = BᵀB (Eq. 6) of skeletons x (N, 17, 3): Ψ_kl = b_k·b_l, the diagonal the squared bone lengths."""
+    b = torch.einsum("jk,njc->nkc", BONE_MATRIX.to(x), x)  # Eq. (5): the bone vectors, (N, 16, 3)
+    return b @ b.transpose(1, 2)
+
+
+def normalize_skeletons(x):
+    """Root-centred (joint 0 at the origin) and divided by the Frobenius norm, as the prior's samples (App. B)."""
+    x = x - x[:, :1]
+    return x / x.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+
+
+def bone_lengths(x):
+    return (x[:, [c for _, c in BONES]] - x[:, [p for p, _ in BONES]]).norm(dim=-1)
+
+
+def sample_bodies(n, rng):
+    """n skeletons (n, 17, 3) in cm from the kinematic prior of App. B, before scaling and yaw:
+    j_root = 0, j_child = j_parent + R α b_pc, α ~ U[0.9, 1.1] per bone, R from PRIOR_RANGES."""
+    from scipy.spatial.transform import Rotation
+    rotations = np.zeros((n, len(BONES), 3, 3))
+    for bones, a, b, c in PRIOR_RANGES:
+        angles = np.stack([rng.uniform(*a, n), rng.uniform(*b, n), rng.uniform(*c, n)], 1)
+        rotations[:, list(bones)] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()[:, None]
+    alpha = rng.uniform(0.9, 1.1, (n, len(BONES)))
+    x = np.zeros((n, len(H36M_JOINTS), 3))
+    for k, (parent, child) in enumerate(BONES):  # parents come before their children in the H36M order
+        x[:, child] = x[:, parent] + alpha[:, k, None] * (rotations[:, k] @ TEMPLATE[k])
+    return x
+
+
+def sample_prior(n=10000, seed=0):
+    """App. B's real skeletons: prior samples divided by their Frobenius norm, then turned about the vertical
+    axis by a uniform angle ("around Z" in the paper, whose figures stand upright: the up axis, here y)."""
+    rng = np.random.default_rng(seed)
+    x = sample_bodies(n, rng)
+    x /= np.linalg.norm(x.reshape(n, -1), axis=1)[:, None, None]
+    yaw = rng.uniform(-np.pi, np.pi, n)
+    cos, sin, zero, one = np.cos(yaw), np.sin(yaw), np.zeros(n), np.ones(n)
+    r = np.stack([np.stack([cos, zero, sin], 1), np.stack([zero, one, zero], 1), np.stack([-sin, zero, cos], 1)], 1)
+    return torch.from_numpy(np.einsum("nij,nkj->nki", r, x)).float()
+
+
+def load_skeletons(path, normalize):
+    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down."""
+    x = load_checkpoint(path, "skeleton file")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51 or len(x) == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(f"{path}: expected a tensor of skeletons of shape (N, 17, 3), found {shape}")
+    x = x.float().reshape(len(x), 17, 3)
+    if not torch.isfinite(x).all():
+        raise UserError(f"{path}: the skeletons contain NaN or inf")
+    return normalize_skeletons(x) if normalize else x
+
+
+@torch.no_grad()
+def plausibility(x, reference):
+    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and Frobenius-normalised:
+    bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons (0: the real skeletons'
+    mean proportions); left/right ratio, mean max/min length over the 6 left/right bone pairs (1:
+    symmetric); spread, mean over bones of a bone length's std/mean across x (0: every skeleton alike)."""
+    length = bone_lengths(normalize_skeletons(x.float())).clamp_min(1e-8)
+    error = (length / reference).log().abs().mean()
+    left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
+    ratio = (torch.maximum(left, right) / torch.minimum(left, right)).mean()
+    spread = (length.std(0) / length.mean(0)).mean() if len(x) > 1 else torch.zeros_like(error)
+    return torch.stack([error, ratio, spread])
+
+
+PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (Sec. 3, Figs. 2-4, App. C)
+
+class Encoder(nn.Module):
+    """ResNet, invariant head (GAP -> MoCo v2's MLP: C-C-ReLU-128) and equivariant head (1x1 convs
+    C -> C -> ReLU -> 128 on C5, App. C); returns (pooled C5, z, F)."""
+
+    def __init__(self, backbone, dim=128, equivariant=True):
+        super().__init__()
+        self.backbone = ResNetFeatures(backbone)
+        c = self.backbone.channels[3]
+        self.inv_head = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, dim))
+        self.equiv_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, dim, 1)) if equivariant else None
+
+    def forward(self, x, groups=1):
+        # each BN group is a separate backbone call: the per-GPU batches of shuffle BN (MoCo)
+        c5 = torch.cat([self.backbone(chunk)[3] for chunk in x.chunk(groups)]) if groups > 1 else self.backbone(x)[3]
+        pooled = torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1)
+        return pooled, self.inv_head(pooled), self.equiv_head(c5) if self.equiv_head is not None else None
+
+
+class ResBlock(nn.Module):
+    """x -> LReLU(x + FC(LReLU(FC(x)))), the residual block of the lifting network and the discriminator."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return F.leaky_relu(x + self.fc(x), 0.2)
+
+
+class LiftingNet(nn.Module):
+    """Fig. 4a: the pooled C5 vector -> 17 x 3 joints (official layers: Linear(C, 512), a residual block,
+    Linear(512, 51)); root-centred and Frobenius-normalised like the real skeletons unless `normalize` is off."""
+
+    def __init__(self, in_dim, width=512, normalize=True):
+        super().__init__()
+        self.normalize = normalize
+        self.net = nn.Sequential(nn.Linear(in_dim, width), nn.LeakyReLU(0.2), ResBlock(width),
+                                 nn.Linear(width, 3 * len(H36M_JOINTS)))
+
+    def forward(self, pooled):
+        x = self.net(pooled).view(-1, len(H36M_JOINTS), 3)
+        return normalize_skeletons(x) if self.normalize else x
+
+
+class Discriminator(nn.Module):
+    """Fig. 4b: a pose path (51 -> 256, residual block) and a KCS path (Ψ, 16 x 16 -> 256, residual block),
+    concatenated -> 128 -> one score (no sigmoid: LSGAN)."""
+
+    def __init__(self, width=256):
+        super().__init__()
+        self.pose = nn.Sequential(nn.Linear(3 * len(H36M_JOINTS), width), nn.LeakyReLU(0.2), ResBlock(width))
+        self.kcs = nn.Sequential(nn.Linear(len(BONES) ** 2, width), nn.LeakyReLU(0.2), ResBlock(width))
+        self.final = nn.Sequential(nn.Linear(2 * width, width // 2), nn.LeakyReLU(0.2), nn.Linear(width // 2, 1))
+
+    def forward(self, x):
+        return self.final(torch.cat([self.pose(x.flatten(1)), self.kcs(kcs(x).flatten(1))], 1)).squeeze(1)
+
+
+def align_views(map_q, map_k, geom_q, geom_k, size=16):
+    """Inverse geometric augmentation (Sec. 3.2, App. C): the area both crops share, cut from each view's
+    map after undoing its flip and resampled to size x size, so that location s of both outputs shows the
+    same image point. One vectorised roi_align over fractional boxes (bilinear, exact); `geom` rows are
+    (top, left, height, width, flip) in source pixels. Returns (aligned q, aligned k, overlap mask)."""
+    top, left = torch.maximum(geom_q[:, 0], geom_k[:, 0]), torch.maximum(geom_q[:, 1], geom_k[:, 1])
+    bottom = torch.minimum(geom_q[:, 0] + geom_q[:, 2], geom_k[:, 0] + geom_k[:, 2])
+    right = torch.minimum(geom_q[:, 1] + geom_q[:, 3], geom_k[:, 1] + geom_k[:, 3])
+    valid = (bottom > top) & (right > left)
+
+    def cut(fmap, g):
+        fmap = torch.where(g[:, 4, None, None, None] > 0.5, fmap.flip(-1), fmap)  # un-flip
+        h, w = fmap.shape[-2:]
+        index = torch.arange(len(fmap), dtype=fmap.dtype, device=fmap.device)
+        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width
+        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3], (top - g[:, 0]) * h / g[:, 2],
+                             (right - g[:, 1]) * w / g[:, 3], (bottom - g[:, 0]) * h / g[:, 2]], 1)
+        # one bilinear sample at each output cell's centre: a resize of the fractional box
+        return roi_align(fmap, boxes.to(fmap.dtype), size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+    return cut(map_q, geom_q), cut(map_k, geom_k), valid
+
+
+def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16):
+    """Eq. (4): at each of the size² aligned locations s, r_s against its positive t_s (the key view at the same
+    image point) and the K pooled key vectors of other images in the queue; mean over s, then over the images
+    whose views overlap (the others are masked out). Returns (loss, overlap mask)."""
+    r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size)
+    r = F.normalize(r, dim=1).flatten(2).transpose(1, 2)  # (N, s², C): r_s
+    k = F.normalize(k, dim=1).flatten(2).transpose(1, 2)  # t_s
+    l_pos = (r * k).sum(-1) / t
+    l_neg = (r / t) @ queue  # (N, s², K)
+    # cross-entropy with the positive first, without concatenating the (N, s², 1 + K) logits
+    ce = torch.logaddexp(l_pos, torch.logsumexp(l_neg, -1)) - l_pos
+    weight = valid.to(ce.dtype)
+    return (ce.mean(1) * weight).sum() / weight.sum().clamp(min=1), valid
+
+
+class LiftedCL(nn.Module):
+    """Query encoder, momentum key encoder, lifting network, the two queues (MoCo v2's builder.py, mlp=True,
+    with the equivariant branch of Eq. (4) on top)."""
+
+    def __init__(self, backbone="resnet50", dim=128, K=16384, m=0.999, T=0.2, equivariant=True, train_lifting=True,
+                 normalize_lifted=True, align_size=16, bn_groups=1):
+        super().__init__()
+        self.K, self.m, self.T, self.align_size, self.bn_groups = K, m, T, align_size, bn_groups
+        self.encoder_q = Encoder(backbone, dim, equivariant)
+        self.encoder_k = Encoder(backbone, dim, equivariant)
+        self.copy_key_encoder()
+        self.lifting = LiftingNet(self.encoder_q.backbone.channels[3], normalize=normalize_lifted)
+        self.train_lifting = train_lifting
+        if not train_lifting:  # --lambda-adv 0: lifted skeletons are only watched (plausibility, D)
+            self.lifting.requires_grad_(False)
+        self.register_buffer("queue_inv", F.normalize(torch.randn(dim, K), dim=0))
+        if equivariant:  # pooled key maps: the negatives t_s- of Eq. (4)
+            self.register_buffer("queue_equiv", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def copy_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)
+            param_k.requires_grad = False
+
+    @torch.no_grad()
+    def momentum_update(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+
+    @torch.no_grad()
+    def keys(self, im_k):
+        """Key vectors (normalised) and key maps in batch order, under shuffle BN: the key images of all ranks
+        are permuted before the key encoder (in --bn-groups BN groups per rank), so that no BN group holds a
+        query's own key, then put back in order (MoCo's _batch_shuffle_ddp/_batch_unshuffle_ddp)."""
+        world, groups = dist.world_size(), self.bn_groups
+        if world * groups == 1:  # one BN batch: a permutation would change nothing
+            _, k, k_map = self.encoder_k(im_k)
+            return F.normalize(k, dim=1), k_map
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        n = len(im_k)
+        everything = dist.all_gather_cat(im_k)
+        perm = torch.randperm(len(everything), device=im_k.device)
+        if world > 1:
+            torch.distributed.broadcast(perm, 0)
+        _, k, k_map = self.encoder_k(everything[perm.view(world, n)[rank]], groups)
+        k = F.normalize(k.float(), dim=1)
+        out = k if k_map is None else torch.cat([k, k_map.float().flatten(1)], 1)
+        out = dist.all_gather_cat(out)[torch.argsort(perm).view(world, n)[rank]]
+        return out[:, :k.shape[1]], None if k_map is None else out[:, k.shape[1]:].view(n, *k_map.shape[1:])
+
+    @torch.no_grad()
+    def enqueue(self, k, k_pooled):
+        k = dist.all_gather_cat(k)
+        ptr, n = int(self.queue_ptr), len(k)
+        self.queue_inv[:, ptr:ptr + n] = k.T
+        if k_pooled is not None:
+            self.queue_equiv[:, ptr:ptr + n] = dist.all_gather_cat(k_pooled).T
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    def forward(self, im_q, im_k, geom_q, geom_k):
+        """{l_inv, l_equiv (or None), overlap mask, q, lifted skeletons (N, 17, 3)} of one batch of view pairs."""
+        pooled, q, q_map = self.encoder_q(im_q, self.bn_groups)
+        with torch.no_grad():
+            self.momentum_update()  # before the key forward, as MoCo
+            k, k_map = self.keys(im_k)
+        lifted = self.lifting(pooled if self.train_lifting else pooled.detach())
+        with torch.autocast(im_q.device.type, enabled=False):  # logits and losses in fp32
+            q = F.normalize(q.float(), dim=1)
+            k = k.float()
+            # Eq. (2): positive q·k+, negatives from the queue
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue_inv.clone().detach())
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+            l_inv = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+            l_equiv, valid, k_pooled = None, None, None
+            if q_map is not None:
+                l_equiv, valid = equivariant_loss(q_map.float(), k_map.float(), geom_q, geom_k,
+                                                  self.queue_equiv.clone().detach(), self.T, self.align_size)
+                k_pooled = F.normalize(k_map.float().mean((2, 3)), dim=1)
+        self.enqueue(k, k_pooled)  # after the logits, as MoCo
+        return dict(l_inv=l_inv, l_equiv=l_equiv, valid=valid, q=q.detach(), lifted=lifted.float())
+
+
+def encoder_adv_loss(discriminator, lifted):
+    """Eq. (7), the encoder's side (LSGAN): (D(X̂) - 1)². D is a fixed function here: its parameters enter
+    detached, so the gradient reaches the lifting network and the encoder, never D."""
+    frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
+    return ((torch.func.functional_call(discriminator, frozen, (lifted,)) - 1) ** 2).mean()
+
+
+def encoder_loss(out, discriminator, args):
+    """Eq. (1): λ1 (L_inv + L_equiv) + λ2 L_adv, with separate λ for L_inv and L_equiv (Table 8's ablations).
+    Returns (loss, L_adv)."""
+    l_adv = encoder_adv_loss(discriminator, out["lifted"]) if args.lambda_adv > 0 else out["lifted"].new_zeros(())
+    loss = args.lambda_inv * out["l_inv"] + args.lambda_adv * l_adv
+    if out["l_equiv"] is not None:
+        loss = loss + args.lambda_equiv * out["l_equiv"]
+    return loss, l_adv
+
+
+def discriminator_step(discriminator, optimizer, real, lifted):
+    """Eq. (7), D's side, with the official code's LSGAN labels (the paper's equation swaps them): real -> 1,
+    lifted -> 0, i.e. (D(y) - 1)² + D(X̂)², one SGD step. Returns (loss, accuracy on real, on lifted)."""
+    scores = discriminator(torch.cat([real, lifted.detach()]))
+    s_real, s_lifted = scores[:len(real)], scores[len(real):]
+    loss = ((s_real - 1) ** 2).mean() + (s_lifted ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (s_real > 0.5).float().mean(), (s_lifted < 0.5).float().mean()
+
+
+def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
+    """Cosine decay once per epoch, no warm-up (MoCo v2's --cos); D's lr stays constant."""
+    lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def load_pretrained(model, spec, backbone):
+    """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the start)."""
+    if spec is None:
+        return None
+    if spec == "torchvision":
+        model.encoder_q.backbone.load_state_dict(ResNetFeatures(backbone, torchvision_weights=True).state_dict())
+        report = f"loaded torchvision's ImageNet {backbone}"
+    else:
+        report = load_backbone(model.encoder_q.backbone, spec)
+    model.copy_key_encoder()
+    return report
+
+
+RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv",
+               "align_size", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size",
+               "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
+
+
+def load_state(module, state, path, what):
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: no {what} in this checkpoint")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the {what} does not fit this model ({str(e).splitlines()[0][:200]})") from None
+
+
+def state_digest(*modules):
+    """sha1 of every parameter and queue (not BN statistics, which each rank updates on its own batch): equal
+    on all ranks when DDP keeps them in step."""
+    h = hashlib.sha1()
+    for module in modules:
+        for name, t in module.state_dict().items():
+            if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def main():
+    args = get_args()
+    rank, world, device = dist.setup(args.device)
+    main_proc = dist.is_main()
+    args.bn_groups = args.bn_groups or max(1, 4 // world)
+    per_rank = args.batch_size // world
+    if per_rank < 2 * args.bn_groups or per_rank * world != args.batch_size or per_rank % args.bn_groups:
+        raise UserError(f"--batch-size {args.batch_size} does not split into {world} ranks x {args.bn_groups} "
+                        f"BatchNorm groups of at least 2 images")
+    items = training_items(args)
+    if args.batch_size > len(items):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training images")
+
+    seed_everything(args.seed)  # the same model, queues and prior on every rank
+    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
+                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups)
+    report = load_pretrained(model, args.pretrained, args.backbone)
+    discriminator = Discriminator()
+    real = load_skeletons(args.skeletons, args.normalize_lifted) if args.skeletons else sample_prior(args.prior_size)
+    reference = bone_lengths(normalize_skeletons(real)).mean(0)
+    prior_plausibility = plausibility(real, reference).tolist()
+    seed_everything(args.seed + rank)
+    model.to(device)
+    discriminator.to(device)
+    real, reference = real.to(device), reference.to(device)
+
+    train_ds = TwoViews(items, args.crop_size, args.person_size)
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    iters_per_epoch = len(loader)
+    total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
+    ddp_disc = DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1 else discriminator
+    init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    # official code: D has its own SGD, constant lr 0.03, momentum 0.9, weight decay 1e-4
+    d_optimizer = torch.optim.SGD(discriminator.parameters(), args.d_lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+    start_epoch, it, history = 0, 0, []
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("normalize_lifted",))
+        for module, key, what in [(model, "model", "model"), (discriminator, "discriminator", "discriminator"),
+                                  (optimizer, "optimizer", "optimizer"), (d_optimizer, "d_optimizer", "D optimizer"),
+                                  (scaler, "scaler", "grad scaler")]:
+            load_state(module, ckpt.get(key), ckpt_path, what)
+        start_epoch, it = ckpt["epoch"], ckpt["iteration"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if os.path.isfile(log_path):
+            with open(log_path) as f:
+                history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+        if main_proc:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+    if main_proc:
+        os.makedirs(args.out, exist_ok=True)
+        if report:
+            print(report)
+        n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
+        print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
+              f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv {args.lambda_inv} equiv "
+              f"{args.lambda_equiv} adv {args.lambda_adv}; K {args.moco_k}, m {args.moco_m}, τ {args.moco_t}; "
+              f"{len(train_ds)} images, {args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs "
+              f"on "
+              f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x {args.batch_size}/128 = "
+              f"{init_lr:.5g}, D lr {args.d_lr}", flush=True)
+        print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their plausibility: "
+              + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)), flush=True)
+
+    names = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "overlap", "z_std"]
+             + PLAUSIBILITY)
+    shown = None
+    for epoch in range(start_epoch, args.epochs):
+        if it >= total_iters:
+            break
+        sampler.set_epoch(epoch)
+        lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
+        model.train()
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
+        sums, n_iter, n_pairs, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
+        for i, (im_q, im_k, geom_q, geom_k) in enumerate(loader):
+            if it >= total_iters:
+                break
+            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+            geom_q, geom_k = geom_q.to(device, non_blocking=True), geom_k.to(device, non_blocking=True)
+            with autocast(args, device):
+                out = ddp_model(im_q, im_k, geom_q, geom_k)
+            loss, l_adv = encoder_loss(out, discriminator, args)  # Eq. (1)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # one D step on the same lifted skeletons, against real ones drawn with replacement
+            d_loss, acc_real, acc_lifted = discriminator_step(
+                ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)], out["lifted"])
+            it += 1
+            n_iter += 1
+            n_pairs += len(im_q) * world
+            zero = loss.new_zeros(())
+            sums += torch.stack([loss.detach(), out["l_inv"].detach(),
+                                 zero if out["l_equiv"] is None else out["l_equiv"].detach(), l_adv.detach(), d_loss,
+                                 acc_real, acc_lifted, zero if out["valid"] is None else out["valid"].float().mean(),
+                                 out["q"].std(0).mean(), *plausibility(out["lifted"], reference)])
+            if (i + 1) % args.print_freq == 0:
+                mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
+                check_finite(mean_loss, it, ckpt_path)
+                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(), lr=lr)
+        means = dist.all_reduce_mean(sums / max(1, n_iter))
+        check_finite(means, it, ckpt_path)
+        means = dict(zip(names, means.tolist()))
+        history.append(dict(epoch=epoch + 1, iteration=it, **{n: means[n] for n in names[:9]},
+                            z_std_healthy=1 / math.sqrt(args.dim),
+                            plausibility={n: means[n] for n in PLAUSIBILITY},
+                            prior_plausibility=dict(zip(PLAUSIBILITY, prior_plausibility)),
+                            lr=lr, pairs_per_s=n_pairs / (time.time() - t0)))
+        shown = out["lifted"][:4].detach().cpu()
+        rngs = dist.gather_objects(rng_state())
+        if main_proc:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": it,
+                                        "args": vars(args), "rng": rngs})
+            # the query ResNet in torchvision key names: resnetXX().load_state_dict(.., strict=False) misses only
+            # fc.*, and mrpose.py --pretrained loads it as is
+            save_checkpoint(os.path.join(args.out, "backbone.pth"), model.encoder_q.backbone.state_dict())
+            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in history)), mode="w")
+            plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
+                        {"total (Eq. 1)": [e["loss"] for e in history], "L_inv": [e["l_inv"] for e in history],
+                         "L_equiv": [e["l_equiv"] for e in history], "L_adv": [e["l_adv"] for e in history],
+                         "D loss": [e["d_loss"] for e in history]}, xlabel="epoch")
+            plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
+                              {"lifted": normalize_skeletons(shown).numpy(), "prior": real[:4].cpu().numpy()}, BONES)
+            log = history[-1]
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} (L_inv {log['l_inv']:.4f} L_equiv "
+                  f"{log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D loss {log['d_loss']:.4f} acc real "
+                  f"{log['d_acc_real']:.2f} lifted {log['d_acc_lifted']:.2f}, overlap {log['overlap']:.2f}, z std "
+                  f"{log['z_std']:.4f} (healthy ~{log['z_std_healthy']:.4f}); lifted plausibility "
+                  + ", ".join(f"{n} {log['plausibility'][n]:.3f}" for n in PLAUSIBILITY)
+                  + f" (prior {prior_plausibility[0]:.3f}, {prior_plausibility[1]:.3f}, {prior_plausibility[2]:.3f}); "
+                  f"lr {lr:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+    if world > 1:  # DDP keeps every rank's encoder, key encoder, queues and D identical; show it
+        print(f"rank {rank}/{world}: parameters sha1 {state_digest(model, discriminator)}", flush=True)
+    if main_proc:
+        print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)

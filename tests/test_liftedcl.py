@@ -1,0 +1,318 @@
+"""Tests of liftedcl.py: exact MoCo v2 in the degenerate setting, gradient routing of the adversarial game,
+the equivariant alignment (Eq. 4), the KCS (Eqs. 5-6), the App. B prior, the LSGAN targets (Eq. 7),
+outputs, export, resume and bad input."""
+import argparse
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import liftedcl
+from common.utils import UserError, check_resume_args
+from data.demo import make_demo
+from helpers import assert_one_line_error, run_script
+
+SMALL = ["--backbone", "resnet18", "--crop-size", "32", "--batch-size", "8", "--moco-k", "16", "--prior-size", "200",
+         "--workers", "0", "--print-freq", "1"]
+
+
+def run(args, expect=0, torchrun=False):
+    return run_script("liftedcl.py", args, expect, torchrun)
+
+
+def lambdas(inv=0.5, equiv=0.5, adv=0.5):
+    return argparse.Namespace(lambda_inv=inv, lambda_equiv=equiv, lambda_adv=adv)
+
+
+def views(n=4, size=32, seed=0):
+    """Two random view batches with full-overlap geometry (top, left, height, width, flip)."""
+    g = torch.Generator().manual_seed(seed)
+    geom = torch.tensor([[0.0, 0.0, 32.0, 32.0, 0.0]]).repeat(n, 1)
+    return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g), geom, geom.clone()
+
+
+# ---------------------------------------------------------------------------------------------- MoCo v2
+
+class MoCoV2(nn.Module):
+    """facebookresearch/moco builder.py (mlp=True) in a single process, written independently of liftedcl.py."""
+
+    def __init__(self, dim, K, m, T):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q, self.encoder_k = torchvision.models.resnet18(num_classes=dim), torchvision.models.resnet18(
+            num_classes=dim)
+        for enc in (self.encoder_q, self.encoder_k):
+            width = enc.fc.weight.shape[1]
+            enc.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), enc.fc)
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            pk.data.copy_(pq.data)
+            pk.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, im_q, im_k):
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone().detach()], 1) / self.T
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr:ptr + len(k)] = k.T
+        self.queue_ptr[0] = (ptr + len(k)) % self.K
+        return F.cross_entropy(logits, torch.zeros(len(k), dtype=torch.long))
+
+
+def test_degenerate_setting_is_moco_v2_exactly():
+    torch.manual_seed(0)
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=32, m=0.9, T=0.2, equivariant=False, train_lifting=False)
+    ref = MoCoV2(16, 32, 0.9, 0.2)
+    for enc in ("encoder_q", "encoder_k"):  # shared weights: the backbone keys are torchvision's, the head is fc
+        state = dict(getattr(model, enc).backbone.state_dict())
+        state.update({"fc." + k: v for k, v in getattr(model, enc).inv_head.state_dict().items()})
+        getattr(ref, enc).load_state_dict(state)
+    ref.queue.copy_(model.queue_inv)
+    im_q, im_k, geom_q, geom_k = views()
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
+            for m in (model, ref)]
+    args = lambdas(1.0, 0.0, 0.0)
+    for step in range(2):
+        out = model(im_q, im_k, geom_q, geom_k)
+        loss, l_adv = liftedcl.encoder_loss(out, None, args)
+        ref_loss = ref(im_q, im_k)
+        assert out["l_equiv"] is None and l_adv.item() == 0
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)  # at init, then after one SGD step
+        # the momentum update ran before the key forward, the keys were enqueued after the logits
+        torch.testing.assert_close(model.queue_inv, ref.queue, rtol=0, atol=5e-5)  # unit keys, float32 noise
+        assert int(model.queue_ptr) == int(ref.queue_ptr) == 4 * (step + 1)
+        torch.testing.assert_close(model.encoder_k.backbone.layer4[1].conv2.weight,
+                                   ref.encoder_k.layer4[1].conv2.weight)
+        for opt, value in zip(opts, (loss, ref_loss)):
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        assert all(p.grad is None for p in model.encoder_k.parameters())  # the key encoder is never trained
+        assert all(p.grad is None for p in model.lifting.parameters())
+    torch.testing.assert_close(model.encoder_q.inv_head[0].weight, ref.encoder_q.fc[0].weight, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- adversarial game
+
+def test_adv_loss_reaches_the_encoder_not_d_and_d_step_not_the_encoder():
+    torch.manual_seed(0)
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16, align_size=4, bn_groups=2)
+    disc = liftedcl.Discriminator()
+    out = model(*views())
+    loss, l_adv = liftedcl.encoder_loss(out, disc, lambdas())
+    assert out["lifted"].shape == (4, 17, 3)
+    l_adv.backward()  # L_adv alone: through the lifting network into the backbone, never into D or the key side
+    assert model.encoder_q.backbone.layer4[1].conv2.weight.grad.abs().sum() > 0
+    assert model.lifting.net[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert model.encoder_q.equiv_head[0].weight.grad is None  # L_adv does not touch the dense head
+    model.zero_grad(set_to_none=True)
+    d_opt = torch.optim.SGD(disc.parameters(), 0.03)
+    before = [p.detach().clone() for p in disc.parameters()]
+    liftedcl.discriminator_step(disc, d_opt, liftedcl.sample_prior(4), out["lifted"])
+    assert all(p.grad is None for p in model.parameters())  # D's step sees detached skeletons
+    assert any(not torch.equal(a, p) for a, p in zip(before, disc.parameters()))
+    # Eq. (1): the total is the weighted sum of the three terms
+    assert loss.item() == pytest.approx(0.5 * (out["l_inv"] + out["l_equiv"] + l_adv).item(), rel=1e-6)
+
+
+def test_lsgan_targets_real_one_lifted_zero():
+    torch.manual_seed(0)
+    disc = liftedcl.Discriminator()
+    nn.init.zeros_(disc.final[-1].weight)
+    nn.init.constant_(disc.final[-1].bias, 0.3)  # D(anything) = 0.3
+    real, fake = liftedcl.sample_prior(64), liftedcl.normalize_skeletons(torch.randn(64, 17, 3))
+    opt = torch.optim.SGD(disc.parameters(), 0.0)
+    d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(disc, opt, real, fake)
+    assert d_loss.item() == pytest.approx(0.7 ** 2 + 0.3 ** 2)  # (D(y) - 1)² + D(X̂)²
+    assert acc_real.item() == 0 and acc_lifted.item() == 1
+    assert liftedcl.encoder_adv_loss(disc, fake).item() == pytest.approx(0.7 ** 2)  # (D(X̂) - 1)²
+    opt = torch.optim.SGD(disc.parameters(), 0.03, momentum=0.9)
+    for _ in range(60):  # D learns to tell prior samples (1) from random skeletons (0)
+        d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(disc, opt, real, fake)
+    assert acc_real.item() > 0.9 and acc_lifted.item() > 0.9 and d_loss.item() < 0.2
+
+
+# ---------------------------------------------------------------------------------------------- Eq. (4)
+
+def test_alignment_of_two_views_undoes_crop_and_flip():
+    """Two views cut from one image whose channels are its x and y coordinates; a stride-2 translation-
+    equivariant stand-in for the encoder; after alignment both maps show the same image points."""
+    size, grid = 64, 8
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 90.0, 0.0],   # (top, left, height, width, flip) in a 200 px image
+                          [40.0, 5.0, 100.0, 160.0, 1.0],
+                          [0.0, 0.0, 200.0, 200.0, 1.0],
+                          [150.0, 150.0, 40.0, 40.0, 0.0]])
+    other = torch.tensor([[50.0, 60.0, 140.0, 120.0, 1.0],
+                          [30.0, 70.0, 90.0, 100.0, 0.0],
+                          [60.0, 30.0, 80.0, 100.0, 0.0],
+                          [0.0, 0.0, 100.0, 100.0, 1.0]])  # no overlap with the fourth box
+
+    def view(g):  # the exact resized crop: output pixel centre u samples left + (u + 0.5) w / size
+        u = (torch.arange(size) + 0.5) / size
+        xs, ys = g[1] + u * g[3], g[0] + u * g[2]
+        img = torch.stack([xs.expand(size, size), ys[:, None].expand(size, size)])
+        return img.flip(-1) if g[4] > 0.5 else img
+
+    def stand_in(g):
+        return F.avg_pool2d(torch.stack([view(r) for r in g]), 2)
+
+    q, k, valid = liftedcl.align_views(stand_in(boxes), stand_in(other), boxes, other, grid)
+    assert valid.tolist() == [True, True, True, False]
+    top, left = torch.maximum(boxes[:, 0], other[:, 0]), torch.maximum(boxes[:, 1], other[:, 1])
+    bottom = torch.minimum(boxes[:, 0] + boxes[:, 2], other[:, 0] + other[:, 2])
+    right = torch.minimum(boxes[:, 1] + boxes[:, 3], other[:, 1] + other[:, 3])
+    u = (torch.arange(grid) + 0.5) / grid
+    for i in range(3):  # the shared area's cell centres, in image coordinates
+        expect = torch.stack([(left[i] + u * (right[i] - left[i])).expand(grid, grid),
+                              (top[i] + u * (bottom[i] - top[i]))[:, None].expand(grid, grid)])
+        torch.testing.assert_close(q[i], expect, atol=1e-3, rtol=0)
+        torch.testing.assert_close(k[i], expect, atol=1e-3, rtol=0)
+
+
+def test_equivariant_loss_is_eq4_and_masks_views_without_overlap():
+    torch.manual_seed(0)
+    map_q, map_k, queue = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), F.normalize(torch.randn(8, 10), dim=0)
+    g = torch.tensor([[0.0, 0.0, 32.0, 32.0, 0.0], [0.0, 0.0, 32.0, 32.0, 1.0], [0.0, 0.0, 8.0, 8.0, 0.0]])
+    h = torch.tensor([[0.0, 0.0, 32.0, 32.0, 0.0], [0.0, 0.0, 32.0, 32.0, 0.0], [16.0, 16.0, 8.0, 8.0, 0.0]])
+    loss, valid = liftedcl.equivariant_loss(map_q, map_k, g, h, queue, 0.2, size=4)
+    assert valid.tolist() == [True, True, False]
+    # full overlap, both unflipped at 4 x 4: the alignment is the identity; the second view pair is flipped once
+    r = F.normalize(torch.stack([map_q[0], map_q[1].flip(-1)]), dim=1).flatten(2).transpose(1, 2).reshape(-1, 8)
+    t = F.normalize(map_k[:2], dim=1).flatten(2).transpose(1, 2).reshape(-1, 8)
+    logits = torch.cat([(r * t).sum(1, keepdim=True), r @ queue], 1) / 0.2
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(len(r), dtype=torch.long)))
+
+
+# ---------------------------------------------------------------------------------------------- KCS and prior
+
+def test_kcs_of_a_hand_made_skeleton():
+    expected = {(0, 1), (1, 2), (2, 3), (0, 4), (4, 5), (5, 6), (0, 7), (7, 8), (8, 9), (9, 10), (8, 11), (11, 12),
+                (12, 13), (8, 14), (14, 15), (15, 16)}
+    assert set(liftedcl.BONES) == expected  # 16 bones incl. belly-neck and nose-head (the official code's typo)
+    x = torch.zeros(1, 17, 3)  # a T-pose, y down: legs straight down, arms straight out
+    x[0, 1], x[0, 4] = torch.tensor([-1.0, 0, 0]), torch.tensor([1.0, 0, 0])
+    x[0, 2], x[0, 3], x[0, 5], x[0, 6] = torch.tensor([[-1.0, 4, 0], [-1.0, 8, 0], [1.0, 4, 0], [1.0, 8, 0]])
+    x[0, 7], x[0, 8], x[0, 9], x[0, 10] = torch.tensor([[0, -2.0, 0], [0, -5.0, 0], [0, -7.0, 0], [0, -8.0, 0]])
+    x[0, 11], x[0, 12], x[0, 13] = torch.tensor([[2.0, -5, 0], [5.0, -5, 0], [7.0, -5, 0]])
+    x[0, 14], x[0, 15], x[0, 16] = torch.tensor([[-2.0, -5, 0], [-5.0, -5, 0], [-7.0, -5, 0]])
+    psi = liftedcl.kcs(x)[0]
+    lengths = [1, 4, 4, 1, 4, 4, 2, 3, 2, 1, 2, 3, 2, 2, 3, 2]
+    torch.testing.assert_close(psi.diagonal(), torch.tensor(lengths, dtype=torch.float) ** 2)
+    bone = {b: i for i, b in enumerate(liftedcl.BONES)}
+    assert psi[bone[(1, 2)], bone[(2, 3)]] == 16  # thigh and shin in line
+    assert psi[bone[(11, 12)], bone[(14, 15)]] == -9  # the two upper arms point apart
+    assert psi[bone[(1, 2)], bone[(11, 12)]] == 0  # perpendicular
+    torch.testing.assert_close(psi, psi.T)
+    turn = torch.linalg.qr(torch.randn(3, 3))[0]
+    torch.testing.assert_close(liftedcl.kcs(x @ turn.T)[0], psi, atol=1e-4, rtol=1e-5)  # rotation-invariant
+
+
+def test_prior_samples_root_norm_bone_lengths_and_yaw():
+    import numpy as np
+    bodies = torch.from_numpy(liftedcl.sample_bodies(300, np.random.default_rng(0)))
+    template = torch.from_numpy(liftedcl.TEMPLATE).norm(dim=1)
+    ratio = liftedcl.bone_lengths(bodies) / template
+    assert ratio.min() >= 0.9 - 1e-9 and ratio.max() <= 1.1 + 1e-9 and ratio.std() > 0.03  # α ~ U[0.9, 1.1]
+    x = liftedcl.sample_prior(300, seed=0)
+    assert torch.equal(x, liftedcl.sample_prior(300, seed=0)) and not torch.equal(x, liftedcl.sample_prior(300, 1))
+    assert x[:, 0].abs().max() == 0 and torch.allclose(x.flatten(1).norm(dim=1), torch.ones(300))
+    hips = x[:, 4] - x[:, 1]  # the pelvis points every way around the vertical (y) axis, never far off it
+    assert hips[:, 0].min() < -0.05 and hips[:, 0].max() > 0.05 and hips[:, 2].min() < -0.05 and hips[:, 2].max() > 0.05
+    assert (hips[:, 1].abs() / hips.norm(dim=1)).max() < 0.5
+    error, lr_ratio, spread = liftedcl.plausibility(x, liftedcl.bone_lengths(x).mean(0)).tolist()
+    assert error < 0.15 and 1 < lr_ratio < 1.15 and spread < 0.15
+    bad = liftedcl.plausibility(liftedcl.normalize_skeletons(torch.randn(300, 17, 3)), liftedcl.bone_lengths(x).mean(0))
+    assert bad[0] > 3 * error and bad[1] > 1.5  # random skeletons are implausible by every number
+
+
+def test_pretrained_moco_checkpoint_fills_query_and_key_encoders(tmp_path):
+    """--pretrained FILE with MoCo's keys (the paper's stage I): module.encoder_q.* is the backbone; the key
+    encoder starts as its copy; encoder_k, the fc head and the queue are not read."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    net.bn1.running_var.uniform_(0.5, 2.0)  # trained statistics, unlike a fresh model's ones
+    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in net.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 64)
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16)
+    report = liftedcl.load_pretrained(model, str(tmp_path / "moco.pth.tar"), "resnet18")
+    assert "120/120" in report, report
+    for enc in (model.encoder_q, model.encoder_k):  # the key encoder: MoCo's copy of the parameters
+        assert torch.equal(enc.backbone.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    assert torch.equal(model.encoder_q.backbone.bn1.running_var, net.bn1.running_var)
+
+
+# ---------------------------------------------------------------------------------------------- script
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=16, n_val=4)
+    return ["--data", "folder", "--images", f"{root}/train2017"]
+
+
+def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path):
+    common = images + SMALL + ["--epochs", "2"]  # 16 images / batch 8: 2 iterations per epoch
+    run(common + ["--out", tmp_path / "straight"])
+    run(common + ["--iters", "2", "--out", tmp_path / "resumed"])
+    run(common + ["--resume", "--out", tmp_path / "resumed"])
+    out = tmp_path / "straight"
+    for name in ["checkpoint.pth", "backbone.pth", "log.jsonl", "loss.png", "lifted.png"]:
+        assert (out / name).stat().st_size > 0, name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2] and log[-1]["iteration"] == 4
+    assert {"l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "plausibility"} <= set(log[-1])
+    a, b = (torch.load(tmp_path / r / "checkpoint.pth", map_location="cpu", weights_only=True)
+            for r in ("straight", "resumed"))
+    assert {"model", "discriminator", "optimizer", "d_optimizer", "rng"} <= set(a)
+    for part in ("model", "discriminator"):  # resume restores D (and everything else): the runs agree exactly
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    assert a["d_optimizer"]["state"] and torch.equal(a["d_optimizer"]["state"][0]["momentum_buffer"],
+                                                     b["d_optimizer"]["state"][0]["momentum_buffer"])
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert torch.equal(net.layer4[1].conv2.weight, a["model"]["encoder_q.backbone.layer4.1.conv2.weight"])
+    with pytest.raises(UserError, match=r"ckpt.pth: saved with --lambda-adv 0.5, this run has 0.0"):
+        check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--lambda-adv", "0"]),
+                          liftedcl.RESUME_KEYS)
+    with pytest.raises(UserError, match=r"ckpt.pth: saved with --no-normalize-lifted False, this run has True"):
+        check_resume_args("ckpt.pth", b["args"], liftedcl.get_args(common + ["--no-normalize-lifted"]),
+                          liftedcl.RESUME_KEYS, negated=("normalize_lifted",))
+
+
+def test_torchrun_two_ranks_shuffle_bn_hold_identical_state(images, tmp_path):
+    """Shuffle BN across ranks, gathered queues and DDP on D: every rank ends with the same encoder, key
+    encoder, queues and discriminator."""
+    p = run(images + SMALL + ["--moco-k", "32", "--iters", "2", "--epochs", "1", "--out", tmp_path / "ddp"],
+            torchrun=True)
+    assert "on 2 x cpu, 2 BN group(s) per rank" in p.stdout, p.stdout
+    digests = dict(re.findall(r"rank (\d)/2: parameters sha1 ([0-9a-f]{40})", p.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], p.stdout
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert int(ckpt["model"]["queue_ptr"]) == 16 and len(ckpt["rng"]) == 2  # 2 steps x 8 keys from both ranks
+
+
+def test_bad_inputs(tmp_path):
+    p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    assert_one_line_error(p, tmp_path / "nowhere", "not found")
+    torch.save(torch.zeros(5, 16, 3), tmp_path / "joints.pt")
+    with pytest.raises(UserError, match=r"joints.pt: expected .* shape \(N, 17, 3\), found \(5, 16, 3\)"):
+        liftedcl.load_skeletons(str(tmp_path / "joints.pt"), True)
+    with pytest.raises(UserError, match="no.pt"):
+        liftedcl.load_skeletons(str(tmp_path / "no.pt"), True)
+    with pytest.raises(UserError, match="--moco-k 20 must be a multiple of --batch-size 8"):
+        liftedcl.get_args(SMALL + ["--moco-k", "20"])
+    with pytest.raises(UserError, match="must not be negative"):
+        liftedcl.get_args(["--lambda-adv", "-1"])
