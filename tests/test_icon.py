@@ -257,8 +257,8 @@ def test_run_writes_outputs_and_saves_the_pose_network_alone(tiny, tmp_path):
     assert not any(k in best for k in ("head.net.0.weight", "net.0.weight"))
     assert "proj" in torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)  # kept to resume
     # the inference model is a SimpleBaseline checkpoint: what `mrpose.py --eval-only --weights` builds and loads
-    mr_model, _ = mrpose.build_model(mrpose.get_args(tiny + ["--backbone", "resnet18", "--head-channels", "32",
-                                                                  "--pretrained", "none"]))
+    mr_args = mrpose.get_args(tiny + ["--backbone", "resnet18", "--head-channels", "32", "--pretrained", "none"])
+    mr_model, _ = mrpose.build_model(mr_args)
     load_weights(mr_model, out / "best.pth")
     x = torch.randn(2, 3, 96, 64)
     pose.load_state_dict(best)
