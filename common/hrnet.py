@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck  # same layout and names as the official blocks
 
+from common.posenet import init_pose_weights
 from common.utils import UserError, read_state_dict
 
 
@@ -105,14 +106,7 @@ class PoseHighResolutionNet(nn.Module):
 
     def init_weights(self):
         """Official init: every conv N(0, 0.001) with zero bias, BN weight 1 and bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.001)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_pose_weights(self.modules())
 
     @staticmethod
     def _transition(layers, ys):
