@@ -3,13 +3,11 @@
 The module keeps torchvision's attribute names (conv1, bn1, layer1..layer4), so a state_dict saved
 from it, or from `torchvision.models.resnetXX()`, loads in either direction without renaming.
 """
-import os
 
-import torch
 import torch.nn as nn
 import torchvision
 
-from common.utils import UserError
+from common.utils import UserError, read_state_dict
 
 RESNETS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
            "resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101,
@@ -46,21 +44,7 @@ def load_backbone(backbone, path):
     optional 'module.' (DDP) or 'backbone.' prefix; of a MoCo checkpoint ('module.encoder_q.*',
     'module.encoder_k.*', 'module.queue') the query encoder. Keys the backbone lacks (fc.*) are reported,
     a shape mismatch is an error naming the key."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: pretrained backbone file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or non-torch file: say which and why, no traceback
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    for key in ("backbone", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: does not hold a state_dict of tensors")
-    for prefix in ("module.", "backbone."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = read_state_dict(path, "pretrained backbone")
     if any(k.startswith("encoder_q.") for k in state):  # a MoCo checkpoint: its query encoder
         state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
     own = backbone.state_dict()

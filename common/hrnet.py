@@ -7,14 +7,13 @@ module outputs only the 1/4 branch, and a 1x1 conv turns it into heatmaps. Modul
 empty slots follow the official code, so its pose checkpoints and the ImageNet-pretrained
 `hrnet_w32-36af842e.pth` load by key (`load_hrnet_pretrained`).
 """
-import os
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck  # same layout and names as the official blocks
 
-from common.utils import UserError
+from common.posenet import init_pose_weights
+from common.utils import UserError, read_state_dict
 
 
 def conv_bn(cin, cout, stride, relu):
@@ -107,14 +106,7 @@ class PoseHighResolutionNet(nn.Module):
 
     def init_weights(self):
         """Official init: every conv N(0, 0.001) with zero bias, BN weight 1 and bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.001)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_pose_weights(self.modules())
 
     @staticmethod
     def _transition(layers, ys):
@@ -140,21 +132,7 @@ def load_hrnet_pretrained(model, path):
     Keys the pose net lacks (the classifier's incre_modules, downsamp_modules, final_layer.0/1,
     classifier, stage4's extra outputs) are ignored and reported; a shape mismatch is an error
     naming the key, except for the heatmap head (below)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: pretrained HRNet file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or non-torch file: say which and why, no traceback
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    for key in ("backbone", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: does not hold a state_dict of tensors")
-    for prefix in ("module.", "backbone."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = read_state_dict(path, "pretrained HRNet")
     own = model.state_dict()
     skipped = []
     for k, v in state.items():

@@ -10,6 +10,19 @@ def deconv(cin, cout):
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def init_pose_weights(modules):
+    """The official pose-network init (SimpleBaseline, HRNet): (transposed) convs N(0, 0.001) with zero bias,
+    BatchNorm weight 1 and bias 0."""
+    for m in modules:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, std=0.001)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class PoseNet(nn.Module):
     """Backbone + head; heads start from N(0, 0.001) weights and zero biases (SimpleBaseline)."""
 
@@ -18,16 +31,7 @@ class PoseNet(nn.Module):
         self.backbone = backbone
 
     def init_head(self):
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.normal_(m.weight, std=0.001)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_pose_weights(m for name, m in self.named_modules() if not name.startswith("backbone"))
 
 
 class SimpleBaseline(PoseNet):

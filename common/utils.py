@@ -102,6 +102,22 @@ def load_checkpoint(path, what="checkpoint"):
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
+def read_state_dict(path, what):
+    """The state_dict in a weights file: bare, or under 'backbone'/'state_dict'/'model', without a 'module.'
+    (DDP) or 'backbone.' prefix common to every key. `what` names the file in errors ("pretrained backbone")."""
+    state = load_checkpoint(path, what=f"{what} file")
+    for key in ("backbone", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state_dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def rng_state():
     """Every RNG a run draws from, for exact resumption."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -134,7 +134,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="other.pth: no key matches an HRNet"):
         load_hrnet_pretrained(net, str(tmp_path / "other.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="junk.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match="junk.pth: not a readable pretrained HRNet file"):
         load_hrnet_pretrained(net, str(tmp_path / "junk.pth"))
     with pytest.raises(UserError, match="absent.pth: pretrained HRNet file not found"):
         load_hrnet_pretrained(net, str(tmp_path / "absent.pth"))

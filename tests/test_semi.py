@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mrpose
 from common.heatmap import joints_mse_loss
@@ -349,7 +348,8 @@ def test_semi_dual_end_to_end(tmp_path):
         "--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json", "--images", f"{root}/train2017",
         "--val-ann", f"{root}/annotations/person_keypoints_val2017.json", "--val-images", f"{root}/val2017",
         "--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "4", "--workers", "0", "--print-freq", "1",
-        "--labeled", "8", "--semi", "dual", "--joint-cutout", "2", "--lr-steps", "9", "--out", out]
+        "--labeled", "8", "--semi", "dual", "--joint-cutout", "2", "--lr-steps", "9", "--pretrained", "none",
+        "--out", out]
     run_script("mrpose.py", flags + ["--iters", "4"])  # one epoch: 16 unlabeled persons (all), batch 4
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert log["iteration"] == 4 and np.isfinite(log["loss"])
