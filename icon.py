@@ -128,7 +128,8 @@ def get_args(argv=None):
     p.add_argument("--labeled", type=parse_labeled, default=None, help="train on N persons, or P%% of them (few-label)")
     # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi): Xie et al.'s dual networks (SSPose) or
     # the pseudo-label teacher of Eq. (6); ICON's contrast on top unless --lambda-p 0
-    p.add_argument("--semi", default=None, choices=["none", "dual", "pseudo"])
+    p.add_argument("--semi", default=None, choices=["none", "dual", "pseudo"],
+                   help="Table 4: dual = SSPose (two networks), pseudo = Eq. (6) (frozen --teacher)")
     p.add_argument("--unlabeled", default="rest", choices=["all", "rest"],
                    help="unlabeled persons: those outside --labeled (ICON: \"the remaining\") or every training person "
                         "(Xie et al.'s official sets)")
