@@ -152,6 +152,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def time_steps(step, cfg, device):
+    """Seconds per call of `step` over cfg["iters"] calls after cfg["warmup"] untimed ones, the peak memory in
+    MiB (CUDA: max allocated; CPU: growth of this process's RSS high-water mark) and the last call's return."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for _ in range(cfg["warmup"]):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg["iters"]):
+        out = step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / cfg["iters"]
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    return dt, peak, out
+
+
 def synthetic_batch(batch_size, args, device, seed=0):
     """A loader-like CPU batch (pinned on CUDA, as mrpose's loader): uint8 images, joints inside the
     crop, about 80% of the joints labeled."""
@@ -209,19 +228,8 @@ def train_config(cfg):
     batch = synthetic_batch(cfg["batch_size"], args, device)
     flops = 3 * forward_flops(model, to_memory_format(normalize(batch["image"].to(device)), args))  # fwd + 2x bwd
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    for _ in range(cfg["warmup"]):
-        train_step(model, optimizer, scheduler, scaler, batch, args, device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg["iters"]):
-        loss = train_step(model, optimizer, scheduler, scaler, batch, args, device)
-    synchronize(device)
-    dt = (time.perf_counter() - t0) / cfg["iters"]
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    dt, peak, loss = time_steps(lambda: train_step(model, optimizer, scheduler, scaler, batch, args, device),
+                                cfg, device)
     return dict(arch=cfg["arch"], backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
                 img_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3, peak_mib=peak,
                 step_tflop=flops / 1e12, tflop_per_s=flops / dt / 1e12, loss=float(loss))
@@ -531,19 +539,7 @@ def mscl_config(cfg):
         loss.backward()
         optimizer.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(cfg["warmup"]):
-        step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg["iters"]):
-        step()
-    synchronize(device)
-    dt = (time.perf_counter() - t0) / cfg["iters"]
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    dt, peak, _ = time_steps(step, cfg, device)
     return dict(model=cfg["name"], batch=cfg["batch_size"], pairs_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3,
                 peak_mib=peak, gmacs_per_pair=counter.get_total_flops() / 2 / 1e9)
 
@@ -604,19 +600,7 @@ def liftedcl_config(cfg):
         liftedcl.discriminator_step(disc, d_optimizer, real[torch.randint(len(real), (n,), device=device)],
                                     out["lifted"])
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(cfg["warmup"]):
-        step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg["iters"]):
-        step()
-    synchronize(device)
-    dt = (time.perf_counter() - t0) / cfg["iters"]
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    dt, peak, _ = time_steps(step, cfg, device)
     return dict(model=cfg["name"], batch=n, bn_groups=groups, pairs_per_s=n / dt, ms_per_iter=dt * 1e3, peak_mib=peak)
 
 
@@ -669,19 +653,7 @@ def icon_config(cfg):
         loss.backward()
         optimizer.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(cfg["warmup"]):
-        step()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg["iters"]):
-        step()
-    synchronize(device)
-    dt = (time.perf_counter() - t0) / cfg["iters"]
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2 ** 10)
+    dt, peak, _ = time_steps(step, cfg, device)
     return dict(model=cfg["backbone"] + (" + ICON" if cfg["lambda_p"] else ""), batch=ICON_BATCH,
                 img_per_s=ICON_BATCH / dt, ms_per_iter=dt * 1e3, peak_mib=peak)
 
@@ -744,14 +716,7 @@ def semi_config(cfg):
 
     times = {}
     for name, step in (("dual", dual_step), ("two supervised", two_steps)):
-        for _ in range(cfg["warmup"]):
-            step()
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(cfg["iters"]):
-            step()
-        synchronize(device)
-        times[name] = (time.perf_counter() - t0) / cfg["iters"]
+        times[name] = time_steps(step, cfg, device)[0]
     return [dict(step=name, backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
                  ms_per_iter=t * 1e3, pairs_per_s=cfg["batch_size"] / t, vs_two_supervised=t / times["two supervised"])
             for name, t in times.items()]
