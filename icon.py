@@ -658,6 +658,8 @@ def main():
     milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
     eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
 
+    # BatchNorm per rank, no SyncBN: paper silent; HRNet's DataParallel runs normalise over each GPU's share,
+    # the paper's "batch size 16" per GPU
     ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else trained
     # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen teacher
