@@ -242,11 +242,7 @@ class MRFeaNet(PoseNet):
 
 
 def build_model(args):
-    try:
-        backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
-    except OSError as e:  # URLError included: no network and no cached copy
-        raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {args.backbone} weights ({e}); "
-                        f"pass a backbone .pth or --pretrained none") from None
+    backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
     report = None
     if args.pretrained not in (None, "none", "torchvision"):
         report = load_backbone(backbone, args.pretrained)

@@ -22,7 +22,11 @@ class ResNetFeatures(nn.Module):
         if name not in RESNETS:
             raise UserError(f"unknown backbone {name!r}; choose from {', '.join(RESNETS)}")
         # Downloads ImageNet weights only when asked; tests never ask.
-        net = RESNETS[name](weights="IMAGENET1K_V1" if torchvision_weights else None)
+        try:
+            net = RESNETS[name](weights="IMAGENET1K_V1" if torchvision_weights else None)
+        except OSError as e:  # URLError included: no network and no cached copy
+            raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {name} weights ({e}); "
+                            f"pass a backbone .pth or --pretrained none") from None
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3") else m[-1].conv2.out_channels
@@ -40,24 +44,30 @@ class ResNetFeatures(nn.Module):
 def load_backbone(backbone, path):
     """Load a ResNet state_dict in torchvision key names into `backbone`; return a one-line report.
 
-    Accepts a bare state_dict or a dict holding one under 'state_dict'/'model'/'backbone', with an
-    optional 'module.' (DDP) or 'backbone.' prefix; of a MoCo checkpoint ('module.encoder_q.*',
-    'module.encoder_k.*', 'module.queue') the query encoder. Keys the backbone lacks (fc.*) are reported,
-    a shape mismatch is an error naming the key."""
+    Accepts a bare state_dict or one under 'state_dict'/'model'/'backbone', with an optional 'module.'
+    (DDP) prefix; of a MoCo checkpoint ('encoder_q.*', 'encoder_k.*', 'queue') the query encoder; of a
+    pose checkpoint of this project ('backbone.*' next to head keys) its backbone. Only parameters count
+    as loaded: BatchNorm's num_batches_tracked buffers are never reported missing, so counting tensors
+    would accept a file that loads no weight. A file that loads no parameter is an error naming it."""
     state = read_state_dict(path, "pretrained backbone")
-    if any(k.startswith("encoder_q.") for k in state):  # a MoCo checkpoint: its query encoder
-        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+    for prefix in ("encoder_q.", "backbone."):  # a MoCo query encoder, then a network's backbone part
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = backbone.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the {type(backbone).__name__} "
                             f"expects {tuple(own[k].shape)} (wrong --backbone?)")
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if len(missing) == len(own):
-        raise UserError(f"{path}: no key matches a ResNet backbone (first keys: {list(state)[:3]})")
-    report = f"loaded {len(own) - len(missing)}/{len(own)} backbone tensors from {path}"
+    params = [k for k, _ in backbone.named_parameters()]
+    loaded = [k for k in params if k in state]
+    if not loaded:
+        raise UserError(f"{path}: no parameter of a ResNet backbone in it (first keys: {list(state)[:3]})")
+    backbone.load_state_dict(state, strict=False)
+    missing = [k for k in params if k not in state]
+    ignored = [k for k in state if k not in own]
+    report = f"loaded {len(loaded)}/{len(params)} backbone parameters from {path}"
     if missing:
-        report += f"; missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-    if unexpected:
-        report += f"; ignored: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        report += f"; missing (left as initialised): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+    if ignored:
+        report += f"; ignored: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}"
     return report

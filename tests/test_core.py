@@ -244,7 +244,7 @@ def test_backbone_loads_torchvision_state_dict_and_reports_fc(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     feats = ResNetFeatures("resnet18")
     report = load_backbone(feats, str(tmp_path / "r18.pth"))
-    assert "120/120" in report and "ignored: fc.weight, fc.bias" in report
+    assert "60/60 backbone parameters" in report and "ignored: fc.weight, fc.bias" in report
     for k, v in feats.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k])
     x = torch.randn(1, 3, 64, 64)
@@ -259,6 +259,26 @@ def test_backbone_shape_mismatch_is_a_clear_error(tmp_path):
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
     with pytest.raises(UserError, match="r50.pth: .*shape"):
         load_backbone(ResNetFeatures("resnet18"), str(tmp_path / "r50.pth"))
+
+
+def test_backbone_file_that_loads_no_parameter_is_refused(tmp_path):
+    """num_batches_tracked is never reported missing: a file matching only those buffers loads nothing."""
+    buffers_only = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "num_batches" in k}
+    torch.save(dict(buffers_only, **{"stem.weight": torch.zeros(3)}), tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="wrong.pth: no parameter of a ResNet backbone"):
+        load_backbone(ResNetFeatures("resnet18"), str(tmp_path / "wrong.pth"))
+
+
+def test_backbone_loads_the_backbone_of_a_pose_checkpoint(tmp_path):
+    """A pose network saved by this project ('backbone.*' beside the head) gives its ResNet on purpose."""
+    args = mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "32", "--pretrained", "none"])
+    pose, _ = mrpose.build_model(args)
+    torch.save(pose.state_dict(), tmp_path / "best.pth")
+    feats = ResNetFeatures("resnet18")
+    report = load_backbone(feats, str(tmp_path / "best.pth"))
+    assert report.startswith("loaded 60/60 backbone parameters")
+    for k, v in feats.state_dict().items():
+        assert torch.equal(v, pose.backbone.state_dict()[k]), k
 
 
 def test_reduced_jpeg_decode_keeps_dots_on_their_joints(tmp_path):
@@ -388,8 +408,8 @@ def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_pat
         assert torch.equal(ours(x), official(x))
     assert load_weights(ours, str(tmp_path / "official.pth"), {"model": ours.state_dict()}) is False
     backbone = ResNetFeatures("resnet18")  # --pretrained takes the released model's ResNet part
-    n = len(backbone.state_dict())
-    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(f"loaded {n}/{n} backbone tensors")
+    n = len(list(backbone.parameters()))
+    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(f"loaded {n}/{n} backbone parameters")
     for a, b in zip(backbone.state_dict().values(), ours.backbone.state_dict().values()):
         assert torch.equal(a, b)
 
