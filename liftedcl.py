@@ -124,9 +124,6 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
     args.pretrained = None if args.pretrained == "none" else args.pretrained
-    if args.data in ("coco", "imagenet") and not (args.data_root or args.images):
-        raise UserError(f"--data {args.data} needs --data-root DIR ("
-                        + ("annotations/, train2017/" if args.data == "coco" else "train/<class>/*") + ") or --images DIR")
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
     if args.moco_k % args.batch_size:
@@ -621,6 +618,9 @@ def state_digest(*modules):
 
 def main():
     args = get_args()
+    if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
+        raise UserError(f"--data {args.data} needs --data-root DIR ("
+                        + ("annotations/, train2017/" if args.data == "coco" else "train/<class>/*") + ") or --images DIR")
     if begin(args, run_plan):
         return
     if args.summary:

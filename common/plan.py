@@ -8,7 +8,6 @@ nothing built), the run's OUT/args.json (the same plan, written when the run sta
 import argparse
 import json
 import os
-import sys
 
 from common.utils import UserError, save_json
 
@@ -148,7 +147,7 @@ def begin(args, plan_fn):
     check_paths(args)
     if rank() == 0:
         if note:
-            print(note, file=sys.stderr)
+            print(note)
         if not (getattr(args, "summary", False) or getattr(args, "eval_only", False)):
             save_json(os.path.join(args.out, "args.json"), plan)
     return False

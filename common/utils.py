@@ -1,5 +1,6 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, seeding, progress."""
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -39,17 +40,17 @@ def run_main(main):
 
 
 def _write_error_cause(e, folder):
-    """Why a write failed, in words: the OSError behind it (torch.save wraps one in a RuntimeError that
-    says 'unexpected pos ...'), a full disk, or the error's own first line."""
+    """Why a write failed, in words: the OSError behind it (torch.save wraps one in a RuntimeError that says
+    'unexpected pos ...'), or a full disk; None for any other error (a bug, not the user's to fix)."""
     cause = e
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.strerror:
-        return cause.strerror
+    if cause is not None:
+        return cause.strerror or str(cause)
     with contextlib.suppress(OSError):
         if os.statvfs(folder).f_bavail == 0:
-            return "No space left on device"
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            return os.strerror(errno.ENOSPC)
+    return None
 
 
 def atomic_write(path, write_fn, mode="wb"):
@@ -70,8 +71,11 @@ def atomic_write(path, write_fn, mode="wb"):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         os.unlink(tmp)
+        cause = _write_error_cause(e, folder)
+        if cause is None:
+            raise
         kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-        raise UserError(f"{path}: cannot write ({_write_error_cause(e, folder)}); {kept}") from None
+        raise UserError(f"{path}: cannot write ({cause}); {kept}") from None
     except BaseException:
         os.unlink(tmp)
         raise

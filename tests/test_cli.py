@@ -74,10 +74,10 @@ def test_icon_checkpoint_error_names_icons_flags(tmp_path, monkeypatch):
     assert "r34.pth: does not fit" in str(e.value) and "--backbone" in str(e.value) and "--arch" not in str(e.value)
 
 
-def test_liftedcl_data_without_root_says_which_flag():
+def test_liftedcl_data_without_root_says_which_flag(monkeypatch):
     for data in ("imagenet", "coco"):
         with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images DIR$"):
-            liftedcl.get_args(["--data", data])
+            run_main_of(liftedcl, ["--data", data], monkeypatch)
 
 
 def test_empty_image_folder(tmp_path):

@@ -225,7 +225,7 @@ def test_run_start_writes_args_json_and_checks_paths_first(tmp_path, monkeypatch
     capsys.readouterr()
     plan.begin(args, mrpose.run_plan)
     assert args.workers == plan.cpus()
-    assert capsys.readouterr().err.count("capped at") == 1
+    assert capsys.readouterr().out.count("capped at") == 1
 
 
 # ----------------------------------------------------------------------------------------------
