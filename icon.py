@@ -35,6 +35,7 @@ from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
+from common.plan import apply_presets, begin, finish_parser, make_plan, pose_augmentation, pose_eval, resume_path
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
 from common.semi import PairedDataset, build_semi, build_unlabeled
@@ -73,6 +74,7 @@ PRESETS = {
 }
 JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS, "crowdpose": CROWDPOSE_JOINTS}
 HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
+MODEL_FLAGS = "--backbone/--head-channels/--data"  # the flags a checkpoint must match, named in its error
 # Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8 limb
 # bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for these,
 # so only they are built (a pair with M = 0 would be the zero vector)
@@ -87,18 +89,20 @@ RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(q
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
-                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
+                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet; default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="ResNet: 'torchvision' (ImageNet, downloads) or a backbone .pth; HRNet: e.g. hrnet_w32-36af842e.pth")
-    p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256)")
+                   help="ResNet: 'torchvision' (ImageNet, downloads) or a backbone .pth; HRNet: e.g. hrnet_w32-36af842e.pth; "
+                        "'none': from scratch (default: none)")
+    p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256; "
+                   "default: the --data preset)")
     # ICON (§Method, §Implementation Details)
     p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0 trains the baseline alone")
     p.add_argument("--lambda-1", type=float, default=0.3, help="λ1 of Eq. (5), SKCC")
     p.add_argument("--lambda-2", type=float, default=0.7, help="λ2 of Eq. (5), PRCC")
-    p.add_argument("--no-skcc", dest="skcc", action="store_false", help="Table 5 'Base+PRCC' (λ1 = 0)")
-    p.add_argument("--no-prcc", dest="prcc", action="store_false", help="Table 5 'Base+SKCC' (λ2 = 0)")
+    p.add_argument("--no-skcc", dest="skcc", action="store_false", help="turn SKCC off: Table 5 'Base+PRCC' (λ1 = 0)")
+    p.add_argument("--no-prcc", dest="prcc", action="store_false", help="turn PRCC off: Table 5 'Base+SKCC' (λ2 = 0)")
     p.add_argument("--tau", type=float, default=0.07, help="temperature τ of Eqs. (1), (4)")
     p.add_argument("--sampling", default="hard", choices=["hard", "random", "all"], help="Table 7")
     p.add_argument("--contrast", default="inter", choices=["inter", "intra"],
@@ -116,12 +120,14 @@ def get_args(argv=None):
                    help="lowest raw visibility flag counted as visible (contrast, --recall, embeddings); "
                         "2: visible only, 1: occluded too")
     # data
-    p.add_argument("--data", default="demo", choices=list(PRESETS))
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data", default="demo", choices=list(PRESETS),
+                   help="dataset and its preset (table below); demo is generated, no download")
+    p.add_argument("--data-root", default=None, help="dataset root: COCO (annotations/, train2017/, val2017/), "
+                   "MPII (annot/, images/) or CrowdPose (annotations/, images/) layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--val-ann", default=None)
-    p.add_argument("--val-images", default=None)
+    p.add_argument("--val-ann", default=None, help="validation annotation file (overrides --data-root)")
+    p.add_argument("--val-images", default=None, help="validation image folder (overrides --data-root)")
     p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
     p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
     p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
@@ -135,40 +141,52 @@ def get_args(argv=None):
                         "(Xie et al.'s official sets)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
     p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: Joint Cutout boxes per hard view")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="network input width and height (default: the --data preset)")
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
     # augmentation
-    p.add_argument("--scale-factor", type=float, default=None)
-    p.add_argument("--rot-factor", type=float, default=None)
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip augmentation")
-    p.add_argument("--half-body-prob", type=float, default=None, help="HRNet half-body augmentation")
+    p.add_argument("--scale-factor", type=float, default=None,
+                   help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
+    p.add_argument("--rot-factor", type=float, default=None,
+                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: the --data preset)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="turn off the horizontal-flip augmentation (on by default)")
+    p.add_argument("--half-body-prob", type=float, default=None,
+                   help="HRNet half-body augmentation (default: the --data preset)")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
-    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (HRNet: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks; the contrast runs per rank")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters; "
+                   "default: the --data preset)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, not scaled with the batch "
+                   "(HRNet: 1e-3; default: the --data preset)")
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="total over all ranks; the contrast runs per rank (default: the --data preset)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the --data preset)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # evaluation and outputs
-    p.add_argument("--no-flip-test", dest="flip_test", action="store_false")
+    p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
+                   help="evaluate without averaging the flipped image's heatmaps (flip test is on by default)")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations (default 1; with --iters about 2000 iterations)")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights (or a fresh model) and exit")
     p.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
     p.add_argument("--oracle", action="store_true", help="evaluate the ground truth through the heatmap path")
     p.add_argument("--recall", action="store_true",
                    help="Table 6: share of visible GT keypoints whose confidence exceeds 0.1..0.9 (GT boxes)")
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    p.add_argument("--out", default=None)
-    p.add_argument("--print-freq", type=int, default=20)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/icon-DATA-BACKBONE[-SEMI][-baseline])")
+    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
+    finish_parser(p, PRESETS)
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.data].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    apply_presets(args, PRESETS[args.data])
     args.input_size = tuple(args.input_size)
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])
@@ -181,13 +199,20 @@ def get_args(argv=None):
     for flag in ("tau", "num_queries", "num_negatives", "embed_dim"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if args.backbone in HRNETS and args.pretrained == "torchvision":
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
     args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
                                         + (f"-{args.semi}" if args.semi else "") + ("" if args.contrast_on else "-baseline"))
+    args.resume = resume_path(args)
     return args
+
+
+def run_plan(args):
+    """The --dry-run plan and OUT/args.json (common/plan.py); Adam's lr is not scaled with the batch."""
+    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args), eval=pose_eval(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,6 +631,8 @@ SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2
 
 def main():
     args = get_args()
+    if begin(args, run_plan):
+        return
     rank, world, device = dist.setup(args.device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
@@ -619,7 +646,7 @@ def main():
     if report and main_proc:
         print(report)
     if args.weights:
-        load_weights(pose, args.weights)
+        load_weights(pose, args.weights, flags=MODEL_FLAGS)
     model = pose if head is None else ICON(pose, head)
     # --semi: network 2 (dual) or the frozen teacher (pseudo) around `pose`, trained by common/semi.py
     semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
@@ -670,13 +697,13 @@ def main():
     start_epoch, it, best = 0, 0, -1.0
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS)
-        load_weights(pose, ckpt_path, ckpt)
+        ckpt = load_checkpoint(args.resume)
+        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS)
+        load_weights(pose, args.resume, ckpt, flags=MODEL_FLAGS)
         if head is not None:
             head.load_state_dict(ckpt["proj"])
         if args.semi == "dual":
-            load_weights(semi_model.nets[1], ckpt_path, ckpt["model2"])
+            load_weights(semi_model.nets[1], args.resume, ckpt["model2"], flags=MODEL_FLAGS)
             if head is not None:
                 semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -684,8 +711,13 @@ def main():
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, it, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if it >= total_iters:
+            raise UserError(f"{args.resume}: the run is complete ({it} of {total_iters} iterations); raise --iters "
+                            f"or --epochs to train on")
+        # a run stopped inside an epoch (--iters) counts that epoch as done: go on to the new total
+        epochs = max(epochs, start_epoch + math.ceil((total_iters - it) / iters_per_epoch))
         if main_proc:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
         extra = f" + {sum(p.numel() for p in head.parameters()):,} in the projection head (training only)" if head else ""
         print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters{extra}; "

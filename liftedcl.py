@@ -33,6 +33,7 @@ from torchvision.ops import roi_align
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import list_images, load_coco, read_coco, read_image
+from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
@@ -62,16 +63,16 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", "--arch", dest="backbone", default=None, choices=list(RESNETS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS), help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None,
                    help="'torchvision' (ImageNet, downloads) or a file: a MoCo checkpoint (module.encoder_q.*, the "
-                        "paper's stage I) or a backbone.pth of this project")
+                        "paper's stage I) or a backbone.pth of this project; 'none': from scratch (default: none)")
     # model and losses (Sec. 3, App. C)
     p.add_argument("--dim", type=int, default=128, help="output width of both projection heads")
-    p.add_argument("--moco-k", type=int, default=None, help="queue length K of both queues (paper 16384)")
-    p.add_argument("--moco-m", type=float, default=None, help="key encoder momentum (paper 0.999)")
+    p.add_argument("--moco-k", type=int, default=None, help="queue length K of both queues (paper 16384; default: "
+                   "the --data preset)")
+    p.add_argument("--moco-m", type=float, default=None, help="key encoder momentum (paper 0.999; default: the --data preset)")
     p.add_argument("--moco-t", type=float, default=0.2, help="temperature τ of Eqs. (2) and (4)")
     p.add_argument("--lambda-inv", type=float, default=0.5, help="weight of L_inv (λ1 of Eq. 1)")
     p.add_argument("--lambda-equiv", type=float, default=0.5, help="weight of L_equiv (λ1 of Eq. 1; 0: no dense head)")
@@ -88,40 +89,71 @@ def get_args(argv=None):
                                                      "(e.g. the official norm_joints.pt) instead of the App. B prior")
     p.add_argument("--prior-size", type=int, default=10000, help="skeletons sampled from the prior (App. B: ~10K)")
     # data (App. A)
-    p.add_argument("--data", default="demo", choices=list(PRESETS))
+    p.add_argument("--data", default="demo", choices=list(PRESETS),
+                   help="training images and their preset (table below); demo is generated, no download")
     p.add_argument("--data-root", default=None, help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
     p.add_argument("--images", default=None, help="a folder of images, used whole (any layout; overrides --data-root)")
-    p.add_argument("--crop-size", type=int, default=None, help="side of each view (App. C: 256)")
+    p.add_argument("--crop-size", type=int, default=None, help="side of each view (App. C: 256; default: the --data preset)")
     p.add_argument("--person-size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                   help="person crops of --data coco/demo (App. A: 192 256)")
+                   help="person crops of --data coco/demo (App. A: 192 256; "
+                   "default: the --data preset)")
     # optimisation (Sec. 4.1, App. C)
-    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule")
+    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None,
                    help="stop after this many iterations in total (the cosine schedule still spans --epochs)")
-    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 128")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (encoder and discriminator)")
+    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 128 "
+                   "(default: the --data preset)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (encoder and discriminator)")
+    p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4,
+                   help="SGD weight decay (encoder and discriminator)")
     p.add_argument("--d-lr", type=float, default=0.03, help="discriminator lr, constant (official code)")
-    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks (default: the --data preset)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # outputs
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    p.add_argument("--out", default=None)
-    p.add_argument("--print-freq", type=int, default=20)
+    p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/liftedcl-DATA-BACKBONE)")
+    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
+    finish_parser(p, PRESETS)
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.data].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_presets(args, PRESETS[args.data])
+    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
     if args.moco_k % args.batch_size:
         raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
     args.person_size = tuple(args.person_size) if args.person_size else None
     args.out = args.out or os.path.join("runs", f"liftedcl-{args.data}-{args.backbone}")
+    args.resume = resume_path(args)
     return args
+
+
+def run_plan(args):
+    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after the batch scaling of App. C."""
+    plan = make_plan(args, lr_effective=args.lr * args.batch_size / 128,
+                     augmentation=dict(moco_v2_views(args), person_size=args.person_size))
+    plan["bn_groups"] = args.bn_groups or max(1, 4 // world_size())  # as main() resolves it
+    return plan
+
+
+def print_summary(args):
+    """--summary: parameters of the query encoder and lifting network, of D, and the multiply-accumulates of
+    one view through the ResNet."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
+                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, 1).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.encoder_q.backbone(torch.zeros(1, 3, args.crop_size, args.crop_size))
+    n = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
+    print(f"LiftedCL {args.backbone} at {args.crop_size} px: {n:,} encoder + lifting parameters (the key encoder "
+          f"copies them), {sum(p.numel() for p in Discriminator().parameters()):,} in D; "
+          f"{counter.get_total_flops() / 2 / 1e9:.2f} GFLOPs (multiply-accumulates) per view in the ResNet")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,6 +618,14 @@ def state_digest(*modules):
 
 def main():
     args = get_args()
+    if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
+        raise UserError(f"--data {args.data} needs --data-root DIR ("
+                        + ("annotations/, train2017/" if args.data == "coco" else "train/<class>/*") + ") or --images DIR")
+    if begin(args, run_plan):
+        return
+    if args.summary:
+        print_summary(args)
+        return
     rank, world, device = dist.setup(args.device)
     main_proc = dist.is_main()
     args.bn_groups = args.bn_groups or max(1, 4 // world)
@@ -631,19 +671,23 @@ def main():
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("normalize_lifted",))
+        ckpt = load_checkpoint(args.resume)
+        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("normalize_lifted",))
         for module, key, what in [(model, "model", "model"), (discriminator, "discriminator", "discriminator"),
                                   (optimizer, "optimizer", "optimizer"), (d_optimizer, "d_optimizer", "D optimizer"),
                                   (scaler, "scaler", "grad scaler")]:
-            load_state(module, ckpt.get(key), ckpt_path, what)
+            load_state(module, ckpt.get(key), args.resume, what)
         start_epoch, it = ckpt["epoch"], ckpt["iteration"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if os.path.isfile(log_path):
             with open(log_path) as f:
                 history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+        if it >= total_iters or start_epoch >= args.epochs:
+            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is left to train
+            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of {args.epochs}, iteration "
+                            f"{it} of {total_iters}); raise --iters to train on, or start a longer run elsewhere")
         if main_proc:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         if report:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import ResNetFeatures, load_backbone
 from common.heatmap import gaussian_targets, joints_mse_loss
+from common.plan import apply_presets, begin, finish_parser, make_plan, pose_augmentation, pose_eval, resume_path
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
 from common.topdown import (build_data, evaluate, format_metrics, load_weights, main_metric, parse_labeled, summary,
@@ -69,34 +70,41 @@ PROTOCOLS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="simplebaseline",
-                   choices=["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"])
-    p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+                   choices=["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"],
+                   help="pose model: SimpleBaseline (Fig. 2) or a multi-resolution head (Figs. 3-4)")
+    p.add_argument("-a", "--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                   help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None, help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii "
                    "presets, as the paper), 'none' (from scratch; the demo preset) or a backbone .pth")
-    p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="MSCL transfer preset")
+    p.add_argument("--protocol", default=None, choices=list(PROTOCOLS), help="MSCL transfer preset (second table below)")
     # data
-    p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"])
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"],
+                   help="dataset and its preset (table below); demo is generated, no download")
+    p.add_argument("--data-root", default=None, help="dataset root: COCO (annotations/, train2017/, val2017/) or "
+                   "MPII (annot/, images/) layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--val-ann", default=None)
-    p.add_argument("--val-images", default=None)
+    p.add_argument("--val-ann", default=None, help="validation annotation file (overrides --data-root)")
+    p.add_argument("--val-images", default=None, help="validation image folder (overrides --data-root)")
     p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
     p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
     p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
     p.add_argument("--labeled", type=parse_labeled, default=None, help="train on N persons, or P%% of them (few-label)")
     p.add_argument("--labeled-order", default="random", choices=["first", "random"],
                    help="--labeled takes the first N persons of the annotation file (official subsets) or a seeded draw")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="network input width and height (default: the --data preset)")
     p.add_argument("--head-channels", type=int, default=None, help="deconv width C of SimpleBaseline/MRHeatNet (paper: 256)")
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
     p.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
                    help="feed BGR channels as the official code does (cv2); default: on for --weights in the official "
                         "SimpleBaseline/SimMRPose names or from a --bgr run, off otherwise")
     # semi-supervised training (common/semi.py): Xie et al.'s dual networks, one network, or ICON's pseudo-labels
-    p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"])
+    p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"],
+                   help="semi-supervised training: Xie et al.'s dual networks, one network's consistency, or "
+                        "ICON's pseudo-labels (default: none; --protocol mscl-*: dual)")
     p.add_argument("--unlabeled", default="all", choices=["all", "rest"],
                    help="unlabeled persons: every training person (official) or those outside --labeled")
     p.add_argument("--unlabeled-ann", default=None, help="unlabeled persons of AI Challenger instead (official or COCO-style json; MPII + AIC)")
@@ -104,40 +112,49 @@ def get_args(argv=None):
     p.add_argument("--joint-cutout", type=int, default=0, help="Joint Cutout boxes per hard view (official MPII+AIC: 5)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
     # augmentation
-    p.add_argument("--scale-factor", type=float, default=None, help="sf: scale x N(1, sf) clipped to 1 ± sf")
-    p.add_argument("--rot-factor", type=float, default=None, help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6 (degrees)")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no flip augmentation")
+    p.add_argument("--scale-factor", type=float, default=None,
+                   help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
+    p.add_argument("--rot-factor", type=float, default=None,
+                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: the --data preset)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="turn off the horizontal-flip augmentation (on by default)")
     p.add_argument("--half-body-prob", type=float, default=0.0, help="HRNet half-body augmentation")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
-    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--lr-steps", type=int, nargs="+", default=None, help="x0.1 at these epochs (or iterations with --iters; "
+                   "default: the --data preset)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, not scaled with the batch "
+                   "(paper: 1e-3; default: the --data preset)")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks (default: the --data preset)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the --data preset)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # evaluation and outputs
-    p.add_argument("--no-flip-test", dest="flip_test", action="store_false")
+    p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
+                   help="evaluate without averaging the flipped image's heatmaps (flip test is on by default)")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations (default 1; with --iters about 2000 iterations)")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights (or a fresh model) and exit")
     p.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
     p.add_argument("--oracle", action="store_true", help="evaluate the ground truth through the heatmap path")
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    p.add_argument("--out", default=None)
-    p.add_argument("--print-freq", type=int, default=20)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mrpose-DATA-ARCH-BACKBONE)")
+    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
+    finish_parser(p, PRESETS, PROTOCOLS)
     args = p.parse_args(argv)
     if args.protocol:  # the protocol's values become defaults: flags on the command line still win
         p.set_defaults(**PROTOCOLS[args.protocol])
         args = p.parse_args(argv)
     if args.pretrained is None and (args.eval_only or args.weights or args.resume or args.summary):
         args.pretrained = "none"  # the weights come from a checkpoint (or are not needed): nothing to download
-    for k, v in PRESETS[args.data].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_presets(args, PRESETS[args.data])
     args.semi = None if args.semi == "none" else args.semi
     if args.protocol == "mscl-mpii" and args.semi and not args.unlabeled_ann:
         raise UserError("--protocol mscl-mpii: the unlabeled set is AI Challenger train (--unlabeled-ann, "
@@ -146,7 +163,13 @@ def get_args(argv=None):
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = 16 if args.data == "mpii" else 17
     args.out = args.out or os.path.join("runs", f"mrpose-{args.data}-{args.arch}-{args.backbone}")
+    args.resume = resume_path(args)
     return args
+
+
+def run_plan(args):
+    """The --dry-run plan and OUT/args.json (common/plan.py); Adam's lr is not scaled with the batch."""
+    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args), eval=pose_eval(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +284,8 @@ RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", 
 
 def main():
     args = get_args()
+    if begin(args, run_plan):
+        return
     rank, world, device = dist.setup(args.device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
@@ -329,20 +354,25 @@ def main():
     start_epoch, it, best = 0, 0, -1.0
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(args.resume)
         if args.bgr is None:
             args.bgr = bool(ckpt.get("args", {}).get("bgr", False))
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS)
-        load_weights(model, ckpt_path, ckpt)
+        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS)
+        load_weights(model, args.resume, ckpt)
         if args.semi == "dual":
-            load_weights(semi_model.nets[1], ckpt_path, ckpt["model2"])
+            load_weights(semi_model.nets[1], args.resume, ckpt["model2"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, it, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if it >= total_iters:
+            raise UserError(f"{args.resume}: the run is complete ({it} of {total_iters} iterations); raise --iters "
+                            f"or --epochs to train on")
+        # a run stopped inside an epoch (--iters) counts that epoch as done: go on to the new total
+        epochs = max(epochs, start_epoch + math.ceil((total_iters - it) / iters_per_epoch))
         if main_proc:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     args.bgr = bool(args.bgr)
     if main_proc:
         init = {"torchvision": "ImageNet (torchvision)", "none": "scratch"}.get(args.pretrained, args.pretrained)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
+from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
@@ -56,8 +57,8 @@ DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backbone", "--arch", dest="backbone", default=None, choices=list(RESNETS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS), help="the ResNet (default: the --data preset)")
     # model (Sec. 3)
     p.add_argument("--dim", type=int, default=512, help="FPN vector and projector output width (Eq. 3)")
     p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width (Eq. 4)")
@@ -75,41 +76,53 @@ def get_args(argv=None):
     p.add_argument("--shared-heads", action="store_true",
                    help="one projector and one predictor for all scales (default: one per scale; needs the FPN)")
     # data
-    p.add_argument("--data", default="demo", choices=list(PRESETS))
+    p.add_argument("--data", default="demo", choices=list(PRESETS),
+                   help="training images and their preset (table below); demo is generated, no download")
     p.add_argument("--data-root", default=None, help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
     p.add_argument("--images", default=None, help="a folder of images (any layout; overrides --data-root)")
-    p.add_argument("--crop-size", type=int, default=None, help="RandomResizedCrop output side (paper 224)")
+    p.add_argument("--crop-size", type=int, default=None, help="RandomResizedCrop output side (paper 224; default: "
+                   "the --data preset)")
     # optimisation (Sec. 4.1)
-    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule")
+    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None,
                    help="stop after this many iterations in total (the cosine schedule still spans --epochs; "
                         "a later --resume continues at the next epoch)")
-    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 256")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 256 "
+                   "(default: the --data preset)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the predictors' lr at its initial value (SimSiam's 100-epoch recipe; on in every "
                         "preset, --no-fix-pred-lr decays it with the rest)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="total over all ranks (rounded down to a multiple of the number of ranks)")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="total over all ranks (rounded down to a multiple of the number of ranks; default: the --data preset)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # outputs
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    p.add_argument("--out", default=None)
-    p.add_argument("--print-freq", type=int, default=20)
+    p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/mscl-DATA-RUN-BACKBONE)")
+    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
+    finish_parser(p, PRESETS)
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.data].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_presets(args, PRESETS[args.data])
     if args.shared_heads and not args.fpn and not args.single_scale:
         raise UserError("--shared-heads needs the FPN: without it the four scales have different widths")
     if min(args.scale_weights) < 0 or sum(args.scale_weights) <= 0:
         raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a positive sum")
     args.out = args.out or os.path.join("runs", f"mscl-{args.data}-{run_name(args)}-{args.backbone}")
+    args.resume = resume_path(args)
     return args
+
+
+def run_plan(args):
+    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after SimSiam's batch scaling."""
+    return make_plan(args, lr_effective=batch_and_lr(args, world_size())[2], augmentation=moco_v2_views(args))
 
 
 def run_name(args):
@@ -292,6 +305,23 @@ def build_model(args):
                 args.fpn_width, args.fusion)
 
 
+def print_summary(args):
+    """--summary: parameters and multiply-accumulates of one view through the encoder (ResNet, FPN,
+    projectors), and of the ResNet alone, the part that transfers."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(args).eval()
+    x = torch.zeros(1, 3, args.crop_size, args.crop_size)
+    flops = []
+    for fn in (model.encode, model.backbone):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn(x)
+        flops.append(counter.get_total_flops() / 2 / 1e9)
+    n, n_backbone = (sum(p.numel() for p in m.parameters()) for m in (model, model.backbone))
+    print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters ({n_backbone:,} in the "
+          f"ResNet); {flops[0]:.2f} GFLOPs (multiply-accumulates) per view through the encoder, {flops[1]:.2f} in "
+          f"the ResNet")
+
+
 def D(p, z):
     """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z (Eq. 6).
 
@@ -360,6 +390,11 @@ def parameter_digest(model):
 
 def main():
     args = get_args()
+    if begin(args, run_plan):
+        return
+    if args.summary:
+        print_summary(args)
+        return
     rank, world, device = dist.setup(args.device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
@@ -369,9 +404,12 @@ def main():
     model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
     train_ds = TwoViews(files, moco_v2_augmentation(args.crop_size))
     per_rank, batch, init_lr = batch_and_lr(args, world)
-    if per_rank < 2 or batch > len(train_ds):
-        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} images "
-                        f"(BatchNorm needs at least 2 images per rank)")
+    if per_rank < 2:
+        raise UserError(f"--batch-size {args.batch_size} gives {per_rank} image(s) to each of {world} ranks; "
+                        f"BatchNorm needs at least 2 per rank")
+    if batch > len(train_ds):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} training images "
+                        f"(the last incomplete batch is dropped, so an epoch would be empty)")
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
@@ -387,14 +425,14 @@ def main():
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_args(ckpt_path, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
+        ckpt = load_checkpoint(args.resume)
+        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
         try:
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # a tensor of another shape (e.g. a checkpoint saved before --fusion)
-            raise UserError(f"{ckpt_path}: does not fit this model ({str(e).splitlines()[-1].strip()})") from None
+            raise UserError(f"{args.resume}: does not fit this model ({str(e).splitlines()[-1].strip()})") from None
         if missing or unexpected:
-            raise UserError(f"{ckpt_path}: does not fit this model (missing {missing[:3]}, unexpected "
+            raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}; check --backbone/--no-fpn/--single-scale/--shared-heads)")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -403,8 +441,12 @@ def main():
         if os.path.isfile(log_path):
             with open(log_path) as f:
                 history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+        if it >= total_iters or start_epoch >= args.epochs:
+            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is left to train
+            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of {args.epochs}, iteration "
+                            f"{it} of {total_iters}); raise --iters to train on, or start a longer run elsewhere")
         if main_proc:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}, iteration {it}")
+            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())

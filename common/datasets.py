@@ -36,6 +36,16 @@ MPII_SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (3, 4), (4, 5), (6, 7), (7, 8),
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+def check_image_dir(image_dir):
+    """The folder exists and holds something: an empty one (a failed copy or mount) would otherwise surface
+    as the first annotated image missing."""
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory not found")
+    with os.scandir(image_dir) as entries:
+        if next(entries, None) is None:
+            raise UserError(f"{image_dir}: image folder is empty")
+
+
 def load_coco(ann_file, image_info=False):
     """pycocotools COCO object for a keypoint json (read once), with a one-line error for a bad file.
     With `image_info`, an image list without annotations (image_info_test-dev2017.json) is accepted too."""
@@ -59,8 +69,7 @@ def read_coco(coco, image_dir, aspect_ratio, image_ids=None, det_json=None, det_
 
     Ground truth skips crowd regions, degenerate boxes and persons without a labeled joint (they
     give no training signal and COCOeval ignores them). Returns (records, skipped counts)."""
-    if not os.path.isdir(image_dir):
-        raise UserError(f"{image_dir}: image directory not found")
+    check_image_dir(image_dir)
     image_ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
     k = len(coco.cats.get(1, {}).get("keypoints", [None] * 17))  # image-info files list categories without keypoints
     records, skipped = [], {"crowd": 0, "bad_box": 0, "no_joints": 0, "low_score": 0}
@@ -110,6 +119,17 @@ def read_coco(coco, image_dir, aspect_ratio, image_ids=None, det_json=None, det_
     return records, skipped
 
 
+MPII_KEYS = ("image", "center", "scale", "joints", "joints_vis")
+
+
+def check_mpii_person(a, i, ann_file, keys=MPII_KEYS):
+    """One person of an HRNet-format MPII list has every key read from it: a one-line error otherwise."""
+    missing = [k for k in keys if not isinstance(a, dict) or k not in a]
+    if missing:
+        raise UserError(f"{ann_file}: person {i} has no {', '.join(repr(k) for k in missing)} "
+                        f"(the HRNet MPII layout gives every person {', '.join(MPII_KEYS)})")
+
+
 def read_mpii(ann_file, image_dir, aspect_ratio):
     """Records of an MPII annotation file in the HRNet layout (annot/train.json, annot/valid.json).
 
@@ -118,10 +138,10 @@ def read_mpii(ann_file, image_dir, aspect_ratio):
     annotations = load_json(ann_file, "MPII annotation file")
     if not isinstance(annotations, list) or (annotations and "joints" not in annotations[0]):
         raise UserError(f"{ann_file}: not an MPII annotation list in the HRNet format")
-    if not os.path.isdir(image_dir):
-        raise UserError(f"{image_dir}: image directory not found")
+    check_image_dir(image_dir)
     records, skipped = [], {"no_joints": 0}
     for i, a in enumerate(annotations):
+        check_mpii_person(a, i, ann_file)
         joints = np.asarray(a["joints"], dtype=np.float32) - 1.0
         visible = np.asarray(a["joints_vis"], dtype=np.float32)
         if visible.max() <= 0:
@@ -308,8 +328,7 @@ def read_aic(ann_file, image_dir, aspect_ratio):
     be unused: AIC serves as unlabeled data. `image_id` is the format's own (stem or COCO id).
     Returns (records, skipped counts)."""
     data = load_json(ann_file, "AIC annotation file")
-    if not os.path.isdir(image_dir):
-        raise UserError(f"{image_dir}: image directory not found")
+    check_image_dir(image_dir)
     k = len(AIC_JOINTS)
 
     def joints(kp, image_id, official):

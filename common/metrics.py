@@ -68,12 +68,15 @@ def coco_keypoint_eval(gt, results, sigmas=None, verbose=True):
 
     # loadRes writes 'area', 'bbox', 'id' into each dict: copy so the caller's list stays untouched.
     results = [dict(r) for r in results]
-    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+    # pycocotools' progress lines ("Loading and preparing results... index created!") say nothing a user can act
+    # on: silenced; verbose keeps the summary table
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         coco_eval = COCOeval(coco_gt, coco_dt, "keypoints")
         coco_eval.params.kpt_oks_sigmas = sigmas
         coco_eval.evaluate()
         coco_eval.accumulate()
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         coco_eval.summarize()
     return {name: float(v) for name, v in zip(COCO_STAT_NAMES, coco_eval.stats)}
 

@@ -254,10 +254,11 @@ def from_official_names(model, state):
     return renamed
 
 
-def load_weights(model, path, state=None):
+def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channels/--data"):
     """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose model in
     the official names; `state` if already loaded from `path`); a clear error if they don't fit. Returns True
-    when the names were the official ones (those models were trained on BGR input, see --bgr)."""
+    when the names were the official ones (those models were trained on BGR input, see --bgr). `flags`: the
+    script's model flags, named in the error."""
     state = load_checkpoint(path) if state is None else state
     for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -275,7 +276,7 @@ def load_weights(model, path, state=None):
         expected = tuple(own[k].shape) if k in own else "nothing"
         found = tuple(state[k].shape) if k in state else "nothing"
         raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
-                        f"{expected}, found {found}; check --arch/--backbone/--head-channels/--data)")
+                        f"{expected}, found {found}; check {flags})")
     model.load_state_dict(state)
     return official is not None
 

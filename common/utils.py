@@ -1,8 +1,11 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, seeding, progress."""
 import contextlib
+import errno
 import json
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
 import time
@@ -18,18 +21,41 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run `main()`, turning a UserError into one line on stderr and exit code 2."""
+    """Run `main()`, turning a UserError into one line on stderr and exit code 2.
+
+    Under torchrun every rank exits 2, but before the process group starts (argument and path checks, the same
+    on every rank) only rank 0 prints: the user reads the line once. Later errors may be one rank's own (a
+    corrupt image in its shard): every rank prints those, with its rank."""
     try:
         main()
     except UserError as e:
+        import torch.distributed as torch_dist
         # a DataLoader worker re-raises with the worker's traceback in the message: keep its last line
         msg = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
-        print(f"error: {msg}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))
+        started = torch_dist.is_available() and torch_dist.is_initialized()
+        if rank == 0 or started:
+            print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         sys.exit(2)
 
 
+def _write_error_cause(e, folder):
+    """Why a write failed, in words: the OSError behind it (torch.save wraps one in a RuntimeError that says
+    'unexpected pos ...'), or a full disk; None for any other error (a bug, not the user's to fix)."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_bavail == 0:
+            return os.strerror(errno.ENOSPC)
+    return None
+
+
 def atomic_write(path, write_fn, mode="wb"):
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    """Write through a temp file in the same folder, then rename: readers never see half a file. A write that
+    fails (a full disk) removes the temp file, keeps the previous file and says so in one line."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -43,6 +69,13 @@ def atomic_write(path, write_fn, mode="wb"):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        os.unlink(tmp)
+        cause = _write_error_cause(e, folder)
+        if cause is None:
+            raise
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        raise UserError(f"{path}: cannot write ({cause}); {kept}") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -98,7 +131,12 @@ def load_checkpoint(path, what="checkpoint"):
         raise UserError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
+    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) runs the file's code: not ours to give
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise UserError(f"{path}: not a readable {what}: it holds Python objects beyond tensors"
+                        + (f" ({found.group(1)})" if found else "")
+                        + ", which are not loaded, for safety; save a state_dict of tensors") from None
+    except Exception as e:  # truncated file, not a torch file
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 

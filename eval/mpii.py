@@ -16,6 +16,7 @@ import os
 import numpy as np
 import scipy.io
 
+from common.datasets import check_mpii_person
 from common.metrics import MPII_TABLE, load_mpii_gt, match_mpii_gt, mpii_pckh
 from common.utils import UserError, load_json, run_main, save_json
 
@@ -67,6 +68,10 @@ def main():
     index = None
     if args.ann:
         annotations = load_json(args.ann, "MPII annotations")
+        if not isinstance(annotations, list):
+            raise UserError(f"{args.ann}: not an MPII annotation list in the HRNet format")
+        for i, person in enumerate(annotations):  # the matching reads these two
+            check_mpii_person(person, i, args.ann, keys=("joints", "joints_vis"))
         if len(annotations) != len(preds):
             raise UserError(f"{args.ann}: {len(annotations)} persons but {len(preds)} predictions in {args.preds}")
         index = match_mpii_gt(annotations, gt)

@@ -151,6 +151,7 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     root, flags = tiny
     p = run(["--data", "coco", "--pretrained", "none", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
+    (tmp_path / "a.json").write_text("{}")  # present: a missing file is refused first, before the layout
     p = run(["--data", "coco", "--pretrained", "none", "--ann", tmp_path / "a.json", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, "needs --data-root (or --val-ann/--val-images/--ann/--images)")
     missing = tmp_path / "missing.json"
