@@ -80,6 +80,10 @@ def get_args(argv=None):
     p.add_argument("--lambda-adv", type=float, default=0.5,
                    help="weight of L_adv (λ2 of Eq. 1; 0: the lifting network is only monitored, D still trains)")
     p.add_argument("--align-size", type=int, default=16, help="side of the aligned shared area (App. C: 16)")
+    p.add_argument("--cell-centres", default="resnet", choices=["resnet", "official"],
+                   help="where a C5 cell sits in its view when views are aligned (paper silent): resnet = the "
+                        "centre of its receptive field, pixel 32 j; official = the centre of its 32-pixel tile, "
+                        "which leaves a flipped and an unflipped view about one cell apart (README)")
     p.add_argument("--normalize-lifted", action=argparse.BooleanOptionalAction, default=True,
                    help="root-centre and Frobenius-normalise lifted skeletons like the prior's; --no-normalize-lifted "
                         "is the official code (raw lifted output against normalised real skeletons)")
@@ -431,34 +435,44 @@ class LiftingNet(nn.Module):
         return normalize_skeletons(x) if self.normalize else x
 
 
-def align_views(map_q, map_k, geom_q, geom_k, size=16):
+def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
     """Inverse geometric augmentation (Sec. 3.2, App. C): the area both crops share, cut from each view's
-    map after undoing its flip and resampled to size x size, so that location s of both outputs shows the
-    same image point. One vectorised roi_align over fractional boxes (bilinear, exact); `geom` rows are
-    (top, left, height, width, flip) in source pixels. Returns (aligned q, aligned k, overlap mask)."""
+    map after undoing its flip and resampled to size x size by one vectorised bilinear roi_align over
+    fractional boxes; `geom` rows are (top, left, height, width, flip) in source pixels. Returns (aligned q,
+    aligned k, overlap mask). Where each map cell sits in its view is an assumption: cell j's centre at
+    (j + 0.5 + offset) cells. offset 0 (the official code's mapping) centres cells on their stride-wide
+    tiles; a torchvision ResNet's receptive field is centred on input pixel stride x j, offset
+    0.5 / stride - 0.5 (RESNET_CELL_OFFSET). Limits either way: roi_align clamps samples within half a cell
+    of a map edge to the edge cell, and a trained network's features need not peak at either centre."""
     top, left = torch.maximum(geom_q[:, 0], geom_k[:, 0]), torch.maximum(geom_q[:, 1], geom_k[:, 1])
     bottom = torch.minimum(geom_q[:, 0] + geom_q[:, 2], geom_k[:, 0] + geom_k[:, 2])
     right = torch.minimum(geom_q[:, 1] + geom_q[:, 3], geom_k[:, 1] + geom_k[:, 3])
     valid = (bottom > top) & (right > left)
 
     def cut(fmap, g):
-        fmap = torch.where(g[:, 4, None, None, None] > 0.5, fmap.flip(-1), fmap)  # un-flip
+        flipped = g[:, 4] > 0.5
+        fmap = torch.where(flipped[:, None, None, None], fmap.flip(-1), fmap)  # un-flip
         h, w = fmap.shape[-2:]
         index = torch.arange(len(fmap), dtype=fmap.dtype, device=fmap.device)
-        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width
-        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3], (top - g[:, 0]) * h / g[:, 2],
-                             (right - g[:, 1]) * w / g[:, 3], (bottom - g[:, 0]) * h / g[:, 2]], 1)
+        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width, less the offset
+        # of the cell centres (mirrored in an un-flipped map)
+        dx = torch.where(flipped, offset, -offset).to(fmap.dtype)
+        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3] + dx, (top - g[:, 0]) * h / g[:, 2] - offset,
+                             (right - g[:, 1]) * w / g[:, 3] + dx, (bottom - g[:, 0]) * h / g[:, 2] - offset], 1)
         # one bilinear sample at each output cell's centre: a resize of the fractional box
         return roi_align(fmap, boxes.to(fmap.dtype), size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
 
     return cut(map_q, geom_q), cut(map_k, geom_k), valid
 
 
-def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16):
+RESNET_CELL_OFFSET = 0.5 / 32 - 0.5  # C5 of a torchvision ResNet: cell j's receptive field centred on pixel 32 j
+
+
+def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16, offset=0.0):
     """Eq. (4): at each of the size² aligned locations s, r_s against its positive t_s (the key view at the same
     image point) and the K pooled key vectors of other images in the queue; mean over s, then over the images
     whose views overlap (the others are masked out). Returns (loss, overlap mask)."""
-    r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size)
+    r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size, offset)
     r = F.normalize(r, dim=1).flatten(2).transpose(1, 2)  # (N, s², C): r_s
     k = F.normalize(k, dim=1).flatten(2).transpose(1, 2)  # t_s
     l_pos = (r * k).sum(-1) / t
@@ -474,9 +488,10 @@ class LiftedCL(nn.Module):
     with the equivariant branch of Eq. (4) on top)."""
 
     def __init__(self, backbone="resnet50", dim=128, K=16384, m=0.999, T=0.2, equivariant=True, train_lifting=True,
-                 normalize_lifted=True, align_size=16, bn_groups=1):
+                 normalize_lifted=True, align_size=16, bn_groups=1, cell_offset=RESNET_CELL_OFFSET):
         super().__init__()
         self.K, self.m, self.T, self.align_size, self.bn_groups = K, m, T, align_size, bn_groups
+        self.cell_offset = cell_offset
         self.encoder_q = Encoder(backbone, dim, equivariant)
         self.encoder_k = Encoder(backbone, dim, equivariant)
         self.copy_key_encoder()
@@ -548,7 +563,8 @@ class LiftedCL(nn.Module):
             l_equiv, valid, k_pooled = None, None, None
             if q_map is not None:
                 l_equiv, valid = equivariant_loss(q_map.float(), k_map.float(), geom_q, geom_k,
-                                                  self.queue_equiv.clone().detach(), self.T, self.align_size)
+                                                  self.queue_equiv.clone().detach(), self.T, self.align_size,
+                                                  self.cell_offset)
                 k_pooled = F.normalize(k_map.float().mean((2, 3)), dim=1)
         self.enqueue(k, k_pooled)  # after the logits, as MoCo
         return dict(l_inv=l_inv, l_equiv=l_equiv, valid=valid, q=q.detach(), lifted=lifted.float())
@@ -589,8 +605,8 @@ def load_pretrained(model, spec, backbone):
 
 
 RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv",
-               "align_size", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size",
-               "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
+               "align_size", "cell_centres", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size",
+               "person_size", "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
 def load_state(module, state, path, what):
@@ -631,7 +647,8 @@ def main():
 
     seed_everything(args.seed)  # the same model, queues and prior on every rank
     model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
-                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups)
+                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups,
+                     RESNET_CELL_OFFSET if args.cell_centres == "resnet" else 0.0)
     report = load_pretrained(model, args.pretrained, args.backbone)
     discriminator = Discriminator()
     real = load_skeletons(args.skeletons) if args.skeletons else sample_prior(args.prior_size)

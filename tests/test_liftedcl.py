@@ -187,9 +187,13 @@ def test_lsgan_targets_real_one_lifted_zero():
 
 # ---------------------------------------------------------------------------------------------- Eq. (4)
 
-def test_alignment_of_two_views_undoes_crop_and_flip():
+@pytest.mark.parametrize("cells", ["tile", "receptive-field"])
+def test_alignment_of_two_views_undoes_crop_and_flip(cells):
     """Two views cut from one image whose channels are its x and y coordinates; a stride-2 translation-
-    equivariant stand-in for the encoder; after alignment both maps show the same image points."""
+    equivariant stand-in for the encoder; after alignment both maps show the same image points. The stand-in
+    either averages each 2 x 2 tile (cell j centred on its tile: offset 0, the official mapping) or keeps its
+    first pixel (cell j centred on pixel 2 j, as a ResNet's receptive field on pixel 32 j: offset 0.5 / 2 - 0.5);
+    with the other offset the flipped views would disagree."""
     size, grid = 64, 8
     boxes = torch.tensor([[10.0, 20.0, 120.0, 90.0, 0.0],   # (top, left, height, width, flip) in a 200 px image
                           [40.0, 5.0, 100.0, 160.0, 1.0],
@@ -207,9 +211,11 @@ def test_alignment_of_two_views_undoes_crop_and_flip():
         return img.flip(-1) if g[4] > 0.5 else img
 
     def stand_in(g):
-        return F.avg_pool2d(torch.stack([view(r) for r in g]), 2)
+        x = torch.stack([view(r) for r in g])
+        return F.avg_pool2d(x, 2) if cells == "tile" else x[..., ::2, ::2]
 
-    q, k, valid = liftedcl.align_views(stand_in(boxes), stand_in(other), boxes, other, grid)
+    offset = 0.0 if cells == "tile" else 0.5 / 2 - 0.5
+    q, k, valid = liftedcl.align_views(stand_in(boxes), stand_in(other), boxes, other, grid, offset)
     assert valid.tolist() == [True, True, True, False]
     top, left = torch.maximum(boxes[:, 0], other[:, 0]), torch.maximum(boxes[:, 1], other[:, 1])
     bottom = torch.minimum(boxes[:, 0] + boxes[:, 2], other[:, 0] + other[:, 2])
