@@ -336,6 +336,24 @@ def plausibility(x, reference):
 PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
 
 
+@torch.no_grad()
+def anatomy(x):
+    """Shares of anatomically odd legs in skeletons x (N, 17, 3), y down: knees bent over 90°; knees bent over
+    10° whose ankle swings in front of the thigh's line (side taken from the hips: x = the subject's right);
+    thighs above horizontal. Any yaw about the vertical leaves them unchanged."""
+    x = x.double()
+    right = F.normalize(x[:, 1] - x[:, 4], dim=1)
+    over_90, forward, above = [], [], []
+    for hip, knee, ankle in ((1, 2, 3), (4, 5, 6)):
+        thigh, shin = x[:, knee] - x[:, hip], x[:, ankle] - x[:, knee]
+        bend = torch.rad2deg(torch.arccos(F.cosine_similarity(thigh, shin, dim=1).clamp(-1, 1)))
+        over_90.append(bend > 90)
+        forward.append(((torch.linalg.cross(thigh, shin, dim=1) * right).sum(1) > 0)[bend > 10])
+        above.append(thigh[:, 1] < 0)
+    return {name: torch.cat(v).double().mean().item() for name, v in
+            (("knee_over_90", over_90), ("knee_forward", forward), ("thigh_above_horizontal", above))}
+
+
 def bone_matrix():
     """C of Eq. (5): column k has +1 at bone k's parent joint and -1 at its child, so B = XC."""
     c = torch.zeros(len(H36M_JOINTS), len(BONES))

@@ -172,7 +172,8 @@ def test_lsgan_targets_real_one_lifted_zero():
     real, fake = torch.zeros(4, 17, 3), torch.zeros(4, 17, 3)
     real[:, 0, 0], fake[:, 0, 0] = 0.8, 0.1  # D(real) = 0.8, D(lifted) = 0.1
     stub = StubD()
-    d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(stub, torch.optim.SGD(stub.parameters(), 0.0), real, fake)
+    d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(stub, torch.optim.SGD(stub.parameters(), 0.0), real,
+                                                               fake)
     assert d_loss.item() == pytest.approx(0.2 ** 2 + 0.1 ** 2)  # (D(y) - 1)² + D(X̂)²; swapped labels: 1.45
     assert acc_real.item() == 1 and acc_lifted.item() == 1
     assert liftedcl.encoder_adv_loss(StubD(), fake).item() == pytest.approx(0.9 ** 2)  # (D(X̂) - 1)²; swapped: 0.01
@@ -291,6 +292,11 @@ def test_prior_is_a_kinematic_chain_with_one_way_knees():
     assert (side[:, :2][bent] < 0).all()  # every bent knee takes the ankle behind the thigh's line
     thighs = torch.stack([x[:, 2] - x[:, 1], x[:, 5] - x[:, 4]], 1)
     assert (thighs[..., 1] < 0).float().mean() < 0.1  # y down: few thighs rise above horizontal
+    odd = liftedcl.anatomy(x)  # the figures the README reports, by the script's own measure
+    assert odd["knee_forward"] == 0 and 0 < odd["thigh_above_horizontal"] < 0.1 and odd["knee_over_90"] > 0.2
+    app_b = [r if r[0] not in ((1,), (4,)) else (r[0], (-90, 90), (-180, 180), (-90, 90)) for r in liftedcl.PRIOR_RANGES]
+    odd = liftedcl.anatomy(liftedcl.sample_bodies(4000, torch.Generator().manual_seed(0), ranges=app_b))
+    assert 0.4 < odd["knee_forward"] < 0.6 and odd["thigh_above_horizontal"] > 0.15  # App. B's thigh: any way
     # a knee drawn at 60° bends 60° from its thigh whatever the thigh does: the range is a joint angle
     ranges = [r if r[0] not in ((2,), (5,)) else (r[0], (-60, -60), (0, 0), (0, 0)) for r in liftedcl.PRIOR_RANGES]
     bend, _ = joint_angles(liftedcl.sample_bodies(200, torch.Generator().manual_seed(1), ranges=ranges))
