@@ -229,6 +229,35 @@ def test_alignment_of_two_views_undoes_crop_and_flip(cells):
         torch.testing.assert_close(k[i], expect, atol=1e-3, rtol=0)
 
 
+def test_resnet_cells_sit_on_their_receptive_field_centres(images):
+    """A real ResNet's C5 of a 256 px crop and of its mirror image, aligned after un-flipping: the cell offset
+    that makes them agree best is the receptive-field centres' (--cell-centres resnet, -0.484 cells), not the
+    official tile centres' (0), which leave the two views about one cell apart. Measured with ResNet-18 as
+    initialised (the README's figures also cover ResNet-50 and a demo-trained ResNet-18)."""
+    import glob
+    import torchvision.transforms.functional as TF
+    from common.datasets import read_image
+    from common.ssl import IMAGENET_NORMALIZE
+    files = sorted(glob.glob(f"{images[-1]}/*"))[:8]
+    x = torch.stack([IMAGENET_NORMALIZE(TF.to_tensor(TF.resize(read_image(f), [256, 256]))) for f in files])
+    torch.manual_seed(0)
+    net = liftedcl.ResNetFeatures("resnet18").eval()
+    with torch.no_grad():
+        a, b = net(x)[3], net(x.flip(-1))[3]
+    g = torch.tensor([[0.0, 0.0, 256.0, 256.0, 0.0]]).repeat(len(x), 1)
+    h = g.clone()
+    h[:, 4] = 1.0
+
+    def agreement(offset):
+        q, k, _ = liftedcl.align_views(a, b, g, h, 16, offset)
+        return F.cosine_similarity(q, k, dim=1).mean().item()
+
+    offsets = [i / 20 for i in range(-16, 5)]
+    best = max(offsets, key=agreement)
+    assert abs(best - liftedcl.RESNET_CELL_OFFSET) < 0.15, best
+    assert agreement(liftedcl.RESNET_CELL_OFFSET) > agreement(0.0)
+
+
 def test_equivariant_loss_is_eq4_and_masks_views_without_overlap():
     torch.manual_seed(0)
     map_q, map_k, queue = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), F.normalize(torch.randn(8, 10), dim=0)
