@@ -12,7 +12,9 @@ One file: arguments, data, skeleton prior, model, losses, DDP training, export.
     python liftedcl.py --data demo                                                  # laptop CPU, minutes
     torchrun --nproc_per_node=4 liftedcl.py --data coco --data-root /data/coco \\
         --pretrained /weights/moco_v2_200ep_pretrain.pth.tar                        # stage II (Sec. 4.1)
-    python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --moco-k 4096 ...  # MoCo v2, exactly
+    python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --bn-groups 1 --moco-k 4096 ...
+        # MoCo v2's builder, exactly, in one process: --bn-groups 1 is one BN batch, no shuffle BN (the
+        # default 4 emulates the paper's 4 GPUs' shuffle BN)
 """
 import argparse
 import hashlib
@@ -21,7 +23,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,8 +67,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS), help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="'torchvision' (ImageNet, downloads) or a file: a MoCo checkpoint (module.encoder_q.*, the "
-                        "paper's stage I) or a backbone.pth of this project; 'none': from scratch (default: none)")
+                   help="stage I: a file (a MoCo checkpoint, module.encoder_q.*: the paper's MoCo v2 200-epoch "
+                        "weights; or a backbone.pth of this project), 'torchvision' (ImageNet, downloads) or "
+                        "'none' (scratch, Table 7's single-stage row); required by --data coco/imagenet")
     # model and losses (Sec. 3, App. C)
     p.add_argument("--dim", type=int, default=128, help="output width of both projection heads")
     p.add_argument("--moco-k", type=int, default=None, help="queue length K of both queues (paper 16384; default: "
@@ -79,6 +81,10 @@ def get_args(argv=None):
     p.add_argument("--lambda-adv", type=float, default=0.5,
                    help="weight of L_adv (λ2 of Eq. 1; 0: the lifting network is only monitored, D still trains)")
     p.add_argument("--align-size", type=int, default=16, help="side of the aligned shared area (App. C: 16)")
+    p.add_argument("--cell-centres", default="resnet", choices=["resnet", "official"],
+                   help="where a C5 cell sits in its view when views are aligned (paper silent): resnet = the "
+                        "centre of its receptive field, pixel 32 j; official = the centre of its 32-pixel tile, "
+                        "which leaves a flipped and an unflipped view about one cell apart (README)")
     p.add_argument("--normalize-lifted", action=argparse.BooleanOptionalAction, default=True,
                    help="root-centre and Frobenius-normalise lifted skeletons like the prior's; --no-normalize-lifted "
                         "is the official code (raw lifted output against normalised real skeletons)")
@@ -86,7 +92,8 @@ def get_args(argv=None):
                    help="BatchNorm groups per rank for shuffle BN (default 4 / world size, at least 1: the paper's "
                         "4 GPUs; 1 in a single process is MoCo v2 without shuffle)")
     p.add_argument("--skeletons", default=None, help="real skeletons: a torch file holding an (N, 17, 3) tensor "
-                                                     "(e.g. the official norm_joints.pt) instead of the App. B prior")
+                                                     "(e.g. the official norm_joints.pt) instead of the App. B prior; "
+                                                     "root-centred and normalised like it")
     p.add_argument("--prior-size", type=int, default=10000, help="skeletons sampled from the prior (App. B: ~10K)")
     # data (App. A)
     p.add_argument("--data", default="demo", choices=list(PRESETS),
@@ -123,9 +130,12 @@ def get_args(argv=None):
     finish_parser(p, PRESETS)
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
-    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
+    if args.data in ("coco", "imagenet") and args.pretrained is None:  # the paper's tables start from stage I
+        raise UserError(f"--data {args.data} needs --pretrained FILE|torchvision|none: the paper's stage II starts "
+                        f"from MoCo v2's 200-epoch ImageNet weights (FILE); none trains from scratch")
+    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if args.moco_k % args.batch_size:
         raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
     args.person_size = tuple(args.person_size) if args.person_size else None
@@ -232,43 +242,148 @@ def training_items(args):
     return records
 
 
+def load_skeletons(path):
+    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down; root-centred
+    and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the lifted ones."""
+    x = load_checkpoint(path, "skeleton file")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51 or len(x) == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(f"{path}: expected a tensor of skeletons of shape (N, 17, 3), found {shape}")
+    x = x.float().reshape(len(x), 17, 3)
+    if not torch.isfinite(x).all():
+        raise UserError(f"{path}: the skeletons contain NaN or inf")
+    return normalize_skeletons(x)
+
+
 # ----------------------------------------------------------------------------------------------
-# 3D skeletons: Human3.6M's 17 joints, the KCS (Eqs. (5)-(6)), the kinematic prior (App. B)
+# Liftable block: 3D skeletons, the KCS discriminator (Eqs. (5)-(7)) and the kinematic prior (App. B).
+# It needs only `import math, torch, torch.nn as nn, torch.nn.functional as F`; every function takes
+# explicit arguments. Copy it from here to the end marker.
 
 H36M_JOINTS = ["root", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "belly", "neck", "nose", "head",
                "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist"]
 PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15]
 BONES = [(PARENTS[j], j) for j in range(1, 17)]  # the 16 bones, parent -> child
+PARENT_BONE = [next((i for i, (_, c) in enumerate(BONES) if c == p), -1) for p, _ in BONES]  # -1: starts at root
 LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]  # (left, right) bone indices: hip..forearm
-# Template bones in cm (App. B's b_pc), frame x = the subject's right, y = down, z = facing: Human3.6M's
-# mean proportions scaled so that the thigh is the paper's (0, 45, 0)
-TEMPLATE = np.array([
+# Template bones in cm (App. B's b_pc) in the rest pose, frame x = the subject's right, y = down, z = facing:
+# Human3.6M's mean proportions scaled so that the thigh is the paper's (0, 45, 0); arms hang down
+TEMPLATE = torch.tensor([
     [13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],         # root -> r_hip -> r_knee -> r_ankle
     [-13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],        # root -> l_hip -> l_knee -> l_ankle
     [0, -23.7, 0], [0, -26.1, 0],                     # root -> belly -> neck
     [0, -12.3, 0], [0, -11.7, 0],                     # neck -> nose -> head
     [-15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],        # neck -> l_shoulder -> l_elbow -> l_wrist
     [15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],         # neck -> r_shoulder -> r_elbow -> r_wrist
-])
-# Euler angle ranges (degrees) R = euler(a, b, c): a about x, then b about y, then c about z (fixed axes).
-# For a bone hanging down, a > 0 swings its end forward, b turns it about the vertical, c tilts it sideways.
-# Only the hip -> knee row is the paper's; the others are this file's choice (README). Bones listed
-# together share one rotation, so that the pelvis, the shoulder line and the head stay rigid.
+], dtype=torch.float64)
+# Joint angle ranges (degrees) of each bone RELATIVE TO ITS PARENT BONE (App. B's j_child = j_parent + R α b_pc,
+# composed down the chain): R = euler(a, b, c) = Rz(c) Ry(b) Rx(a) (scipy's "xyz"), in the parent's frame. For a
+# bone hanging down, a > 0 swings its end forward, b twists it about its own axis, c < 0 tilts it to the right.
+# App. B gives the thigh only (a ±90, b ±180, c ±90); its ±180° twist would turn the knee's hinge every way and
+# ±90° flexion/abduction lift thighs above horizontal, so this file narrows it (README). The rest is this file's
+# choice: knees and elbows are hinges that bend one way. Bones listed together share one draw (rigid parts).
 PRIOR_RANGES = [
     ((0, 3), (-15, 15), (-45, 45), (-10, 10)),        # pelvis (root -> hips)
-    ((1,), (-90, 90), (-180, 180), (-90, 90)),        # right thigh (App. B)
-    ((4,), (-90, 90), (-180, 180), (-90, 90)),        # left thigh (App. B)
-    ((2,), (-150, 30), (-30, 30), (-30, 30)),         # right shin: knee flexion bends it backwards
-    ((5,), (-150, 30), (-30, 30), (-30, 30)),         # left shin
-    ((6,), (-30, 15), (-30, 30), (-15, 15)),          # lower spine (a < 0 bends forward)
-    ((7,), (-30, 15), (-30, 30), (-15, 15)),          # upper spine
-    ((8, 9), (-45, 45), (-60, 60), (-30, 30)),        # head (neck -> nose -> head)
-    ((10, 13), (-15, 15), (-30, 30), (-15, 15)),      # shoulder line (neck -> shoulders)
-    ((11,), (-90, 180), (-90, 90), (-90, 90)),        # left upper arm
-    ((12,), (-90, 180), (-90, 90), (-90, 90)),        # left forearm
-    ((14,), (-90, 180), (-90, 90), (-90, 90)),        # right upper arm
-    ((15,), (-90, 180), (-90, 90), (-90, 90)),        # right forearm
+    ((1,), (-30, 90), (-45, 45), (-45, 15)),          # right thigh: flexion, twist, abduction outwards
+    ((4,), (-30, 90), (-45, 45), (-15, 45)),          # left thigh
+    ((2,), (-130, 0), (0, 0), (0, 0)),                # right knee: the shin swings backwards only
+    ((5,), (-130, 0), (0, 0), (0, 0)),                # left knee
+    ((6,), (-30, 10), (-20, 20), (-15, 15)),          # lower spine (a < 0 bends forward)
+    ((7,), (-30, 10), (-20, 20), (-15, 15)),          # upper spine
+    ((8,), (-45, 45), (-60, 60), (-30, 30)),          # neck -> nose
+    ((9,), (0, 0), (0, 0), (0, 0)),                   # nose -> head: the head is rigid
+    ((10, 13), (-10, 10), (-15, 15), (-10, 10)),      # shoulder line (neck -> shoulders)
+    ((11,), (-60, 150), (-90, 90), (-20, 120)),       # left upper arm: flexion, twist, abduction outwards
+    ((14,), (-60, 150), (-90, 90), (-120, 20)),       # right upper arm
+    ((12,), (0, 150), (0, 0), (0, 0)),                # left elbow: the forearm swings forwards only
+    ((15,), (0, 150), (0, 0), (0, 0)),                # right elbow
 ]
+
+
+def euler_xyz(a, b, c):
+    """Rotation matrices (..., 3, 3) Rz(c) Ry(b) Rx(a) of angles in radians (scipy's from_euler("xyz"))."""
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+
+    def rot(t, i, j):  # rotation by t in the (i, j) plane
+        m = [[one, zero, zero], [zero, one, zero], [zero, zero, one]]
+        m[i][i], m[i][j], m[j][i], m[j][j] = t.cos(), -t.sin(), t.sin(), t.cos()
+        return torch.stack([torch.stack(row, -1) for row in m], -2)
+
+    return rot(c, 0, 1) @ rot(b, 2, 0) @ rot(a, 1, 2)
+
+
+def sample_bodies(n, generator=None, ranges=PRIOR_RANGES, template=TEMPLATE):
+    """n skeletons (n, 17, 3) in cm from the kinematic prior, before scaling and yaw (float64): j_root = 0,
+    j_child = j_parent + G_pc α b_pc with α ~ U[0.9, 1.1] per bone and G_pc = G_parent R_pc, R_pc drawn
+    from `ranges`, so that each range is a joint angle relative to the parent bone."""
+    def uniform(lo, hi):
+        return math.radians(lo) + math.radians(hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    local = torch.eye(3, dtype=torch.float64).repeat(len(BONES), n, 1, 1)
+    for bones, a, b, c in ranges:
+        local[list(bones)] = euler_xyz(uniform(*a), uniform(*b), uniform(*c))
+    alpha = 0.9 + 0.2 * torch.rand(len(BONES), n, 1, generator=generator, dtype=torch.float64)
+    glob, joints = [], [torch.zeros(n, 3, dtype=torch.float64)] * len(H36M_JOINTS)
+    for k, (parent, child) in enumerate(BONES):  # parents come before their children in the H36M order
+        glob.append(local[k] if PARENT_BONE[k] < 0 else glob[PARENT_BONE[k]] @ local[k])
+        joints[child] = joints[parent] + alpha[k] * (glob[k] @ template[k].to(torch.float64))
+    return torch.stack(joints, 1)
+
+
+def sample_prior(n=10000, seed=0):
+    """App. B's real skeletons (float32): prior samples divided by their Frobenius norm, then turned about the
+    vertical axis by a uniform angle ("around Z" in the paper, whose figures stand upright: the up axis, here y)."""
+    g = torch.Generator().manual_seed(seed)
+    x = sample_bodies(n, g)
+    x = x / x.flatten(1).norm(dim=1).view(-1, 1, 1)
+    yaw = (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * math.pi
+    zero = torch.zeros_like(yaw)
+    return (x @ euler_xyz(zero, yaw, zero).transpose(1, 2)).float()
+
+
+def normalize_skeletons(x):
+    """Root-centred (joint 0 at the origin) and divided by the Frobenius norm, as the prior's samples (App. B)."""
+    x = x - x[:, :1]
+    return x / x.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+
+
+def bone_lengths(x):
+    return (x[:, [c for _, c in BONES]] - x[:, [p for p, _ in BONES]]).norm(dim=-1)
+
+
+@torch.no_grad()
+def plausibility(x, reference):
+    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and Frobenius-normalised:
+    bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons (0: the real skeletons'
+    mean proportions); left/right ratio, mean max/min length over the 6 left/right bone pairs (1:
+    symmetric); spread, mean over bones of a bone length's std/mean across x (0: every skeleton alike)."""
+    length = bone_lengths(normalize_skeletons(x.float())).clamp_min(1e-8)
+    error = (length / reference).log().abs().mean()
+    left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
+    ratio = (torch.maximum(left, right) / torch.minimum(left, right)).mean()
+    spread = (length.std(0) / length.mean(0)).mean() if len(x) > 1 else torch.zeros_like(error)
+    return torch.stack([error, ratio, spread])
+
+
+PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
+
+
+@torch.no_grad()
+def anatomy(x):
+    """Shares of anatomically odd legs in skeletons x (N, 17, 3), y down: knees bent over 90°; knees bent over
+    10° whose ankle swings in front of the thigh's line (side taken from the hips: x = the subject's right);
+    thighs above horizontal. Any yaw about the vertical leaves them unchanged."""
+    x = x.double()
+    right = F.normalize(x[:, 1] - x[:, 4], dim=1)
+    over_90, forward, above = [], [], []
+    for hip, knee, ankle in ((1, 2, 3), (4, 5, 6)):
+        thigh, shin = x[:, knee] - x[:, hip], x[:, ankle] - x[:, knee]
+        bend = torch.rad2deg(torch.arccos(F.cosine_similarity(thigh, shin, dim=1).clamp(-1, 1)))
+        over_90.append(bend > 90)
+        forward.append(((torch.linalg.cross(thigh, shin, dim=1) * right).sum(1) > 0)[bend > 10])
+        above.append(thigh[:, 1] < 0)
+    return {name: torch.cat(v).double().mean().item() for name, v in
+            (("knee_over_90", over_90), ("knee_forward", forward), ("thigh_above_horizontal", above))}
 
 
 def bone_matrix():
@@ -288,70 +403,50 @@ def kcs(x):
     return b @ b.transpose(1, 2)
 
 
-def normalize_skeletons(x):
-    """Root-centred (joint 0 at the origin) and divided by the Frobenius norm, as the prior's samples (App. B)."""
-    x = x - x[:, :1]
-    return x / x.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+class ResBlock(nn.Module):
+    """x -> LReLU(x + FC(LReLU(FC(x)))), the residual block of the lifting network and the discriminator."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return F.leaky_relu(x + self.fc(x), 0.2)
 
 
-def bone_lengths(x):
-    return (x[:, [c for _, c in BONES]] - x[:, [p for p, _ in BONES]]).norm(dim=-1)
+class Discriminator(nn.Module):
+    """Fig. 4b: a pose path (51 -> 256, residual block) and a KCS path (Ψ, 16 x 16 -> 256, residual block),
+    concatenated -> 128 -> one score (no sigmoid: LSGAN)."""
+
+    def __init__(self, width=256):
+        super().__init__()
+        self.pose = nn.Sequential(nn.Linear(3 * len(H36M_JOINTS), width), nn.LeakyReLU(0.2), ResBlock(width))
+        self.kcs = nn.Sequential(nn.Linear(len(BONES) ** 2, width), nn.LeakyReLU(0.2), ResBlock(width))
+        self.final = nn.Sequential(nn.Linear(2 * width, width // 2), nn.LeakyReLU(0.2), nn.Linear(width // 2, 1))
+
+    def forward(self, x):
+        return self.final(torch.cat([self.pose(x.flatten(1)), self.kcs(kcs(x).flatten(1))], 1)).squeeze(1)
 
 
-def sample_bodies(n, rng):
-    """n skeletons (n, 17, 3) in cm from the kinematic prior of App. B, before scaling and yaw:
-    j_root = 0, j_child = j_parent + R α b_pc, α ~ U[0.9, 1.1] per bone, R from PRIOR_RANGES."""
-    from scipy.spatial.transform import Rotation
-    rotations = np.zeros((n, len(BONES), 3, 3))
-    for bones, a, b, c in PRIOR_RANGES:
-        angles = np.stack([rng.uniform(*a, n), rng.uniform(*b, n), rng.uniform(*c, n)], 1)
-        rotations[:, list(bones)] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()[:, None]
-    alpha = rng.uniform(0.9, 1.1, (n, len(BONES)))
-    x = np.zeros((n, len(H36M_JOINTS), 3))
-    for k, (parent, child) in enumerate(BONES):  # parents come before their children in the H36M order
-        x[:, child] = x[:, parent] + alpha[:, k, None] * (rotations[:, k] @ TEMPLATE[k])
-    return x
+def encoder_adv_loss(discriminator, lifted):
+    """Eq. (7), the encoder's side (LSGAN): (D(X̂) - 1)². D is a fixed function here: its parameters enter
+    detached, so the gradient reaches the lifting network and the encoder, never D."""
+    frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
+    return ((torch.func.functional_call(discriminator, frozen, (lifted,)) - 1) ** 2).mean()
 
 
-def sample_prior(n=10000, seed=0):
-    """App. B's real skeletons: prior samples divided by their Frobenius norm, then turned about the vertical
-    axis by a uniform angle ("around Z" in the paper, whose figures stand upright: the up axis, here y)."""
-    rng = np.random.default_rng(seed)
-    x = sample_bodies(n, rng)
-    x /= np.linalg.norm(x.reshape(n, -1), axis=1)[:, None, None]
-    yaw = rng.uniform(-np.pi, np.pi, n)
-    cos, sin, zero, one = np.cos(yaw), np.sin(yaw), np.zeros(n), np.ones(n)
-    r = np.stack([np.stack([cos, zero, sin], 1), np.stack([zero, one, zero], 1), np.stack([-sin, zero, cos], 1)], 1)
-    return torch.from_numpy(np.einsum("nij,nkj->nki", r, x)).float()
+def discriminator_step(discriminator, optimizer, real, lifted):
+    """Eq. (7), D's side, with the official code's LSGAN labels (the paper's equation swaps them): real -> 1,
+    lifted -> 0, i.e. (D(y) - 1)² + D(X̂)², one SGD step. Returns (loss, accuracy on real, on lifted)."""
+    scores = discriminator(torch.cat([real, lifted.detach()]))
+    s_real, s_lifted = scores[:len(real)], scores[len(real):]
+    loss = ((s_real - 1) ** 2).mean() + (s_lifted ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (s_real > 0.5).float().mean(), (s_lifted < 0.5).float().mean()
 
-
-def load_skeletons(path, normalize):
-    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down."""
-    x = load_checkpoint(path, "skeleton file")
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51 or len(x) == 0:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UserError(f"{path}: expected a tensor of skeletons of shape (N, 17, 3), found {shape}")
-    x = x.float().reshape(len(x), 17, 3)
-    if not torch.isfinite(x).all():
-        raise UserError(f"{path}: the skeletons contain NaN or inf")
-    return normalize_skeletons(x) if normalize else x
-
-
-@torch.no_grad()
-def plausibility(x, reference):
-    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and Frobenius-normalised:
-    bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons (0: the real skeletons'
-    mean proportions); left/right ratio, mean max/min length over the 6 left/right bone pairs (1:
-    symmetric); spread, mean over bones of a bone length's std/mean across x (0: every skeleton alike)."""
-    length = bone_lengths(normalize_skeletons(x.float())).clamp_min(1e-8)
-    error = (length / reference).log().abs().mean()
-    left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
-    ratio = (torch.maximum(left, right) / torch.minimum(left, right)).mean()
-    spread = (length.std(0) / length.mean(0)).mean() if len(x) > 1 else torch.zeros_like(error)
-    return torch.stack([error, ratio, spread])
-
-
-PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
+# End of the liftable block.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,17 +470,6 @@ class Encoder(nn.Module):
         return pooled, self.inv_head(pooled), self.equiv_head(c5) if self.equiv_head is not None else None
 
 
-class ResBlock(nn.Module):
-    """x -> LReLU(x + FC(LReLU(FC(x)))), the residual block of the lifting network and the discriminator."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim))
-
-    def forward(self, x):
-        return F.leaky_relu(x + self.fc(x), 0.2)
-
-
 class LiftingNet(nn.Module):
     """Fig. 4a: the pooled C5 vector -> 17 x 3 joints (official layers: Linear(C, 512), a residual block,
     Linear(512, 51)); root-centred and Frobenius-normalised like the real skeletons unless `normalize` is off."""
@@ -401,48 +485,44 @@ class LiftingNet(nn.Module):
         return normalize_skeletons(x) if self.normalize else x
 
 
-class Discriminator(nn.Module):
-    """Fig. 4b: a pose path (51 -> 256, residual block) and a KCS path (Ψ, 16 x 16 -> 256, residual block),
-    concatenated -> 128 -> one score (no sigmoid: LSGAN)."""
-
-    def __init__(self, width=256):
-        super().__init__()
-        self.pose = nn.Sequential(nn.Linear(3 * len(H36M_JOINTS), width), nn.LeakyReLU(0.2), ResBlock(width))
-        self.kcs = nn.Sequential(nn.Linear(len(BONES) ** 2, width), nn.LeakyReLU(0.2), ResBlock(width))
-        self.final = nn.Sequential(nn.Linear(2 * width, width // 2), nn.LeakyReLU(0.2), nn.Linear(width // 2, 1))
-
-    def forward(self, x):
-        return self.final(torch.cat([self.pose(x.flatten(1)), self.kcs(kcs(x).flatten(1))], 1)).squeeze(1)
-
-
-def align_views(map_q, map_k, geom_q, geom_k, size=16):
+def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
     """Inverse geometric augmentation (Sec. 3.2, App. C): the area both crops share, cut from each view's
-    map after undoing its flip and resampled to size x size, so that location s of both outputs shows the
-    same image point. One vectorised roi_align over fractional boxes (bilinear, exact); `geom` rows are
-    (top, left, height, width, flip) in source pixels. Returns (aligned q, aligned k, overlap mask)."""
+    map after undoing its flip and resampled to size x size by one vectorised bilinear roi_align over
+    fractional boxes; `geom` rows are (top, left, height, width, flip) in source pixels. Returns (aligned q,
+    aligned k, overlap mask). Where each map cell sits in its view is an assumption: cell j's centre at
+    (j + 0.5 + offset) cells. offset 0 (the official code's mapping) centres cells on their stride-wide
+    tiles; a torchvision ResNet's receptive field is centred on input pixel stride x j, offset
+    0.5 / stride - 0.5 (RESNET_CELL_OFFSET). Limits either way: roi_align clamps samples within half a cell
+    of a map edge to the edge cell, and a trained network's features need not peak at either centre."""
     top, left = torch.maximum(geom_q[:, 0], geom_k[:, 0]), torch.maximum(geom_q[:, 1], geom_k[:, 1])
     bottom = torch.minimum(geom_q[:, 0] + geom_q[:, 2], geom_k[:, 0] + geom_k[:, 2])
     right = torch.minimum(geom_q[:, 1] + geom_q[:, 3], geom_k[:, 1] + geom_k[:, 3])
     valid = (bottom > top) & (right > left)
 
     def cut(fmap, g):
-        fmap = torch.where(g[:, 4, None, None, None] > 0.5, fmap.flip(-1), fmap)  # un-flip
+        flipped = g[:, 4] > 0.5
+        fmap = torch.where(flipped[:, None, None, None], fmap.flip(-1), fmap)  # un-flip
         h, w = fmap.shape[-2:]
         index = torch.arange(len(fmap), dtype=fmap.dtype, device=fmap.device)
-        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width
-        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3], (top - g[:, 0]) * h / g[:, 2],
-                             (right - g[:, 1]) * w / g[:, 3], (bottom - g[:, 0]) * h / g[:, 2]], 1)
+        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width, less the offset
+        # of the cell centres (mirrored in an un-flipped map)
+        dx = torch.where(flipped, offset, -offset).to(fmap.dtype)
+        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3] + dx, (top - g[:, 0]) * h / g[:, 2] - offset,
+                             (right - g[:, 1]) * w / g[:, 3] + dx, (bottom - g[:, 0]) * h / g[:, 2] - offset], 1)
         # one bilinear sample at each output cell's centre: a resize of the fractional box
         return roi_align(fmap, boxes.to(fmap.dtype), size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
 
     return cut(map_q, geom_q), cut(map_k, geom_k), valid
 
 
-def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16):
+RESNET_CELL_OFFSET = 0.5 / 32 - 0.5  # C5 of a torchvision ResNet: cell j's receptive field centred on pixel 32 j
+
+
+def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16, offset=0.0):
     """Eq. (4): at each of the size² aligned locations s, r_s against its positive t_s (the key view at the same
     image point) and the K pooled key vectors of other images in the queue; mean over s, then over the images
     whose views overlap (the others are masked out). Returns (loss, overlap mask)."""
-    r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size)
+    r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size, offset)
     r = F.normalize(r, dim=1).flatten(2).transpose(1, 2)  # (N, s², C): r_s
     k = F.normalize(k, dim=1).flatten(2).transpose(1, 2)  # t_s
     l_pos = (r * k).sum(-1) / t
@@ -458,9 +538,10 @@ class LiftedCL(nn.Module):
     with the equivariant branch of Eq. (4) on top)."""
 
     def __init__(self, backbone="resnet50", dim=128, K=16384, m=0.999, T=0.2, equivariant=True, train_lifting=True,
-                 normalize_lifted=True, align_size=16, bn_groups=1):
+                 normalize_lifted=True, align_size=16, bn_groups=1, cell_offset=RESNET_CELL_OFFSET):
         super().__init__()
         self.K, self.m, self.T, self.align_size, self.bn_groups = K, m, T, align_size, bn_groups
+        self.cell_offset = cell_offset
         self.encoder_q = Encoder(backbone, dim, equivariant)
         self.encoder_k = Encoder(backbone, dim, equivariant)
         self.copy_key_encoder()
@@ -532,17 +613,11 @@ class LiftedCL(nn.Module):
             l_equiv, valid, k_pooled = None, None, None
             if q_map is not None:
                 l_equiv, valid = equivariant_loss(q_map.float(), k_map.float(), geom_q, geom_k,
-                                                  self.queue_equiv.clone().detach(), self.T, self.align_size)
+                                                  self.queue_equiv.clone().detach(), self.T, self.align_size,
+                                                  self.cell_offset)
                 k_pooled = F.normalize(k_map.float().mean((2, 3)), dim=1)
         self.enqueue(k, k_pooled)  # after the logits, as MoCo
         return dict(l_inv=l_inv, l_equiv=l_equiv, valid=valid, q=q.detach(), lifted=lifted.float())
-
-
-def encoder_adv_loss(discriminator, lifted):
-    """Eq. (7), the encoder's side (LSGAN): (D(X̂) - 1)². D is a fixed function here: its parameters enter
-    detached, so the gradient reaches the lifting network and the encoder, never D."""
-    frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
-    return ((torch.func.functional_call(discriminator, frozen, (lifted,)) - 1) ** 2).mean()
 
 
 def encoder_loss(out, discriminator, args):
@@ -555,18 +630,6 @@ def encoder_loss(out, discriminator, args):
     return loss, l_adv
 
 
-def discriminator_step(discriminator, optimizer, real, lifted):
-    """Eq. (7), D's side, with the official code's LSGAN labels (the paper's equation swaps them): real -> 1,
-    lifted -> 0, i.e. (D(y) - 1)² + D(X̂)², one SGD step. Returns (loss, accuracy on real, on lifted)."""
-    scores = discriminator(torch.cat([real, lifted.detach()]))
-    s_real, s_lifted = scores[:len(real)], scores[len(real):]
-    loss = ((s_real - 1) ** 2).mean() + (s_lifted ** 2).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (s_real > 0.5).float().mean(), (s_lifted < 0.5).float().mean()
-
-
 def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
     """Cosine decay once per epoch, no warm-up (MoCo v2's --cos); D's lr stays constant."""
     lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
@@ -576,21 +639,24 @@ def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
 
 
 def load_pretrained(model, spec, backbone):
-    """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the start)."""
-    if spec is None:
-        return None
+    """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the start).
+    Returns the line to print: what was loaded, or that the encoder starts from scratch."""
+    if spec in (None, "none"):
+        return f"{backbone} from scratch (no stage I)"
     if spec == "torchvision":
         model.encoder_q.backbone.load_state_dict(ResNetFeatures(backbone, torchvision_weights=True).state_dict())
         report = f"loaded torchvision's ImageNet {backbone}"
     else:
+        # a MoCo checkpoint's MLP head (encoder_q.fc.*) is not loaded: the paper initialises the encoder
+        # from stage I, and the official code loads a ResNet alone (strict=False), its heads start random
         report = load_backbone(model.encoder_q.backbone, spec)
     model.copy_key_encoder()
-    return report
+    return report + "; the key encoder is its copy; the heads and the lifting network start random"
 
 
 RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv",
-               "align_size", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size", "person_size",
-               "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
+               "align_size", "cell_centres", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size",
+               "person_size", "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
 def load_state(module, state, path, what):
@@ -639,10 +705,11 @@ def main():
 
     seed_everything(args.seed)  # the same model, queues and prior on every rank
     model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
-                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups)
+                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups,
+                     RESNET_CELL_OFFSET if args.cell_centres == "resnet" else 0.0)
     report = load_pretrained(model, args.pretrained, args.backbone)
     discriminator = Discriminator()
-    real = load_skeletons(args.skeletons, args.normalize_lifted) if args.skeletons else sample_prior(args.prior_size)
+    real = load_skeletons(args.skeletons) if args.skeletons else sample_prior(args.prior_size)
     reference = bone_lengths(normalize_skeletons(real)).mean(0)
     prior_plausibility = plausibility(real, reference).tolist()
     seed_everything(args.seed + rank)
@@ -690,8 +757,7 @@ def main():
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
-        if report:
-            print(report)
+        print(report)
         n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
         print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
               f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv {args.lambda_inv} equiv "

@@ -193,7 +193,9 @@ def image_folder(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model (Sec. 3, Figs. 1-2)
+# Liftable block: the enhanced FPN, the heads and the loss (Sec. 3, Eqs. (1)-(7)). It needs only
+# `import torch, torch.nn as nn, torch.nn.functional as F`; every function takes explicit arguments.
+# Copy it from here to the end marker.
 
 class FeaturePyramid(nn.Module):
     """Enhanced FPN, Eqs. (1)-(2): a 512-d vector F_i per stage feature f_i.
@@ -252,6 +254,37 @@ def predictor(dim, pred_dim):
     return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
                          nn.Linear(pred_dim, dim))
 
+
+def D(p, z):
+    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z (Eq. 6).
+
+    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper branch
+    predicts the lower one", gradient stopped on the lower branch, views swapped) and SimSiam, on which
+    it builds, both mean: each view's prediction p against the other view's projection z, detached."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def mscl_loss(p1, p2, z1, z2, weights):
+    """(Eq. (7) total, [Eq. (6) loss of each scale]). `weights` are Eq. (7)'s λ_i as the paper states them, in
+    proportion (Table 4's 1:2:2:5): the total divides by their sum, so that it stays on the scale of one
+    Eq. (6) loss (-1 at best) whatever their magnitude."""
+    per_scale = [0.5 * D(a, zb) + 0.5 * D(b, za) for a, b, za, zb in zip(p1, p2, z1, z2)]  # Eq. (6)
+    total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)  # Eq. (7), normalised
+    return total, per_scale
+
+
+@torch.no_grad()
+def collapse_monitor(z):
+    """SimSiam Sec. 4.1: std over the batch of the L2-normalised z, averaged over channels;
+    about 1/sqrt(dim) for a healthy representation, 0 on collapse."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
+# End of the liftable block.
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (Sec. 3, Figs. 1-2)
 
 class MSCL(nn.Module):
     """Shared ResNet -> (FPN) -> per-scale projector z and predictor p, for both views (Fig. 1).
@@ -320,29 +353,6 @@ def print_summary(args):
     print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters ({n_backbone:,} in the "
           f"ResNet); {flops[0]:.2f} GFLOPs (multiply-accumulates) per view through the encoder, {flops[1]:.2f} in "
           f"the ResNet")
-
-
-def D(p, z):
-    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z (Eq. 6).
-
-    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper branch
-    predicts the lower one", gradient stopped on the lower branch, views swapped) and SimSiam, on which
-    it builds, both mean: each view's prediction p against the other view's projection z, detached."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
-
-
-def mscl_loss(p1, p2, z1, z2, weights):
-    """(Eq. (7) total, [Eq. (6) loss of each scale])."""
-    per_scale = [0.5 * D(a, zb) + 0.5 * D(b, za) for a, b, za, zb in zip(p1, p2, z1, z2)]  # Eq. (6)
-    total = sum(w * loss for w, loss in zip(weights, per_scale))  # Eq. (7)
-    return total, per_scale
-
-
-@torch.no_grad()
-def collapse_monitor(z):
-    """SimSiam Sec. 4.1: std over the batch of the L2-normalised z, averaged over channels;
-    about 1/sqrt(dim) for a healthy representation, 0 on collapse."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -572,7 +572,8 @@ def liftedcl_config(cfg):
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
-    args = liftedcl.get_args(["--data", "coco", "--crop-size", "224", "--batch-size", str(cfg["batch_size"])]
+    args = liftedcl.get_args(["--data", "coco", "--pretrained", "none", "--crop-size", "224", "--batch-size",
+                              str(cfg["batch_size"])]
                              + cfg["flags"])
     groups = args.bn_groups or 4  # liftedcl.main in one process: the paper's 4 GPUs as 4 BatchNorm groups
     model = liftedcl.LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,

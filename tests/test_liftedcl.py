@@ -71,10 +71,12 @@ def test_degenerate_setting_is_moco_v2_exactly():
     torch.manual_seed(0)
     model = liftedcl.LiftedCL("resnet18", dim=16, K=32, m=0.9, T=0.2, equivariant=False, train_lifting=False)
     ref = MoCoV2(16, 32, 0.9, 0.2)
-    for enc in ("encoder_q", "encoder_k"):  # shared weights: the backbone keys are torchvision's, the head is fc
-        state = dict(getattr(model, enc).backbone.state_dict())
-        state.update({"fc." + k: v for k, v in getattr(model, enc).inv_head.state_dict().items()})
-        getattr(ref, enc).load_state_dict(state)
+    # the query encoder is shared (backbone keys are torchvision's, the head is fc); the reference copies it into
+    # its key encoder as MoCo's constructor does, so a key encoder that liftedcl.py did not copy fails below
+    state = dict(model.encoder_q.backbone.state_dict())
+    state.update({"fc." + k: v for k, v in model.encoder_q.inv_head.state_dict().items()})
+    ref.encoder_q.load_state_dict(state)
+    ref.encoder_k.load_state_dict(state)
     ref.queue.copy_(model.queue_inv)
     im_q, im_k, geom_q, geom_k = views()
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
@@ -98,6 +100,36 @@ def test_degenerate_setting_is_moco_v2_exactly():
         assert all(p.grad is None for p in model.encoder_k.parameters())  # the key encoder is never trained
         assert all(p.grad is None for p in model.lifting.parameters())
     torch.testing.assert_close(model.encoder_q.inv_head[0].weight, ref.encoder_q.fc[0].weight, rtol=1e-4, atol=1e-6)
+
+
+def test_shuffle_bn_gives_each_key_back_to_its_own_image():
+    """In eval mode BatchNorm uses running statistics, so shuffling changes no feature: the keys coming back
+    from shuffle BN (4 groups) must be the key encoder's features of the same images in the same order."""
+    torch.manual_seed(0)
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16, align_size=4, bn_groups=4).eval()
+    im_k = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(1)
+    k, k_map = model.keys(im_k)
+    _, ref, ref_map = model.encoder_k(im_k)
+    torch.testing.assert_close(k, F.normalize(ref, dim=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_map, ref_map, rtol=1e-4, atol=1e-5)
+
+
+def test_queues_receive_this_batchs_keys_and_pooled_key_maps():
+    """After one step, queue_inv holds the normalised keys and queue_equiv the normalised, spatially averaged key
+    maps (Eq. (4)'s negatives t_s-), of this batch's key images, at the old pointer."""
+    torch.manual_seed(0)
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16, m=1.0, align_size=4, bn_groups=2).eval()  # k fixed
+    im_q, im_k, geom_q, geom_k = views(size=64)  # 2 x 2 key maps: their mean is not any one cell
+    model.queue_ptr[0] = 8
+    before = model.queue_equiv.clone()
+    model(im_q, im_k, geom_q, geom_k)
+    with torch.no_grad():
+        _, k, k_map = model.encoder_k(im_k)
+    torch.testing.assert_close(model.queue_inv[:, 8:12], F.normalize(k, dim=1).T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.queue_equiv[:, 8:12], F.normalize(k_map.mean((2, 3)), dim=1).T, rtol=1e-4,
+                               atol=1e-5)
+    assert torch.equal(model.queue_equiv[:, :8], before[:, :8]) and int(model.queue_ptr) == 12
 
 
 # ---------------------------------------------------------------------------------------------- adversarial game
@@ -125,17 +157,29 @@ def test_adv_loss_reaches_the_encoder_not_d_and_d_step_not_the_encoder():
     assert loss.item() == pytest.approx(0.5 * (out["l_inv"] + out["l_equiv"] + l_adv).item(), rel=1e-6)
 
 
+class StubD(nn.Module):
+    """D(x) = bias + x[:, 0, 0]: a score set by the test through one coordinate."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.bias + x[:, 0, 0]
+
+
 def test_lsgan_targets_real_one_lifted_zero():
+    real, fake = torch.zeros(4, 17, 3), torch.zeros(4, 17, 3)
+    real[:, 0, 0], fake[:, 0, 0] = 0.8, 0.1  # D(real) = 0.8, D(lifted) = 0.1
+    stub = StubD()
+    d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(stub, torch.optim.SGD(stub.parameters(), 0.0), real,
+                                                               fake)
+    assert d_loss.item() == pytest.approx(0.2 ** 2 + 0.1 ** 2)  # (D(y) - 1)² + D(X̂)²; swapped labels: 1.45
+    assert acc_real.item() == 1 and acc_lifted.item() == 1
+    assert liftedcl.encoder_adv_loss(StubD(), fake).item() == pytest.approx(0.9 ** 2)  # (D(X̂) - 1)²; swapped: 0.01
     torch.manual_seed(0)
     disc = liftedcl.Discriminator()
-    nn.init.zeros_(disc.final[-1].weight)
-    nn.init.constant_(disc.final[-1].bias, 0.3)  # D(anything) = 0.3
     real, fake = liftedcl.sample_prior(64), liftedcl.normalize_skeletons(torch.randn(64, 17, 3))
-    opt = torch.optim.SGD(disc.parameters(), 0.0)
-    d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(disc, opt, real, fake)
-    assert d_loss.item() == pytest.approx(0.7 ** 2 + 0.3 ** 2)  # (D(y) - 1)² + D(X̂)²
-    assert acc_real.item() == 0 and acc_lifted.item() == 1
-    assert liftedcl.encoder_adv_loss(disc, fake).item() == pytest.approx(0.7 ** 2)  # (D(X̂) - 1)²
     opt = torch.optim.SGD(disc.parameters(), 0.03, momentum=0.9)
     for _ in range(60):  # D learns to tell prior samples (1) from random skeletons (0)
         d_loss, acc_real, acc_lifted = liftedcl.discriminator_step(disc, opt, real, fake)
@@ -144,9 +188,13 @@ def test_lsgan_targets_real_one_lifted_zero():
 
 # ---------------------------------------------------------------------------------------------- Eq. (4)
 
-def test_alignment_of_two_views_undoes_crop_and_flip():
+@pytest.mark.parametrize("cells", ["tile", "receptive-field"])
+def test_alignment_of_two_views_undoes_crop_and_flip(cells):
     """Two views cut from one image whose channels are its x and y coordinates; a stride-2 translation-
-    equivariant stand-in for the encoder; after alignment both maps show the same image points."""
+    equivariant stand-in for the encoder; after alignment both maps show the same image points. The stand-in
+    either averages each 2 x 2 tile (cell j centred on its tile: offset 0, the official mapping) or keeps its
+    first pixel (cell j centred on pixel 2 j, as a ResNet's receptive field on pixel 32 j: offset 0.5 / 2 - 0.5);
+    with the other offset the flipped views would disagree."""
     size, grid = 64, 8
     boxes = torch.tensor([[10.0, 20.0, 120.0, 90.0, 0.0],   # (top, left, height, width, flip) in a 200 px image
                           [40.0, 5.0, 100.0, 160.0, 1.0],
@@ -164,9 +212,11 @@ def test_alignment_of_two_views_undoes_crop_and_flip():
         return img.flip(-1) if g[4] > 0.5 else img
 
     def stand_in(g):
-        return F.avg_pool2d(torch.stack([view(r) for r in g]), 2)
+        x = torch.stack([view(r) for r in g])
+        return F.avg_pool2d(x, 2) if cells == "tile" else x[..., ::2, ::2]
 
-    q, k, valid = liftedcl.align_views(stand_in(boxes), stand_in(other), boxes, other, grid)
+    offset = 0.0 if cells == "tile" else 0.5 / 2 - 0.5
+    q, k, valid = liftedcl.align_views(stand_in(boxes), stand_in(other), boxes, other, grid, offset)
     assert valid.tolist() == [True, True, True, False]
     top, left = torch.maximum(boxes[:, 0], other[:, 0]), torch.maximum(boxes[:, 1], other[:, 1])
     bottom = torch.minimum(boxes[:, 0] + boxes[:, 2], other[:, 0] + other[:, 2])
@@ -177,6 +227,35 @@ def test_alignment_of_two_views_undoes_crop_and_flip():
                               (top[i] + u * (bottom[i] - top[i]))[:, None].expand(grid, grid)])
         torch.testing.assert_close(q[i], expect, atol=1e-3, rtol=0)
         torch.testing.assert_close(k[i], expect, atol=1e-3, rtol=0)
+
+
+def test_resnet_cells_sit_on_their_receptive_field_centres(images):
+    """A real ResNet's C5 of a 256 px crop and of its mirror image, aligned after un-flipping: the cell offset
+    that makes them agree best is the receptive-field centres' (--cell-centres resnet, -0.484 cells), not the
+    official tile centres' (0), which leave the two views about one cell apart. Measured with ResNet-18 as
+    initialised (the README's figures also cover ResNet-50 and a demo-trained ResNet-18)."""
+    import glob
+    import torchvision.transforms.functional as TF
+    from common.datasets import read_image
+    from common.ssl import IMAGENET_NORMALIZE
+    files = sorted(glob.glob(f"{images[-1]}/*"))[:8]
+    x = torch.stack([IMAGENET_NORMALIZE(TF.to_tensor(TF.resize(read_image(f), [256, 256]))) for f in files])
+    torch.manual_seed(0)
+    net = liftedcl.ResNetFeatures("resnet18").eval()
+    with torch.no_grad():
+        a, b = net(x)[3], net(x.flip(-1))[3]
+    g = torch.tensor([[0.0, 0.0, 256.0, 256.0, 0.0]]).repeat(len(x), 1)
+    h = g.clone()
+    h[:, 4] = 1.0
+
+    def agreement(offset):
+        q, k, _ = liftedcl.align_views(a, b, g, h, 16, offset)
+        return F.cosine_similarity(q, k, dim=1).mean().item()
+
+    offsets = [i / 20 for i in range(-16, 5)]
+    best = max(offsets, key=agreement)
+    assert abs(best - liftedcl.RESNET_CELL_OFFSET) < 0.15, best
+    assert agreement(liftedcl.RESNET_CELL_OFFSET) > agreement(0.0)
 
 
 def test_equivariant_loss_is_eq4_and_masks_views_without_overlap():
@@ -217,11 +296,53 @@ def test_kcs_of_a_hand_made_skeleton():
     torch.testing.assert_close(liftedcl.kcs(x @ turn.T)[0], psi, atol=1e-4, rtol=1e-5)  # rotation-invariant
 
 
+def joint_angles(x):
+    """Per leg and arm (right then left): the bend in degrees between a limb's two bones, and on which side of
+    the upper bone the lower one turns, (upper x lower) . the subject's right axis (the pelvis's)."""
+    right = F.normalize(x[:, 1] - x[:, 4], dim=1)
+    bends, sides = [], []
+    for a, b, c in ((1, 2, 3), (4, 5, 6), (14, 15, 16), (11, 12, 13)):
+        upper, lower = x[:, b] - x[:, a], x[:, c] - x[:, b]
+        bends.append(torch.rad2deg(torch.arccos(F.cosine_similarity(upper, lower, dim=1).clamp(-1, 1))))
+        sides.append((torch.cross(upper, lower, dim=1) * right).sum(1))
+    return torch.stack(bends, 1), torch.stack(sides, 1)
+
+
+def test_prior_is_a_kinematic_chain_with_one_way_knees():
+    """App. B's j_child = j_parent + R α b_pc with R relative to the parent bone: a knee range is a knee angle.
+    Fails with every range at 0 (no bend), with absolute rotations (knees bend forward when the thigh swings
+    back) and with App. B's ±180° thigh twist (the knee's hinge turns every way)."""
+    x = liftedcl.sample_bodies(4000, torch.Generator().manual_seed(0))
+    bend, side = joint_angles(x)
+    knees, elbows = bend[:, :2], bend[:, 2:]
+    assert knees.max() <= 130 + 1e-6 and knees.max() > 120 and (knees > 90).float().mean() > 0.2  # the ranges
+    assert elbows.max() <= 150 + 1e-6 and elbows.max() > 140
+    bent = knees > 5
+    assert (side[:, :2][bent] < 0).all()  # every bent knee takes the ankle behind the thigh's line
+    thighs = torch.stack([x[:, 2] - x[:, 1], x[:, 5] - x[:, 4]], 1)
+    assert (thighs[..., 1] < 0).float().mean() < 0.1  # y down: few thighs rise above horizontal
+    odd = liftedcl.anatomy(x)  # the figures the README reports, by the script's own measure
+    assert odd["knee_forward"] == 0 and 0 < odd["thigh_above_horizontal"] < 0.1 and odd["knee_over_90"] > 0.2
+    app_b = [r if r[0] not in ((1,), (4,)) else (r[0], (-90, 90), (-180, 180), (-90, 90)) for r in liftedcl.PRIOR_RANGES]
+    odd = liftedcl.anatomy(liftedcl.sample_bodies(4000, torch.Generator().manual_seed(0), ranges=app_b))
+    assert 0.4 < odd["knee_forward"] < 0.6 and odd["thigh_above_horizontal"] > 0.15  # App. B's thigh: any way
+    # a knee drawn at 60° bends 60° from its thigh whatever the thigh does: the range is a joint angle
+    ranges = [r if r[0] not in ((2,), (5,)) else (r[0], (-60, -60), (0, 0), (0, 0)) for r in liftedcl.PRIOR_RANGES]
+    bend, _ = joint_angles(liftedcl.sample_bodies(200, torch.Generator().manual_seed(1), ranges=ranges))
+    torch.testing.assert_close(bend[:, :2], torch.full((200, 2), 60.0, dtype=torch.float64))
+
+
+def test_euler_rotation_matches_scipy():
+    rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    g = torch.Generator().manual_seed(0)
+    angles = (torch.rand(50, 3, generator=g, dtype=torch.float64) - 0.5) * 6
+    ours = liftedcl.euler_xyz(*angles.unbind(1))
+    torch.testing.assert_close(ours, torch.from_numpy(rotation.from_euler("xyz", angles.numpy()).as_matrix()))
+
+
 def test_prior_samples_root_norm_bone_lengths_and_yaw():
-    import numpy as np
-    bodies = torch.from_numpy(liftedcl.sample_bodies(300, np.random.default_rng(0)))
-    template = torch.from_numpy(liftedcl.TEMPLATE).norm(dim=1)
-    ratio = liftedcl.bone_lengths(bodies) / template
+    bodies = liftedcl.sample_bodies(300, torch.Generator().manual_seed(0))
+    ratio = liftedcl.bone_lengths(bodies) / liftedcl.TEMPLATE.norm(dim=1)
     assert ratio.min() >= 0.9 - 1e-9 and ratio.max() <= 1.1 + 1e-9 and ratio.std() > 0.03  # α ~ U[0.9, 1.1]
     x = liftedcl.sample_prior(300, seed=0)
     assert torch.equal(x, liftedcl.sample_prior(300, seed=0)) and not torch.equal(x, liftedcl.sample_prior(300, 1))
@@ -235,19 +356,55 @@ def test_prior_samples_root_norm_bone_lengths_and_yaw():
     assert bad[0] > 3 * error and bad[1] > 1.5  # random skeletons are implausible by every number
 
 
+def test_skeleton_file_is_normalised_always(tmp_path):
+    x = liftedcl.sample_bodies(5, torch.Generator().manual_seed(0)).float() + 7.0  # cm, off the origin
+    torch.save(x, tmp_path / "joints.pt")
+    loaded = liftedcl.load_skeletons(str(tmp_path / "joints.pt"))
+    assert loaded[:, 0].abs().max() == 0 and torch.allclose(loaded.flatten(1).norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(loaded, liftedcl.normalize_skeletons(x))
+
+
+def test_liftable_block_runs_alone_with_torch_imports_only():
+    """The skeleton/KCS/prior/LSGAN block of liftedcl.py, cut out as a reader would copy it, runs with torch
+    alone and gives what the script gives."""
+    import inspect
+    source = inspect.getsource(liftedcl)
+    block = source[source.index("# Liftable block"):source.index("# End of the liftable block.")]
+    assert "import" not in block.split("\n", 3)[3] and "args" not in block
+    namespace = {}
+    exec("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n" + block, namespace)
+    real = namespace["sample_prior"](50, seed=3)
+    assert torch.equal(real, liftedcl.sample_prior(50, seed=3))
+    torch.manual_seed(0)
+    disc = namespace["Discriminator"]()
+    torch.manual_seed(0)
+    ours = liftedcl.Discriminator()
+    fake = namespace["normalize_skeletons"](torch.randn(50, 17, 3))
+    torch.testing.assert_close(disc(fake), ours(fake))
+    loss, _, _ = namespace["discriminator_step"](disc, torch.optim.SGD(disc.parameters(), 0.1), real, fake)
+    ref, _, _ = liftedcl.discriminator_step(ours, torch.optim.SGD(ours.parameters(), 0.1), real, fake)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(namespace["encoder_adv_loss"](disc, fake), liftedcl.encoder_adv_loss(ours, fake))
+
+
 def test_pretrained_moco_checkpoint_fills_query_and_key_encoders(tmp_path):
     """--pretrained FILE with MoCo's keys (the paper's stage I): module.encoder_q.* is the backbone; the key
     encoder starts as its copy; encoder_k, the fc head and the queue are not read."""
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
     net.bn1.running_var.uniform_(0.5, 2.0)  # trained statistics, unlike a fresh model's ones
-    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
+    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     state.update({f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in net.state_dict().items()})
+    head = {"fc.0.weight": torch.ones(512, 512), "fc.0.bias": torch.ones(512), "fc.2.weight": torch.ones(16, 512),
+            "fc.2.bias": torch.ones(16)}  # MoCo v2's MLP head: not loaded (heads start random)
+    state.update({f"module.encoder_q.{k}": v for k, v in head.items()})
     state["module.queue"] = torch.randn(128, 64)
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
     model = liftedcl.LiftedCL("resnet18", dim=16, K=16)
     report = liftedcl.load_pretrained(model, str(tmp_path / "moco.pth.tar"), "resnet18")
-    assert "60/60 backbone parameters" in report, report
+    assert "60/60 backbone parameters" in report and "ignored: fc.0.weight" in report, report
+    assert "the heads and the lifting network start random" in report
+    assert not torch.equal(model.encoder_q.inv_head[0].weight, head["fc.0.weight"])
     for enc in (model.encoder_q, model.encoder_k):  # the key encoder: MoCo's copy of the parameters
         assert torch.equal(enc.backbone.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
     assert torch.equal(model.encoder_q.backbone.bn1.running_var, net.bn1.running_var)
@@ -304,14 +461,28 @@ def test_torchrun_two_ranks_shuffle_bn_hold_identical_state(images, tmp_path):
     assert int(ckpt["model"]["queue_ptr"]) == 16 and len(ckpt["rng"]) == 2  # 2 steps x 8 keys from both ranks
 
 
+def test_paper_data_needs_pretrained_said_out_loud():
+    """Stage II of the paper starts from MoCo v2's ImageNet weights: --data coco/imagenet names its init."""
+    for data in ("coco", "imagenet"):
+        with pytest.raises(UserError, match=f"--data {data} needs --pretrained FILE|torchvision|none"):
+            liftedcl.get_args(["--data", data])
+    assert liftedcl.get_args(["--data", "coco", "--pretrained", "none"]).pretrained == "none"
+    assert liftedcl.get_args([]).pretrained is None  # the demo stays scratch
+    model = liftedcl.LiftedCL("resnet18", dim=16, K=16)
+    assert liftedcl.load_pretrained(model, "none", "resnet18") == "resnet18 from scratch (no stage I)"
+
+
 def test_bad_inputs(tmp_path):
-    p = run(["--data", "coco", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"], expect=2)
+    p = run(["--data", "coco", "--out", tmp_path / "o"], expect=2)
+    assert_one_line_error(p, "--data coco needs --pretrained FILE|torchvision|none")
+    p = run(["--data", "coco", "--pretrained", "none", "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"],
+            expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
     torch.save(torch.zeros(5, 16, 3), tmp_path / "joints.pt")
     with pytest.raises(UserError, match=r"joints.pt: expected .* shape \(N, 17, 3\), found \(5, 16, 3\)"):
-        liftedcl.load_skeletons(str(tmp_path / "joints.pt"), True)
+        liftedcl.load_skeletons(str(tmp_path / "joints.pt"))
     with pytest.raises(UserError, match="no.pt"):
-        liftedcl.load_skeletons(str(tmp_path / "no.pt"), True)
+        liftedcl.load_skeletons(str(tmp_path / "no.pt"))
     with pytest.raises(UserError, match="--moco-k 20 must be a multiple of --batch-size 8"):
         liftedcl.get_args(SMALL + ["--moco-k", "20"])
     with pytest.raises(UserError, match="must not be negative"):

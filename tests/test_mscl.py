@@ -12,7 +12,8 @@ import torchvision
 
 import mrpose
 import mscl
-from common.utils import UserError, check_resume_args
+from common.datasets import list_images
+from common.utils import UserError, check_resume_args, seed_everything
 from data.demo import make_demo
 from helpers import assert_one_line_error, run_script
 
@@ -139,12 +140,14 @@ def test_eq7_weights_normalised_and_total_is_weighted_sum():
         mscl.get_args(["--scale-weights", "1", "-1", "1", "1"])
     g = torch.Generator().manual_seed(0)
     p1, p2, z1, z2 = ([torch.randn(6, 32, generator=g) for _ in range(4)] for _ in range(4))
-    weights = mscl.scale_weights(args)
-    total, per_scale = mscl.mscl_loss(p1, p2, z1, z2, weights)
+    total, per_scale = mscl.mscl_loss(p1, p2, z1, z2, [1.0, 2.0, 2.0, 5.0])  # as Table 4 states them
     for k in range(4):  # Eq. (6) per scale
         expect = 0.5 * -F.cosine_similarity(p1[k], z2[k]).mean() + 0.5 * -F.cosine_similarity(p2[k], z1[k]).mean()
         assert torch.allclose(per_scale[k], expect)
     assert torch.allclose(total, sum(w * l for w, l in zip([0.1, 0.2, 0.2, 0.5], per_scale)))
+    # the loss normalises the weights itself: proportions, already normalised or scaled, give one total
+    for weights in (mscl.scale_weights(args), mscl.DEFAULT_SCALE_WEIGHTS, [10.0, 20.0, 20.0, 50.0]):
+        assert torch.allclose(mscl.mscl_loss(p1, p2, z1, z2, weights)[0], total)
 
 
 # An independent SimSiam, as facebookresearch/simsiam simsiam/builder.py and main_simsiam.py write it.
@@ -214,27 +217,66 @@ def test_single_scale_no_fpn_is_exactly_simsiam(fusion):
         assert torch.allclose(v.float(), ours.state_dict()[rename(k)].float(), rtol=1e-5, atol=1e-6), k
 
 
-def test_few_steps_lower_the_loss_without_collapse(images):
+def test_few_steps_lower_the_held_out_loss_without_collapse(images):
+    """24 steps, each on fresh views of 12 images, lower the loss on a held-out batch of other views of them, and
+    z keeps the spread of a healthy representation (SimSiam Sec. 4.1: std of the normalised z about 1/sqrt(d),
+    0 on collapse). Measured over seeds 0-3 of this setting: the held-out loss falls by 0.027 to 0.19; on 4
+    unseen images it does not fall reliably within 40 steps, so the held-out views are of the training images."""
     folder, _ = images
     torch.manual_seed(0)
-    ds = mscl.TwoViews(sorted(str(p) for p in folder.iterdir()), mscl.moco_v2_augmentation(32))
-    x1, x2 = torch.utils.data.default_collate([ds[i] for i in range(8)])
-    assert x1.shape == (8, 3, 32, 32) and not torch.equal(x1, x2)
-    args = mscl.get_args(["--backbone", "resnet18"])
-    model = mscl.MSCL("resnet18").train()
-    optimizer = mscl.build_optimizer(model, 0.05, args)
+    files = sorted(str(p) for p in folder.iterdir())[:12]
+    augment, collate = mscl.moco_v2_augmentation(32), torch.utils.data.default_collate
+    data = mscl.TwoViews(files, augment)
+    test = [collate([data[i] for i in range(12)]) for _ in range(2)]  # never trained on
+    args = mscl.get_args(["--backbone", "resnet18", "--dim", "128", "--pred-dim", "32"])
+    model = mscl.build_model(args)
+    optimizer = mscl.build_optimizer(model, 0.3, args)
     weights = mscl.scale_weights(args)
-    losses = []
-    for _ in range(8):
-        p1, p2, z1, z2 = model(x1, x2)
-        loss, _ = mscl.mscl_loss(p1, p2, z1, z2, weights)
+
+    def held_out_loss():  # train-mode BN, as the training loss is computed; no update of any state
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            loss = sum(mscl.mscl_loss(*model(x1, x2), weights)[0].item() for x1, x2 in test) / len(test)
+            z = model(*test[0])[2]
+        model.load_state_dict(state)
+        return loss, [mscl.collapse_monitor(zi).item() for zi in z]
+
+    before, _ = held_out_loss()
+    for _ in range(24):
+        loss, _ = mscl.mscl_loss(*model(*collate([data[i] for i in range(12)])), weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for z in z1:
-        assert mscl.collapse_monitor(z) > 0.2 / 512 ** 0.5
+    after, spread = held_out_loss()
+    assert after < before - 0.02, (before, after)
+    assert all(v > 0.8 / args.dim ** 0.5 for v in spread), spread  # healthy ~1/sqrt(d); collapse -> 0
+
+
+def test_liftable_block_runs_alone_with_torch_imports_only():
+    """The FPN, heads and loss of mscl.py, cut out as a reader would copy them, run with torch alone and match
+    the script's (the weights passed as the paper states them)."""
+    import inspect
+    source = inspect.getsource(mscl)
+    block = source[source.index("# Liftable block"):source.index("# End of the liftable block.")]
+    assert "import" not in block.split("\n", 3)[3] and "args" not in block
+    namespace = {}
+    exec("import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n" + block, namespace)
+    torch.manual_seed(0)
+    model = mscl.MSCL("resnet18").train()
+    fpn = namespace["FeaturePyramid"]([64, 128, 256, 512], width=256, out_dim=512, fusion="conv-pool")
+    proj = [namespace["projector"](512, 512) for _ in range(4)]
+    pred = [namespace["predictor"](512, 128) for _ in range(4)]
+    fpn.load_state_dict(model.neck.state_dict())
+    for mine, theirs in zip(proj + pred, list(model.projectors) + list(model.predictors)):
+        mine.load_state_dict(theirs.state_dict())
+    x1, x2 = two_views()
+    feats1, feats2 = model.backbone(x1), model.backbone(x2)
+    z1, z2 = ([h(v) for h, v in zip(proj, fpn(f))] for f in (feats1, feats2))
+    p1, p2 = ([h(z) for h, z in zip(pred, zs)] for zs in (z1, z2))
+    total, _ = namespace["mscl_loss"](p1, p2, z1, z2, weights=[1.0, 2.0, 2.0, 5.0])
+    ref, _ = mscl.mscl_loss(*model(x1, x2), mscl.scale_weights(mscl.get_args([])))
+    torch.testing.assert_close(total, ref)
+    assert namespace["collapse_monitor"](z1[3]) == pytest.approx(mscl.collapse_monitor(z1[3]).item())
 
 
 def test_cosine_schedule_fixed_predictor_lr_and_batch_scaling():
@@ -333,18 +375,60 @@ def test_resume_continues_exactly(images, tmp_path):
     assert [(e["epoch"], e["loss"], e["lr"]) for e in logs[0]] == [(e["epoch"], e["loss"], e["lr"]) for e in logs[1]]
 
 
-def test_torchrun_two_ranks_hold_identical_weights(images, tmp_path):
-    _, flags = images
+def rank_batch(args, files, rank, world):
+    """Rank `rank`'s first batch and initial model, drawn as mscl.main draws them (seed + rank, the model, the
+    sampler's share, the loader's base seed, then the views, in one process with --workers 0)."""
+    seed_everything(args.seed + rank)
+    model = mscl.build_model(args)
+    per_rank, _, _ = mscl.batch_and_lr(args, world)
+    ds = mscl.TwoViews(files, mscl.moco_v2_augmentation(args.crop_size))
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                                  drop_last=True)
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=0, drop_last=True)
+    return model, next(iter(loader))
+
+
+def test_torchrun_two_ranks_average_gradients_of_different_samples(images, tmp_path):
+    """One step of 2-rank DDP equals one process that runs each rank's half batch through rank 0's model and
+    steps with the mean of the two gradients: fails if the gradients were not averaged (each rank would step
+    with its own) or if both ranks drew the same samples (the mean would be one half's gradient)."""
+    folder, flags = images
     out = tmp_path / "ddp"
     # batch 7 on 2 ranks: 3 per rank, 6 in all, and the lr follows the 6
-    p = run(flags + SMALL + ["--batch-size", "7", "--iters", "3", "--epochs", "3", "--out", out], torchrun=True)
+    p = run(flags + SMALL + ["--batch-size", "7", "--iters", "1", "--epochs", "3", "--out", out], torchrun=True)
     assert "lr 0.05 x 6/256 = 0.0011719 (--batch-size 7 rounded down to 3 x 2 ranks)" in p.stdout, p.stdout
     digests = dict(re.findall(r"rank (\d)/2: parameters sha1 ([0-9a-f]{40})", p.stdout))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], p.stdout
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["iteration"] == 3
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    assert len(ckpt["rng"]) == 2
+    assert ckpt["iteration"] == 1 and len(ckpt["rng"]) == 2
+
+    args = mscl.get_args(flags + SMALL + ["--batch-size", "7", "--epochs", "3"])
+    files = list_images(str(folder))
+    model, halves = None, []
+    for rank in range(2):
+        m, batch = rank_batch(args, files, rank, 2)
+        model = model or m  # DDP starts every rank from rank 0's parameters
+        halves.append(batch)
+    assert not torch.equal(halves[0][0], halves[1][0])
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = []
+    for x1, x2 in halves:
+        model.load_state_dict(init)  # each rank's BatchNorm sees its own half
+        model.zero_grad()
+        mscl.mscl_loss(*model(x1, x2), mscl.scale_weights(args))[0].backward()
+        grads.append([None if q.grad is None else q.grad.clone() for q in model.parameters()])
+    model.load_state_dict(init)
+    optimizer = mscl.build_optimizer(model, mscl.batch_and_lr(args, 2)[2], args)
+    for q, g0, g1 in zip(model.parameters(), *grads):
+        q.grad = None if g0 is None else (g0 + g1) / 2
+    optimizer.step()
+    moved = 0
+    for name, q in model.named_parameters():
+        step, expect = ckpt["model"][name] - init[name], q.detach() - init[name]
+        torch.testing.assert_close(step, expect, rtol=1e-3, atol=1e-8, msg=name)
+        moved += bool(expect.abs().sum() > 0)
+    assert moved > 100
 
 
 def test_bad_inputs_and_nonfinite_loss(images, tmp_path):
