@@ -135,7 +135,6 @@ def get_args(argv=None):
     if args.data in ("coco", "imagenet") and args.pretrained is None:  # the paper's tables start from stage I
         raise UserError(f"--data {args.data} needs --pretrained FILE|torchvision|none: the paper's stage II starts "
                         f"from MoCo v2's 200-epoch ImageNet weights (FILE); none trains from scratch")
-    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if args.moco_k % args.batch_size:
         raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
     args.person_size = tuple(args.person_size) if args.person_size else None
