@@ -235,29 +235,36 @@ RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def from_official_names(model, state):
-    """A state_dict of the released SimpleBaseline (pose_resnet_*) / SimMRPose models -> our names, or None if
-    `state` is not in their names: their ResNet sits at the top level, their head names map through the model
-    class's OFFICIAL_KEYS. BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
-    if not any(k.startswith("layer1.") for k in state):
-        return None
+    """A state_dict of a released model -> our names, or None if `state` is already in the model's own names.
+    Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
+    `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where their
+    top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its names are ours).
+    BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
+    own = model.state_dict()
     table = getattr(type(model), "OFFICIAL_KEYS", {})
+    prefix = getattr(type(model), "OFFICIAL_RESNET_PREFIX", "backbone.")
+    if all(k in own for k in state) or not any(k.startswith("layer1.") for k in state) or (not table and not prefix):
+        return None
     renamed = {}
     for k, v in state.items():
         if k.startswith(RESNET_KEYS):
-            k = "backbone." + k
+            k = prefix + k
         else:
             k = next((new + k[len(old):] for old, new in table.items() if k.startswith(old)), k)
         renamed[k] = v
-    for k, v in model.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            renamed.setdefault(k, v)
     return renamed
 
 
+def fill_bn_counters(model, state):
+    """`state` with the BatchNorm counters it lacks taken from `model` (saved by PyTorch < 0.4.1)."""
+    return {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
+
+
 def load_weights(model, path, state=None):
-    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose model in
-    the official names; `state` if already loaded from `path`); a clear error if they don't fit. Returns True
-    when the names were the official ones (those models were trained on BGR input, see --bgr)."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose/HRNet
+    model; `state` if already loaded from `path`); a clear error if they don't fit. Returns True when the names
+    had to be renamed from the official ones: SimpleBaseline/SimMRPose models, trained on BGR input (see --bgr);
+    the released HRNet models load under our names and were trained on RGB (COLOR_RGB in their configs)."""
     state = load_checkpoint(path) if state is None else state
     for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -267,7 +274,7 @@ def load_weights(model, path, state=None):
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     official = from_official_names(model, state)
-    state = state if official is None else official
+    state = fill_bn_counters(model, state if official is None else official)
     own = model.state_dict()
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if wrong:
