@@ -50,7 +50,10 @@ from common.utils import UserError
 class PairedDataset(torch.utils.data.Dataset):
     """Item i = {"labeled": crop, "unlabeled": crop}. An epoch walks the larger set once (the unlabeled
     one in the papers' settings) and pairs each of its crops with one of the other set drawn uniformly
-    with replacement, redrawn every epoch (official: mix_coco_coco.py's np.random.choice(|L|, |U|))."""
+    with replacement, redrawn every epoch (official: mix_coco_coco.py's np.random.choice(|L|, |U|)).
+    Each crop's augmentation is drawn from its own key (epoch, pair index i, side), so a person drawn
+    several times in an epoch gets a fresh crop each time, as the official code's fresh draw at every
+    __getitem__, while a run stays deterministic and resumable."""
 
     def __init__(self, labeled, unlabeled, seed=0):
         self.labeled, self.unlabeled, self.seed = labeled, unlabeled, seed
@@ -68,7 +71,8 @@ class PairedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         j = int(self.drawn[i])
         walk_unlabeled = len(self.unlabeled) >= len(self.labeled)
-        return {"labeled": self.labeled[j if walk_unlabeled else i], "unlabeled": self.unlabeled[i if walk_unlabeled else j]}
+        return {"labeled": self.labeled[j if walk_unlabeled else i, (i, 0)],
+                "unlabeled": self.unlabeled[i if walk_unlabeled else j, (i, 1)]}
 
 
 def read_unlabeled(ann_file, image_dir, aspect_ratio):

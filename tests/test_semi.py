@@ -255,22 +255,52 @@ class Items(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return (self.tag, i)
+        return (self.tag, *i)  # (tag, index, augmentation key)
 
 
 def test_paired_dataset_walks_the_unlabeled_set_and_draws_labeled_with_replacement():
     paired = PairedDataset(Items(10, "L"), Items(1000, "U"), seed=0)
     assert len(paired) == 1000
     items = [paired[i] for i in range(1000)]
-    assert [it["unlabeled"] for it in items] == [("U", i) for i in range(1000)]
+    assert [it["unlabeled"] for it in items] == [("U", i, (i, 1)) for i in range(1000)]
     drawn = [it["labeled"][1] for it in items]
     assert set(drawn) == set(range(10))  # with replacement, uniform
+    assert [it["labeled"][2] for it in items] == [(i, 0) for i in range(1000)]  # each draw its own augmentation
     paired.set_epoch(1)
     again = [paired[i]["labeled"][1] for i in range(1000)]
     assert again != drawn and paired.labeled.epoch == paired.unlabeled.epoch == 1
     assert [PairedDataset(Items(10, "L"), Items(1000, "U"), seed=0)[i]["labeled"][1] for i in range(1000)] == drawn
     flipped = PairedDataset(Items(30, "L"), Items(3, "U"), seed=0)  # more labeled than unlabeled persons
     assert len(flipped) == 30 and [flipped[i]["labeled"][1] for i in range(30)] == list(range(30))
+    assert [flipped[i]["unlabeled"][2] for i in range(30)] == [(i, 1) for i in range(30)]
+
+
+def test_a_labeled_person_drawn_twice_in_an_epoch_gets_fresh_crops(tmp_path):
+    """Two pair items that share a labeled person in one epoch give different crops (the official code draws
+    fresh augmentation at every __getitem__); the same item is the same crop in a rebuilt dataset (a run is
+    deterministic and resumable), and another epoch gives another crop."""
+    root = make_demo(str(tmp_path / "demo"), seed=1, n_train=6, n_val=1)
+    args = mrpose.get_args(["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+                            "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
+                            "--val-images", f"{root}/val2017", "--input-size", "32", "48", "--labeled", "2",
+                            "--semi", "dual", "--pretrained", "none"])
+    train, _, info = build_data(args, train=True)
+
+    def paired(epoch=0):
+        p = PairedDataset(train, build_unlabeled(args, train, info), args.seed)
+        p.set_epoch(epoch)
+        return p
+
+    data = paired()
+    i1, i2 = next((a, b) for a in range(len(data)) for b in range(a + 1, len(data)) if data.drawn[a] == data.drawn[b])
+    a, b = data[i1]["labeled"], data[i2]["labeled"]
+    assert a["index"] == b["index"]
+    assert not torch.equal(a["image"], b["image"]) and not torch.equal(a["joints"], b["joints"])
+    again = paired()[i1]["labeled"]
+    assert torch.equal(again["image"], a["image"]) and torch.equal(again["joints"], a["joints"])
+    later = paired(1)
+    same_person = next(i for i in range(len(later)) if later.drawn[i] == data.drawn[i1])
+    assert not torch.equal(later[same_person]["labeled"]["joints"], a["joints"])
 
 
 def person(ann_id, image_id, kps=True, crowd=0, x=10):
