@@ -81,15 +81,24 @@ def parse_labeled(text):
 
 
 def split_labeled(records, n, seed, order="random"):
-    """Few-label protocols count persons ("samples"): N persons (or a fraction of them), the first N in
-    the annotation file's order (`first`: the official subsets of Xie et al., no seed) or drawn with a
-    seeded permutation (`random`: MSCL's "randomly select"). Returns (labeled, the other persons)."""
-    n = round(n * len(records)) if isinstance(n, float) else n
-    if n > len(records):
-        raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
-    chosen = np.arange(n) if order == "first" else np.random.default_rng(seed).permutation(len(records))[:n]
-    labeled = np.zeros(len(records), bool)
-    labeled[chosen] = True
+    """Few-label protocols: N persons (or a fraction of them), the first N in the annotation file's order
+    (`first`: the official subsets of Xie et al., no seed) or drawn with a seeded permutation (`random`);
+    or (`images`) every person of N images (or a fraction of them) drawn with a seeded permutation, MSCL's
+    text ("randomly select 1K, 5K, and 10K samples ... as labeled images"). Returns (labeled, the other persons)."""
+    rng = np.random.default_rng(seed)
+    if order == "images":  # an image is its file: MPII's records carry one image_id per person
+        images = list(dict.fromkeys(r["image"] for r in records))
+        n = round(n * len(images)) if isinstance(n, float) else n
+        if n > len(images):
+            raise UserError(f"--labeled {n}: only {len(images)} training images have a person with labeled joints")
+        chosen = {images[k] for k in rng.permutation(len(images))[:n]}
+        labeled = np.array([r["image"] in chosen for r in records], bool)
+    else:
+        n = round(n * len(records)) if isinstance(n, float) else n
+        if n > len(records):
+            raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
+        labeled = np.zeros(len(records), bool)
+        labeled[np.arange(n) if order == "first" else rng.permutation(len(records))[:n]] = True
     return [r for r, k in zip(records, labeled) if k], [r for r, k in zip(records, labeled) if not k]
 
 
@@ -143,7 +152,8 @@ def build_data(args, train):
         order = getattr(args, "labeled_order", "random")
         train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed, order)
         if dist.is_main():
-            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons; "
+            images = len({r["image"] for r in train_records})
+            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons of {images} images; "
                   f"{len(info['unlabeled'])} persons left unlabeled")
     if train and not train_records:
         raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
