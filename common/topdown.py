@@ -248,8 +248,7 @@ def from_official_names(model, state):
     """A state_dict of a released model -> our names, or None if `state` is already in the model's own names.
     Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
     `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where their
-    top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its names are ours).
-    BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
+    top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its names are ours)."""
     own = model.state_dict()
     table = getattr(type(model), "OFFICIAL_KEYS", {})
     prefix = getattr(type(model), "OFFICIAL_RESNET_PREFIX", "backbone.")
