@@ -91,9 +91,11 @@ def get_args(argv=None):
     p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
     p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
     p.add_argument("--det-thresh", type=float, default=0.0, help="box score threshold for --det-json")
-    p.add_argument("--labeled", type=parse_labeled, default=None, help="train on N persons, or P%% of them (few-label)")
-    p.add_argument("--labeled-order", default="random", choices=["first", "random"],
-                   help="--labeled takes the first N persons of the annotation file (official subsets) or a seeded draw")
+    p.add_argument("--labeled", type=parse_labeled, default=None,
+                   help="train on N persons, or P%% of them (few-label; images with --labeled-order images)")
+    p.add_argument("--labeled-order", default="random", choices=["first", "random", "images"],
+                   help="--labeled takes the first N persons of the annotation file (official subsets), a seeded draw "
+                        "of N persons, or every person of N seeded-drawn images (images: MSCL's text)")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="network input width and height (default: the --data preset)")
     p.add_argument("--head-channels", type=int, default=None, help="deconv width C of SimpleBaseline/MRHeatNet (paper: 256)")
@@ -111,6 +113,9 @@ def get_args(argv=None):
     p.add_argument("--unlabeled-images", default=None, help="image folder of --unlabeled-ann")
     p.add_argument("--joint-cutout", type=int, default=0, help="Joint Cutout boxes per hard view (official MPII+AIC: 5)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
+    p.add_argument("--weights2", default=None, help="--semi dual: network 2's start (--weights is network 1's)")
+    p.add_argument("--hard-rot-factor", type=float, default=None,
+                   help="--semi dual|cons: the hard view's rotation N(0, rf) clipped to ±2rf, p 0.8 (default: --rot-factor)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
                    help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
@@ -156,6 +161,8 @@ def get_args(argv=None):
         args.pretrained = "none"  # the weights come from a checkpoint (or are not needed): nothing to download
     apply_presets(args, PRESETS[args.data])
     args.semi = None if args.semi == "none" else args.semi
+    if args.weights2 and args.semi != "dual":
+        raise UserError("--weights2: network 2 exists only under --semi dual")
     if args.protocol == "mscl-mpii" and args.semi and not args.unlabeled_ann:
         raise UserError("--protocol mscl-mpii: the unlabeled set is AI Challenger train (--unlabeled-ann, "
                         "--unlabeled-images); --semi none trains the supervised-only row")
@@ -310,6 +317,8 @@ def main():
     # --semi: a wrapper that trains `model` (network 1, the reported one) with network 2 or a frozen teacher
     semi_model = build_semi(args.semi, model, lambda: build_model(args)[0], args, args.teacher) \
         if args.semi and not args.eval_only else None
+    if args.weights2 and semi_model:  # e.g. a supervised run with another seed: two trained networks that differ
+        load_weights(semi_model.nets[1], args.weights2)
     trained = semi_model or model
     trained.to(device)
     if args.channels_last:

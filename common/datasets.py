@@ -205,8 +205,9 @@ class TopDownDataset(torch.utils.data.Dataset):
 
     Training augmentation (SimpleBaseline/HRNet): half-body, scale, rotation, flip. The random draws
     of sample `i` in epoch `e` come from a generator seeded with (seed, e, i), so a run is the same
-    whatever the number of workers and after a resume. Heatmap targets are built per batch on the
-    training device (common.heatmap.gaussian_targets), not here."""
+    whatever the number of workers and after a resume; `dataset[i, key]` draws from (seed, e, *key)
+    instead, for a caller that reads one sample several times an epoch (common.semi.PairedDataset).
+    Heatmap targets are built per batch on the training device (common.heatmap.gaussian_targets)."""
 
     def __init__(self, records, input_size, flip_pairs, upper_ids, train=False, scale_factor=0.35,
                  rot_factor=30.0, flip=True, half_body_prob=0.0, half_body_min_joints=8, seed=0):
@@ -227,13 +228,15 @@ class TopDownDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
+        # i, or (i, key): the draws come from (seed, epoch, key), key = i by default (PairedDataset gives its own)
+        i, key = i if isinstance(i, tuple) else (i, (i,))
         r = self.records[i]
         center, scale, rot, flip = r["center"], r["scale"], 0.0, False
         joints, visible = r["joints"], r["visible"]
         # the raw COCO flag (2 visible, 1 occluded, 0 unlabeled); readers without one: labeled = visible
         vis_flag = r.get("vis_flag", 2 * visible)
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, self.epoch, *key])
             if (visible > 0).sum() > self.half_body_min_joints and rng.random() < self.half_body_prob:
                 half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio, rng)
                 if half is not None:

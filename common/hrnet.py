@@ -83,6 +83,9 @@ class PoseHighResolutionNet(nn.Module):
     `forward(x, return_stage3=True)` also returns the stage-3 outputs [1/4, 1/8, 1/16] with widths
     `self.stage3_channels` (= [C, 2C, 4C]); one call, so DDP sees a single forward."""
 
+    # the released pose_hrnet models' names are ours (common.topdown.from_official_names: nothing to rename)
+    OFFICIAL_KEYS, OFFICIAL_RESNET_PREFIX = {}, ""
+
     def __init__(self, width=32, num_joints=17):
         super().__init__()
         c = [width, 2 * width, 4 * width, 8 * width]

@@ -50,7 +50,10 @@ from common.utils import UserError
 class PairedDataset(torch.utils.data.Dataset):
     """Item i = {"labeled": crop, "unlabeled": crop}. An epoch walks the larger set once (the unlabeled
     one in the papers' settings) and pairs each of its crops with one of the other set drawn uniformly
-    with replacement, redrawn every epoch (official: mix_coco_coco.py's np.random.choice(|L|, |U|))."""
+    with replacement, redrawn every epoch (official: mix_coco_coco.py's np.random.choice(|L|, |U|)).
+    Each crop's augmentation is drawn from its own key (epoch, pair index i, side), so a person drawn
+    several times in an epoch gets a fresh crop each time, as the official code's fresh draw at every
+    __getitem__, while a run stays deterministic and resumable."""
 
     def __init__(self, labeled, unlabeled, seed=0):
         self.labeled, self.unlabeled, self.seed = labeled, unlabeled, seed
@@ -68,7 +71,8 @@ class PairedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         j = int(self.drawn[i])
         walk_unlabeled = len(self.unlabeled) >= len(self.labeled)
-        return {"labeled": self.labeled[j if walk_unlabeled else i], "unlabeled": self.unlabeled[i if walk_unlabeled else j]}
+        return {"labeled": self.labeled[j if walk_unlabeled else i, (i, 0)],
+                "unlabeled": self.unlabeled[i if walk_unlabeled else j, (i, 1)]}
 
 
 def read_unlabeled(ann_file, image_dir, aspect_ratio):
@@ -154,25 +158,26 @@ def hard_points(points, theta, size):
 
 
 def argmax_joints(heatmaps):
-    """Integer argmax (x, y) per channel in heatmap pixels; 0 where the peak is not positive (HRNet's
-    get_max_preds, which Joint Cutout uses: no quarter offset)."""
+    """Integer argmax (x, y) per channel in heatmap pixels, whatever the peak's value: the official
+    get_max_preds_tensor that Joint Cutout uses (no quarter offset, and unlike HRNet's get_max_preds no
+    zeroing of non-positive peaks)."""
     b, k, h, w = heatmaps.shape
-    maxval, idx = heatmaps.reshape(b, k, -1).max(-1)
-    xy = torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
-    return xy * (maxval > 0)[..., None]
+    idx = heatmaps.reshape(b, k, -1).argmax(-1)
+    return torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
 
 
 def cutout_draw(rng, n, boxes, num_joints, input_height):
-    """Random part of Joint Cutout (pose_dual.py mask_joint): `boxes` joints per image drawn with
-    replacement, N(0, 10²) px jitter of each centre, half-sizes uniform in {10..19} px per axis. Pixel
-    sizes are the official ones for 256-row inputs, scaled with the input height otherwise.
+    """Random part of Joint Cutout (pose_dual.py mask_joint): N(0, 10²) px jitter of each joint's centre and
+    half-sizes uniform in {10..19} px per axis, one box per joint, then `boxes` joints per image drawn with
+    replacement (a joint drawn twice is one box, as official). Pixel sizes are the official ones for
+    256-row inputs, scaled with the input height otherwise.
     Deviation (a fix): the official draws from the 24 channels of its joint union, several of which do
     not exist for the dataset (their argmax is (0, 0), so those boxes land in the corner); we draw from
     the dataset's own joints."""
     f = input_height / 256
-    return {"joint": torch.from_numpy(rng.integers(0, num_joints, (n, boxes))),
-            "jitter": torch.from_numpy(rng.standard_normal((n, boxes, 2)) * 10 * f).float(),
-            "half": torch.from_numpy(np.round(rng.integers(10, 20, (n, boxes, 2)) * f)).float()}
+    return {"jitter": torch.from_numpy(rng.standard_normal((n, num_joints, 2)) * 10 * f).float(),
+            "half": torch.from_numpy(np.round(rng.integers(10, 20, (n, num_joints, 2)) * f)).float(),
+            "joint": torch.from_numpy(rng.integers(0, num_joints, (n, boxes)))}
 
 
 def joint_cutout(x, joints, draw):
@@ -181,9 +186,10 @@ def joint_cutout(x, joints, draw):
     centre (official `.int()`), clipped to the image. Deviation (a fix): the official clamp swaps width
     and height, so no box reached the bottom rows of a 192x256 crop (y clamped to 192)."""
     b, _, h, w = x.shape
-    centre = torch.gather(joints, 1, draw["joint"].to(x.device)[..., None].expand(-1, -1, 2))
-    centre = torch.trunc(centre + draw["jitter"].to(x.device))
+    centre = torch.trunc(joints + draw["jitter"].to(x.device))
     lo, hi = centre - draw["half"].to(x.device), centre + draw["half"].to(x.device)
+    chosen = draw["joint"].to(x.device)[..., None].expand(-1, -1, 2)
+    lo, hi = torch.gather(lo, 1, chosen), torch.gather(hi, 1, chosen)  # (B, boxes, 2)
     cols, rows = torch.arange(w, device=x.device), torch.arange(h, device=x.device)
     in_x = (cols >= lo[..., 0:1]) & (cols < hi[..., 0:1])  # (B, n, w)
     in_y = (rows >= lo[..., 1:2]) & (rows < hi[..., 1:2])  # (B, n, h)
@@ -333,11 +339,13 @@ def build_semi(mode, net1, make_net, args, teacher_path=None, labeled=None):
     make_net() builds another network of the same architecture (network 2, or the teacher, whose
     weights come from the checkpoint `teacher_path`). labeled(trained networks) -> one module per
     network for its labeled pass, returning (heatmaps, extra) (optional; ICON's projection heads).
-    Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor (the hard view's law is
-    the easy view's, as official), joint_cutout and channels_last."""
+    Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor, hard_rot_factor (optional:
+    the hard view's rotation factor; default rot_factor, as the official configs' one ROT_FACTOR for both
+    views), joint_cutout and channels_last."""
+    hard_rot = getattr(args, "hard_rot_factor", None)
     common = dict(input_size=args.input_size, heatmap_size=args.heatmap_size, num_joints=args.num_joints,
-                  scale_factor=args.scale_factor, rot_factor=args.rot_factor, cutout=args.joint_cutout,
-                  channels_last=args.channels_last)
+                  scale_factor=args.scale_factor, rot_factor=args.rot_factor if hard_rot is None else hard_rot,
+                  cutout=args.joint_cutout, channels_last=args.channels_last)
     if mode in ("dual", "cons"):
         semi = ConsistencyTraining(net1, make_net() if mode == "dual" else None, **common)
     else:

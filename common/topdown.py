@@ -81,15 +81,24 @@ def parse_labeled(text):
 
 
 def split_labeled(records, n, seed, order="random"):
-    """Few-label protocols count persons ("samples"): N persons (or a fraction of them), the first N in
-    the annotation file's order (`first`: the official subsets of Xie et al., no seed) or drawn with a
-    seeded permutation (`random`: MSCL's "randomly select"). Returns (labeled, the other persons)."""
-    n = round(n * len(records)) if isinstance(n, float) else n
-    if n > len(records):
-        raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
-    chosen = np.arange(n) if order == "first" else np.random.default_rng(seed).permutation(len(records))[:n]
-    labeled = np.zeros(len(records), bool)
-    labeled[chosen] = True
+    """Few-label protocols: N persons (or a fraction of them), the first N in the annotation file's order
+    (`first`: the official subsets of Xie et al., no seed) or drawn with a seeded permutation (`random`);
+    or (`images`) every person of N images (or a fraction of them) drawn with a seeded permutation, MSCL's
+    text ("randomly select 1K, 5K, and 10K samples ... as labeled images"). Returns (labeled, the other persons)."""
+    rng = np.random.default_rng(seed)
+    if order == "images":  # an image is its file: MPII's records carry one image_id per person
+        images = list(dict.fromkeys(r["image"] for r in records))
+        n = round(n * len(images)) if isinstance(n, float) else n
+        if n > len(images):
+            raise UserError(f"--labeled {n}: only {len(images)} training images have a person with labeled joints")
+        chosen = {images[k] for k in rng.permutation(len(images))[:n]}
+        labeled = np.array([r["image"] in chosen for r in records], bool)
+    else:
+        n = round(n * len(records)) if isinstance(n, float) else n
+        if n > len(records):
+            raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
+        labeled = np.zeros(len(records), bool)
+        labeled[np.arange(n) if order == "first" else rng.permutation(len(records))[:n]] = True
     return [r for r, k in zip(records, labeled) if k], [r for r, k in zip(records, labeled) if not k]
 
 
@@ -143,7 +152,8 @@ def build_data(args, train):
         order = getattr(args, "labeled_order", "random")
         train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed, order)
         if dist.is_main():
-            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons; "
+            images = len({r["image"] for r in train_records})
+            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons of {images} images; "
                   f"{len(info['unlabeled'])} persons left unlabeled")
     if train and not train_records:
         raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
@@ -235,30 +245,36 @@ RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def from_official_names(model, state):
-    """A state_dict of the released SimpleBaseline (pose_resnet_*) / SimMRPose models -> our names, or None if
-    `state` is not in their names: their ResNet sits at the top level, their head names map through the model
-    class's OFFICIAL_KEYS. BatchNorm counters that checkpoints of PyTorch < 0.4.1 lack are taken from `model`."""
-    if not any(k.startswith("layer1.") for k in state):
-        return None
+    """A state_dict of a released model -> our names, or None if `state` is already in the model's own names.
+    Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
+    `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where their
+    top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its names are ours)."""
+    own = model.state_dict()
     table = getattr(type(model), "OFFICIAL_KEYS", {})
+    prefix = getattr(type(model), "OFFICIAL_RESNET_PREFIX", "backbone.")
+    if all(k in own for k in state) or not any(k.startswith("layer1.") for k in state) or (not table and not prefix):
+        return None
     renamed = {}
     for k, v in state.items():
         if k.startswith(RESNET_KEYS):
-            k = "backbone." + k
+            k = prefix + k
         else:
             k = next((new + k[len(old):] for old, new in table.items() if k.startswith(old)), k)
         renamed[k] = v
-    for k, v in model.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            renamed.setdefault(k, v)
     return renamed
 
 
+def fill_bn_counters(model, state):
+    """`state` with the BatchNorm counters it lacks taken from `model` (saved by PyTorch < 0.4.1)."""
+    return {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
+
+
 def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channels/--data"):
-    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose model in
-    the official names; `state` if already loaded from `path`); a clear error if they don't fit. Returns True
-    when the names were the official ones (those models were trained on BGR input, see --bgr). `flags`: the
-    script's model flags, named in the error."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose/HRNet
+    model; `state` if already loaded from `path`); a clear error if they don't fit. Returns True when the names
+    had to be renamed from the official ones: SimpleBaseline/SimMRPose models, trained on BGR input (see --bgr);
+    the released HRNet models load under our names and were trained on RGB (COLOR_RGB in their configs).
+    `flags`: the script's model flags, named in the error."""
     state = load_checkpoint(path) if state is None else state
     for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -268,7 +284,7 @@ def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channe
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     official = from_official_names(model, state)
-    state = state if official is None else official
+    state = fill_bn_counters(model, state if official is None else official)
     own = model.state_dict()
     wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if wrong:

@@ -1,12 +1,16 @@
 """common/hrnet.py: the official pose_hrnet's structure, key names and counts, the stage-3 tap,
 training under channels_last + autocast, and loading pretrained weights."""
 import hashlib
+import json
 
 import pytest
 import torch
 
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
+from common.topdown import load_weights
 from common.utils import UserError
+from data.demo import make_demo
+from helpers import run_script
 
 
 def meta_net(width=32, num_joints=17):
@@ -138,3 +142,42 @@ def test_load_errors(tmp_path):
         load_hrnet_pretrained(net, str(tmp_path / "junk.pth"))
     with pytest.raises(UserError, match="absent.pth: pretrained HRNet file not found"):
         load_hrnet_pretrained(net, str(tmp_path / "absent.pth"))
+
+
+def test_released_pose_hrnet_names_load_and_give_identical_outputs(tmp_path):
+    """A pose_hrnet_w32_256x192.pth as released: a DataParallel dump in the official names (ours), 'module.'
+    prefix, without BatchNorm counters. It loads whole (no key renamed into a backbone, as a SimpleBaseline's
+    top-level ResNet keys are) and the network computes what the source network computes."""
+    src = randomized(PoseHighResolutionNet(32), 3).eval()
+    state = {"module." + k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "pose_hrnet_w32_256x192.pth")
+    dst = PoseHighResolutionNet(32)
+    assert load_weights(dst, str(tmp_path / "pose_hrnet_w32_256x192.pth")) is False  # not renamed: RGB input
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.equal(dst.eval()(x), src(x))
+    state["module.classifier.weight"] = torch.ones(1000, 2048)  # not a pose network: refused, nothing renamed
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"other\.pth: does not fit this model \(1 tensors differ, e\.g\. classifier"):
+        load_weights(dst, str(tmp_path / "other.pth"))
+
+
+def test_hrnet_run_resumes_and_trains_on(tmp_path):
+    """icon.py --backbone hrnet_w32 saves a checkpoint that --resume reads back (common.topdown.load_weights, the
+    path of --weights, --teacher and --eval-only too), and training goes on from its iteration."""
+    root = make_demo(str(tmp_path / "demo"), seed=1, n_train=8, n_val=2)
+    out = tmp_path / "run"
+    flags = ["--data", "demo", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+             "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
+             "--val-images", f"{root}/val2017", "--backbone", "hrnet_w32", "--input-size", "32", "64",
+             "--batch-size", "4", "--workers", "0", "--no-flip-test", "--lambda-p", "0", "--lr-steps", "9",
+             "--out", out]
+    run_script("icon.py", flags + ["--iters", "2"])
+    first = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    p = run_script("icon.py", flags + ["--iters", "4", "--resume"])
+    assert "resumed from" in p.stdout and "iteration 2" in p.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in log] == [2, 4]
+    last = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert last["iteration"] == 4
+    assert any(not torch.equal(v, first["model"][k]) for k, v in last["model"].items() if v.is_floating_point())

@@ -16,7 +16,7 @@ from common.semi import (ConsistencyTraining, PairedDataset, PseudoLabelTraining
 from common.topdown import build_data
 from common.utils import UserError
 from data.demo import make_demo
-from helpers import SHARED, run_script
+from helpers import SHARED, assert_one_line_error, run_script
 
 INPUT, HEATMAP = (192, 256), (48, 64)  # (w, h), the COCO setting of Xie et al.
 
@@ -188,6 +188,23 @@ def test_joint_cutout_boxes():
     assert cutout_draw(np.random.default_rng(0), 2000, 5, 17, 128)["half"].max() <= 10
 
 
+def test_argmax_and_cutout_follow_the_official_code():
+    """argmax_joints is get_max_preds_tensor: the argmax even where the peak is not positive (HRNet's
+    get_max_preds would give (0, 0)); mask_joint draws jitter and size per joint, so a joint drawn twice
+    cuts one box, not two."""
+    heat = torch.full((1, 2, 12, 8), -1.0)
+    heat[0, 0, 7, 5], heat[0, 1, 3, 2] = -0.5, 0.8
+    assert torch.equal(argmax_joints(heat), torch.tensor([[[5.0, 7.0], [2.0, 3.0]]]))
+    x = torch.ones(1, 3, INPUT[1], INPUT[0])
+    joints = torch.tensor([[[96.0, 128.0], [40.0, 60.0]]])
+    for seed in range(5):
+        draw = cutout_draw(np.random.default_rng(seed), 1, 2, 2, INPUT[1])
+        assert draw["jitter"].shape == draw["half"].shape == (1, 2, 2)  # one box per joint
+        draw["joint"] = torch.tensor([[0, 0]])
+        holes = (joint_cutout(x, joints, draw)[0, 0] == 0).sum()
+        assert holes == 4 * draw["half"][0, 0].prod()  # one box: 2·half_x by 2·half_y, inside the image
+
+
 def test_cutout_is_at_the_other_networks_joints_before_the_warp():
     size, hm = (64, 96), (16, 24)
     net1, net2 = Peaks([(3, 4)], hm), Peaks([(10, 20)], hm)
@@ -208,6 +225,23 @@ def test_cutout_is_at_the_other_networks_joints_before_the_warp():
     dark = torch.nonzero((moved[0, 0] < 0.5) & inside).float().mean(0)
     assert (dark.flip(0) - centre).norm() < 1.0
     assert torch.equal(argmax_joints(net2(x)), torch.tensor([[[10.0, 20.0]]]))
+
+
+def test_hard_rot_factor_rotates_the_hard_view_alone():
+    """--hard-rot-factor: the hard view's rotation factor (p 0.8); by default the dataset's --rot-factor (the
+    official configs' one ROT_FACTOR), so the demo preset's unrotated easy view also had no rotated hard view."""
+    def rotations(flags):
+        args = mrpose.get_args(["--data", "demo", "--semi", "dual"] + flags)
+        semi = build_semi("dual", Tiny(seed=1), lambda: Tiny(seed=2), args)
+        theta = semi.draw_view(np.random.default_rng(0), 4000)["theta"]
+        return args, torch.rad2deg(torch.atan2(theta[:, 0, 1], theta[:, 0, 0]))
+
+    args, r = rotations([])
+    assert args.rot_factor == 0 and r.abs().max() == 0
+    args, r = rotations(["--hard-rot-factor", "30"])
+    assert args.rot_factor == 0  # the easy view (the dataset's augmentation) stays unrotated
+    assert abs((r.abs() > 1e-6).float().mean() - 0.8) < 0.03 and r.abs().max() <= 60 + 1e-4
+    assert abs(r[r.abs() > 1e-6].abs().median() - 30 * 0.6745) < 1.5  # the median of |N(0, 30)|
 
 
 def test_pseudo_label_mask_and_loss():
@@ -255,22 +289,52 @@ class Items(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return (self.tag, i)
+        return (self.tag, *i)  # (tag, index, augmentation key)
 
 
 def test_paired_dataset_walks_the_unlabeled_set_and_draws_labeled_with_replacement():
     paired = PairedDataset(Items(10, "L"), Items(1000, "U"), seed=0)
     assert len(paired) == 1000
     items = [paired[i] for i in range(1000)]
-    assert [it["unlabeled"] for it in items] == [("U", i) for i in range(1000)]
+    assert [it["unlabeled"] for it in items] == [("U", i, (i, 1)) for i in range(1000)]
     drawn = [it["labeled"][1] for it in items]
     assert set(drawn) == set(range(10))  # with replacement, uniform
+    assert [it["labeled"][2] for it in items] == [(i, 0) for i in range(1000)]  # each draw its own augmentation
     paired.set_epoch(1)
     again = [paired[i]["labeled"][1] for i in range(1000)]
     assert again != drawn and paired.labeled.epoch == paired.unlabeled.epoch == 1
     assert [PairedDataset(Items(10, "L"), Items(1000, "U"), seed=0)[i]["labeled"][1] for i in range(1000)] == drawn
     flipped = PairedDataset(Items(30, "L"), Items(3, "U"), seed=0)  # more labeled than unlabeled persons
     assert len(flipped) == 30 and [flipped[i]["labeled"][1] for i in range(30)] == list(range(30))
+    assert [flipped[i]["unlabeled"][2] for i in range(30)] == [(i, 1) for i in range(30)]
+
+
+def test_a_labeled_person_drawn_twice_in_an_epoch_gets_fresh_crops(tmp_path):
+    """Two pair items that share a labeled person in one epoch give different crops (the official code draws
+    fresh augmentation at every __getitem__); the same item is the same crop in a rebuilt dataset (a run is
+    deterministic and resumable), and another epoch gives another crop."""
+    root = make_demo(str(tmp_path / "demo"), seed=1, n_train=6, n_val=1)
+    args = mrpose.get_args(["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+                            "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
+                            "--val-images", f"{root}/val2017", "--input-size", "32", "48", "--labeled", "2",
+                            "--semi", "dual", "--pretrained", "none"])
+    train, _, info = build_data(args, train=True)
+
+    def paired(epoch=0):
+        p = PairedDataset(train, build_unlabeled(args, train, info), args.seed)
+        p.set_epoch(epoch)
+        return p
+
+    data = paired()
+    i1, i2 = next((a, b) for a in range(len(data)) for b in range(a + 1, len(data)) if data.drawn[a] == data.drawn[b])
+    a, b = data[i1]["labeled"], data[i2]["labeled"]
+    assert a["index"] == b["index"]
+    assert not torch.equal(a["image"], b["image"]) and not torch.equal(a["joints"], b["joints"])
+    again = paired()[i1]["labeled"]
+    assert torch.equal(again["image"], a["image"]) and torch.equal(again["joints"], a["joints"])
+    later = paired(1)
+    same_person = next(i for i in range(len(later)) if later.drawn[i] == data.drawn[i1])
+    assert not torch.equal(later[same_person]["labeled"]["joints"], a["joints"])
 
 
 def person(ann_id, image_id, kps=True, crowd=0, x=10):
@@ -319,6 +383,27 @@ def test_first_n_persons_in_file_order(unsorted_json):
     assert annotation_keys(build_unlabeled(args, train, info).records) == annotation_keys(info["unlabeled"])
 
 
+def test_labeled_images_label_every_person_of_n_random_images(unsorted_json):
+    """--labeled-order images (MSCL's text): N images drawn with the seed, all their persons labeled, every
+    person of the other images unlabeled (--unlabeled rest: the paper's "remaining samples")."""
+    flags = [str(f) for f in unsorted_json] + ["--labeled-order", "images", "--semi", "dual", "--unlabeled", "rest"]
+    per_image = {30: 2, 10: 2, 20: 2}  # trainable persons per image (unsorted_json)
+    seen = set()
+    for seed in range(6):
+        args = mrpose.get_args(flags + ["--labeled", "2", "--seed", str(seed)])
+        train, _, info = build_data(args, train=True)
+        labeled = {r["image_id"] for r in train.records}
+        assert len(labeled) == 2 and len(train.records) == sum(per_image[i] for i in labeled)
+        assert not labeled & {r["image_id"] for r in info["unlabeled"]} and len(info["unlabeled"]) == 2
+        assert len(build_unlabeled(args, train, info)) == 2
+        seen.add(frozenset(labeled))
+    assert len(seen) > 1  # drawn, not the first images of the file
+    args = mrpose.get_args(flags + ["--labeled", "34%"])  # a share of the images: 1 of 3
+    assert len({r["image_id"] for r in build_data(args, train=True)[0].records}) == 1
+    with pytest.raises(UserError, match="only 3 training images"):
+        build_data(mrpose.get_args(flags + ["--labeled", "4"]), train=True)
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 def test_mscl_mpii_protocol_mpii_labeled_aic_unlabeled():
     """MPII + AIC: MPII persons labeled, AI Challenger persons (boxes only) unlabeled, paired 1:1."""
@@ -361,3 +446,16 @@ def test_semi_dual_end_to_end(tmp_path):
     run_script("mrpose.py", flags + ["--iters", "6", "--resume"])
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iteration"] == 6
     run_script("mrpose.py", [f for f in flags if f not in ("--semi", "dual")] + ["--iters", "8", "--resume"], expect=2)
+    # --weights2 starts network 2 (--weights network 1): swapped here, and lr 0 keeps the parameters as loaded
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    torch.save({"model": ckpt["model"]}, tmp_path / "net1.pth")
+    torch.save({"model": ckpt["model2"]}, tmp_path / "net2.pth")
+    swapped = tmp_path / "swapped"
+    run_script("mrpose.py", flags[:-1] + [swapped, "--iters", "1", "--lr", "0", "--weights", tmp_path / "net2.pth",
+                                          "--weights2", tmp_path / "net1.pth"])
+    got = torch.load(swapped / "checkpoint.pth", map_location="cpu", weights_only=True)
+    params = [k for k in ckpt["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(got["model"][k], ckpt["model2"][k]) and torch.equal(got["model2"][k], ckpt["model"][k])
+               for k in params)
+    p = run_script("mrpose.py", flags[:-1] + [swapped, "--semi", "none", "--weights2", tmp_path / "net1.pth"], expect=2)
+    assert_one_line_error(p, "--weights2", "--semi dual")
