@@ -77,7 +77,7 @@ def test_icon_checkpoint_error_names_icons_flags(tmp_path, monkeypatch):
 def test_liftedcl_data_without_root_says_which_flag(monkeypatch):
     for data in ("imagenet", "coco"):
         with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images DIR$"):
-            run_main_of(liftedcl, ["--data", data], monkeypatch)
+            run_main_of(liftedcl, ["--data", data, "--pretrained", "none"], monkeypatch)
 
 
 def test_empty_image_folder(tmp_path):

@@ -426,7 +426,10 @@ def test_torchrun_two_ranks_average_gradients_of_different_samples(images, tmp_p
     moved = 0
     for name, q in model.named_parameters():
         step, expect = ckpt["model"][name] - init[name], q.detach() - init[name]
-        torch.testing.assert_close(step, expect, rtol=1e-3, atol=1e-8, msg=name)
+        # the ranks run one thread each, this process two: sums differ in their last bits, and a step is read
+        # back as a difference of parameters (a BatchNorm weight of 1 holds steps to its float32 spacing)
+        tol = 1e-3 * expect.abs().max().item() + 2 * torch.finfo(torch.float32).eps * init[name].abs().max().item()
+        torch.testing.assert_close(step, expect, rtol=1e-3, atol=tol, msg=name)
         moved += bool(expect.abs().sum() > 0)
     assert moved > 100
 
