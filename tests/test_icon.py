@@ -244,6 +244,9 @@ def test_positives_never_come_from_the_same_person():
     _, used = icon.contrast_term(feats, valid, None, **contrast_args(), person=person)
     _, used_apart = icon.contrast_term(feats, valid, None, **contrast_args())
     assert used == 4 and used_apart == 5
+    hard = dict(contrast_args(sampling="hard"), num_query_classes=1)  # class 4 the hardest: not a query class
+    _, used = icon.contrast_term(feats, valid, torch.tensor([0.1, 0.2, 0.3, 0.4, 9.0]), **hard, person=person)
+    assert used == 1
 
 
 def test_prcc_random_counts_cover_the_reachable_range_uniformly():
