@@ -94,8 +94,9 @@ def get_args(argv=None):
     p.add_argument("--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
                    help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet)")
     p.add_argument("--pretrained", default=None,
-                   help="ResNet: 'torchvision' (ImageNet, downloads; the coco/mpii/crowdpose default), a backbone .pth "
-                        "or 'none' (scratch, the demo's); HRNet: hrnet_w32-36af842e.pth (needed on coco/mpii/crowdpose) or 'none'")
+                   help="ResNet: 'torchvision' (ImageNet, downloads; the coco/mpii/crowdpose default), a backbone "
+                        ".pth or 'none' (scratch, the demo's); HRNet: hrnet_w32-36af842e.pth (coco/mpii/crowdpose ask "
+                        "for it) or 'none'")
     p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256)")
     # ICON (§Method, §Implementation Details)
     p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0 trains the baseline alone")
@@ -118,7 +119,8 @@ def get_args(argv=None):
                    help="a joint's pixels: where its Gaussian target is >= this (1: the joint's pixel alone)")
     p.add_argument("--visible-flag", type=int, default=2, choices=[1, 2],
                    help="lowest raw visibility flag counted as visible (contrast, --recall, embeddings); "
-                        "2: visible only, 1: occluded too (CrowdPose head/neck: always from 1; MPII: every labeled joint)")
+                        "2: visible only, 1: occluded too (CrowdPose head/neck always from 1; MPII: every labeled "
+                        "joint)")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS))
     p.add_argument("--data-root", default=None)
@@ -140,7 +142,8 @@ def get_args(argv=None):
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
     p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: Joint Cutout boxes per hard view")
     p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
-                   help="--semi: the contrast's persons: labeled and unlabeled crops (pseudo-labeled joints) or labeled only")
+                   help="--semi: the contrast's persons: labeled and unlabeled crops (pseudo-labeled joints) or "
+                        "the labeled ones only")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
     # augmentation
@@ -801,7 +804,8 @@ def main():
               f"= {total_iters} iterations on {world} x {device}; "
               + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), {args.sampling} sampling, "
                  f"{args.contrast}-image" if head else "baseline (λp = 0)")
-              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model else ""))
+              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model else "")
+              + (f", contrast on {args.contrast_crops} crops" if semi_model and head else ""))
 
     names = SEMI_TERMS if semi_model else ["loss", "mse", "skcc", "prcc"]
     for epoch in range(start_epoch, epochs):
