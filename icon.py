@@ -11,11 +11,11 @@ file: arguments, data, model, loss, DDP training, evaluation.
 
     python icon.py --data demo                                                 # laptop CPU, minutes
     python icon.py --data demo --lambda-p 0                                    # the baseline, same schedule
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone resnet50 \\
-        --pretrained torchvision                                               # Table 3, SBN + ICON
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco     # Table 3, SBN-R50 + ICON (ImageNet)
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \\
         --pretrained hrnet_w32-36af842e.pth                                    # Table 3, HRNet-W32 + ICON
-    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose   # Table 2
+    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose \\
+        --det-json DETECTIONS.json            # Table 2: CrowdPose test, SBN-R50 + ICON, on person detections
     python icon.py --data demo --labeled 10% --semi dual                       # Table 4, SSPose + ICON
 """
 import argparse
@@ -75,6 +75,7 @@ PRESETS = {
 JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS, "crowdpose": CROWDPOSE_JOINTS}
 HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
 MODEL_FLAGS = "--backbone/--head-channels/--data"  # the flags a checkpoint must match, named in its error
+HRNET_IMAGENET = {"hrnet_w32": "hrnet_w32-36af842e.pth", "hrnet_w48": "hrnet_w48-8ef0771d.pth"}  # HRNet's release
 # Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8 limb
 # bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for these,
 # so only they are built (a pair with M = 0 would be the zero vector)
@@ -84,8 +85,10 @@ LIMB_PAIRS = {
     "mpii": [(13, 14), (14, 15), (12, 11), (11, 10), (3, 4), (4, 5), (2, 1), (1, 0)],
     "crowdpose": [(0, 2), (2, 4), (1, 3), (3, 5), (6, 8), (8, 10), (7, 9), (9, 11)],
 }
-# --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each step
-RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(queries=(3, 5), negatives=(4, 8))}
+# Joints whose raw flag says "labeled", not "visible": CrowdPose's head and neck carry v = 1 in every labeled
+# person (its limbs use COCO's 1 occluded / 2 visible), so a v = 2 rule would drop both classes; they count
+# from v = 1. MPII's HRNet json has no occlusion flag (joints_vis = labeled): every labeled joint counts
+LABEL_ONLY_JOINTS = {"coco": [], "demo": [], "mpii": [], "crowdpose": [12, 13]}
 
 
 def get_args(argv=None):
@@ -93,8 +96,9 @@ def get_args(argv=None):
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
                    help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet; default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="ResNet: 'torchvision' (ImageNet, downloads) or a backbone .pth; HRNet: e.g. hrnet_w32-36af842e.pth; "
-                        "'none': from scratch (default: none)")
+                   help="ResNet: 'torchvision' (ImageNet, downloads; the coco/mpii/crowdpose default), a backbone "
+                        ".pth or 'none' (scratch, the demo's); HRNet: hrnet_w32-36af842e.pth (coco/mpii/crowdpose ask "
+                        "for it) or 'none'")
     p.add_argument("--head-channels", type=int, default=None, help="deconv width of SimpleBaseline (paper: 256; "
                    "default: the --data preset)")
     # ICON (§Method, §Implementation Details)
@@ -118,7 +122,8 @@ def get_args(argv=None):
                    help="a joint's pixels: where its Gaussian target is >= this (1: the joint's pixel alone)")
     p.add_argument("--visible-flag", type=int, default=2, choices=[1, 2],
                    help="lowest raw visibility flag counted as visible (contrast, --recall, embeddings); "
-                        "2: visible only, 1: occluded too")
+                        "2: visible only, 1: occluded too (CrowdPose head/neck always from 1; MPII: every labeled "
+                        "joint)")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="dataset and its preset (table below); demo is generated, no download")
@@ -141,6 +146,9 @@ def get_args(argv=None):
                         "(Xie et al.'s official sets)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: checkpoint trained on the labeled set only")
     p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: Joint Cutout boxes per hard view")
+    p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
+                   help="--semi: the contrast's persons: labeled and unlabeled crops (pseudo-labeled joints) or "
+                        "the labeled ones only")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="network input width and height (default: the --data preset)")
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian σ of the targets (heatmap pixels)")
@@ -199,9 +207,16 @@ def get_args(argv=None):
     for flag in ("tau", "num_queries", "num_negatives", "embed_dim"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    args.pretrained = None if args.pretrained == "none" else args.pretrained
     if args.backbone in HRNETS and args.pretrained == "torchvision":
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official ImageNet .pth file")
+    if args.pretrained is None:  # the paper initialises every backbone from ImageNet; the demo trains from scratch
+        if args.data == "demo" or args.eval_only or args.weights or args.resume or args.summary:
+            args.pretrained = "none"  # the demo's preset, or the weights come from a checkpoint / are not needed
+        elif args.backbone in HRNETS:
+            raise UserError(f"--backbone {args.backbone} on --data {args.data}: pass --pretrained "
+                            f"{HRNET_IMAGENET[args.backbone]} (HRNet's ImageNet weights) or --pretrained none")
+        else:
+            args.pretrained = "torchvision"
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
     args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
@@ -266,11 +281,11 @@ def build_model(args):
     report = None
     if args.backbone in HRNETS:
         pose = PoseHighResolutionNet(HRNETS[args.backbone], args.num_joints)
-        if args.pretrained:
+        if args.pretrained not in (None, "none"):
             report = load_hrnet_pretrained(pose, args.pretrained)
     else:
         backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
-        if args.pretrained not in (None, "torchvision"):
+        if args.pretrained not in (None, "none", "torchvision"):
             report = load_backbone(backbone, args.pretrained)
         pose = SimpleBaseline(backbone, args.num_joints, args.head_channels)
     # built after the pose network, so the pose network's initialisation does not depend on it
@@ -286,10 +301,19 @@ def build_head(args, pose):
 
 
 # ----------------------------------------------------------------------------------------------
-# Keypoint embeddings. "Each keypoint embedding f_k can be derived according to the coordinate
+# ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)), as one block that needs only torch and takes
+# explicit keyword arguments: `icon_contrast` is the entry point (icon.py's `contrast_options` maps the
+# command line onto it). "Each keypoint embedding f_k can be derived according to the coordinate
 # groundtruth"; the positives of Eq. (1) are "other pixels also belonging to the same category". Which
 # pixels belong to a keypoint is left open: its region is where its Gaussian target (σ = 2) is >= 0.5,
 # 21 pixels, so that 256 queries and 512 negatives per class (Table 8) exist in a batch of 16 people.
+# Everything is batched over query classes and queries: the only Python loop is over SKCC and PRCC.
+
+# --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each step.
+# PRCC's "4 ~ 8" negative classes: only 7 other pairs exist, so the draw is capped at the other classes
+RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)), "prcc": dict(queries=(3, 5), negatives=(4, 8))}
+MASKED = -1e4  # a logit that vanishes in exp() yet keeps logsumexp's gradient finite (|i·j|/τ <= 1/0.07)
+
 
 def region_offsets(sigma, thresh):
     """(dx, dy) offsets (O, 2) of the pixels whose Gaussian target exp(-d²/2σ²) is >= thresh."""
@@ -299,16 +323,24 @@ def region_offsets(sigma, thresh):
     return torch.stack([dx[keep], dy[keep]], -1)
 
 
-def keypoint_embeddings(emb, joints, usable, input_size, offsets):
+def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
     """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): the joint is
-    usable and its centre pixel and that region pixel lie on the map."""
+    usable, its centre pixel and that region pixel lie on the map, and the pixel is the joint's own.
+    One class per pixel: where regions of a person overlap, a pixel belongs to the joint whose Gaussian
+    target is highest there (the nearest centre; the lower joint index on a tie) among the joints that
+    `claim` it (B, K) (those with a target; default: `usable`), so no pixel is its own negative."""
     b, m, h, w = emb.shape
+    k = joints.shape[1]
     stride = joints.new_tensor([input_size[0] / w, input_size[1] / h])
     mu = torch.trunc(joints / stride + 0.5).long()  # the pixel gaussian_targets centres the Gaussian on
     centre_on = (mu[..., 0] >= 0) & (mu[..., 0] < w) & (mu[..., 1] >= 0) & (mu[..., 1] < h)
     px = mu[:, :, None, :] + offsets.to(mu.device)
     on = (px[..., 0] >= 0) & (px[..., 0] < w) & (px[..., 1] >= 0) & (px[..., 1] < h)
-    valid = (usable & centre_on)[..., None] & on
+    claim = usable if claim is None else claim | usable
+    d2 = ((px[:, :, :, None] - mu[:, None, None]) ** 2).sum(-1).float()  # (B, K, O, K): pixel -> every centre
+    owner = d2.masked_fill(~claim[:, None, None, :], math.inf).argmin(-1)
+    own = owner == torch.arange(k, device=mu.device)[:, None]
+    valid = (usable & centre_on)[..., None] & on & own
     index = px[..., 1].clamp(0, h - 1) * w + px[..., 0].clamp(0, w - 1)
     flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, m)
     return flat[torch.arange(b, device=emb.device)[:, None, None], index], valid
@@ -317,14 +349,11 @@ def keypoint_embeddings(emb, joints, usable, input_size, offsets):
 def pair_embeddings(feats, valid, pairs):
     """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised to unit length
     ("all embeddings are L2-normalized"). The region pixel at offset o of joint i pairs with the pixel at
-    the same offset of joint j (the pairing is left open; this one needs no sampling)."""
+    the same offset of joint j (the pairing is left open; this one needs no sampling); a pair pixel is
+    valid where both are (each its own joint's, so adjacent limbs share only their common joint)."""
     a, b = (torch.tensor(s, device=feats.device) for s in zip(*pairs))
     return F.normalize((feats[:, a] + feats[:, b]) / 2, dim=-1), valid[:, a] & valid[:, b]
 
-
-# ----------------------------------------------------------------------------------------------
-# Sampling (§Hard Sampling on Queries and Negatives, Tables 7-8). Everything is batched over query
-# classes and queries: the only Python loop is over the two terms, SKCC and PRCC.
 
 def class_hardness(heatmaps, target, usable):
     """Per-class hardness: "larger uncertainty (entropy of joint prediction value) and prediction loss".
@@ -346,8 +375,9 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
 
     hard: the q hardest eligible classes; for each, the h present classes whose prototypes (mean
     embedding in the batch; the paper's "feature similarity ... cosine") are most similar to its own.
-    random: counts drawn from `counts`, classes uniformly. all: every eligible class against every
-    other present class. Query classes left without a negative class are dropped."""
+    random: counts drawn uniformly from `counts` (the negatives' top capped at the C - 1 other classes),
+    classes uniformly. all: every eligible class against every other present class. Query classes left
+    without a negative class are dropped."""
     c = len(eligible)
     device = eligible.device
     n_eligible = int(eligible.sum())
@@ -366,7 +396,8 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
             qc = torch.rand(c, device=device).masked_fill(~eligible, -math.inf).topk(nq).indices
             keys = torch.rand(len(qc), c, device=device)
             lo, hi = counts["negatives"]
-            n_neg = torch.randint(lo, hi + 1, (len(qc),), device=device)
+            hi = min(hi, c - 1)
+            n_neg = torch.randint(min(lo, hi), hi + 1, (len(qc),), device=device)
         keys = keys.masked_fill(~other[qc], -math.inf)
         rank = keys.argsort(-1, descending=True).argsort(-1)  # 0 = most similar / first drawn
         neg = (rank < n_neg[:, None]) & other[qc]
@@ -374,26 +405,28 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
     return qc[keep], neg[keep]
 
 
-def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra):
+def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
     """Indices and masks of Eq. (1) for the query classes `qc`; entries are indexed into the class-major
     pool (C, B*O) of `valid` (B, C, O).
 
     Queries: `num_queries` pixels of the class, drawn with replacement (as ReCo; 256 is then always
-    reachable). Positives P_i: every pixel of the class in the other instances (inter) / the other
-    pixels of the query's own joint (intra: "the self as positive"). Negatives N_i: inter, `num_negatives`
-    pixels drawn with replacement from the negative classes and shared by the class's queries; intra,
-    every pixel of the negative classes in the query's own instance (at most H x O, fewer than 512)."""
+    reachable). Positives P_i: every pixel of the class in the instances of another person (inter;
+    `person` (B,) ids, default every instance its own) / the other pixels of the query's own joint
+    (intra: "the self as positive"). Negatives N_i: inter, `num_negatives` pixels drawn with
+    replacement from the negative classes and shared by the class's queries; intra, every pixel of the
+    negative classes in the query's own instance (at most H x O, fewer than 512)."""
     b, c, o = valid.shape
     device = valid.device
     ok = valid.transpose(0, 1).reshape(c, b * o)
     inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
     qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
     q_inst = inst[qi]
-    same = q_inst[..., None] == inst  # (nq, Nq, B*O)
     if intra:
+        same = q_inst[..., None] == inst  # (nq, Nq, B*O)
         pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
     else:
-        pos_mask = ok[qc][:, None] & ~same
+        pid = torch.arange(b, device=device) if person is None else person.to(device)
+        pos_mask = ok[qc][:, None] & (pid[q_inst][..., None] != pid[inst])
     candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
     if intra:
         neg_index = None
@@ -402,9 +435,6 @@ def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra):
         neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)  # (nq, Nn)
         neg_mask = None
     return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
-
-
-MASKED = -1e4  # a logit that vanishes in exp() yet keeps logsumexp's gradient finite (|i·j|/τ <= 1/0.07)
 
 
 def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
@@ -430,32 +460,98 @@ def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
     return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
 
 
-def contrast_term(feats, valid, hardness, term, args):
+def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_negative_classes, random_counts,
+                  num_queries, num_negatives, tau, intra, person=None):
     """SKCC (Eq. (1)) or PRCC (Eq. (4)) over one batch: feats (B, C, O, m) unit embeddings of the C
-    classes (keypoints or limb pairs), valid (B, C, O). Returns (loss, number of query classes used)."""
+    classes (keypoints or limb pairs), valid (B, C, O), hardness (C,) (hard sampling), person (B,) ids
+    (inter: positives come from another person). Returns (loss, number of query classes used)."""
     b, c, o, m = feats.shape
-    intra = args.contrast == "intra"
     count = valid.sum(-1)  # (B, C) pixels per instance and class
     present = (count > 0).any(0)
-    # a query class needs a positive: the class in two instances (inter), two pixels of one joint (intra)
-    eligible = (count >= 2).any(0) if intra else (count > 0).sum(0) >= 2
+    # a query class needs a positive: the class in two persons (inter), two pixels of one joint (intra)
+    if intra:
+        eligible = (count >= 2).any(0)
+    else:
+        pid = torch.arange(b, device=feats.device) if person is None else person.to(feats.device)
+        differ = (pid[:, None] != pid[None, :])[..., None]
+        eligible = ((count > 0)[:, None] & (count > 0)[None] & differ).any(0).any(0)
     pool = feats.transpose(0, 1).reshape(c, b * o, m)
     ok = valid.transpose(0, 1).reshape(c, b * o)
     with torch.no_grad():
         proto = F.normalize((pool * ok[..., None]).sum(1), dim=-1)  # class prototypes for hard negatives
-    i = 0 if term == "skcc" else 1
-    qc, neg_classes = choose_classes(args.sampling, hardness, proto, eligible, present, args.hard_q[i],
-                                     args.hard_h[i], RANDOM_COUNTS[term])
+    qc, neg_classes = choose_classes(sampling, hardness, proto, eligible, present, num_query_classes,
+                                     num_negative_classes, random_counts)
     if len(qc) == 0:
         return feats.sum() * 0, 0
-    s = sample_contrast(valid, qc, neg_classes, args.num_queries, args.num_negatives, intra)
+    s = sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person)
     q = pool[qc[:, None], s["qi"]]
     flat = pool.reshape(c * b * o, m)
     neg = flat if intra else flat[s["neg_index"]]
-    return info_nce(q, pool[qc], s["pos_mask"], neg, s["neg_mask"], args.tau)
+    return info_nce(q, pool[qc], s["pos_mask"], neg, s["neg_mask"], tau)
 
 
-def icon_losses(model, batch, args, device, offsets=None):
+def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, claim=None, person=None,
+                  lambda_1=0.3, lambda_2=0.7, tau=0.07, sigma=2.0, region_thresh=0.5, sampling="hard",
+                  intra=False, num_queries=256, num_negatives=512, hard_q=(5, 8), hard_h=(6, 4),
+                  random_counts=RANDOM_COUNTS):
+    """L_ctrcon = λ1 L_sin + λ2 L_pair (Eq. (5)) of one pool of person crops (defaults: the paper's).
+
+    heatmaps (B, K, h, w) predicted (hard sampling's hardness), emb (B, m, h, w) unit pixel embeddings
+    of the projection head, joints (B, K, 2) in input pixels, target (B, K, h, w) the heatmaps' targets,
+    usable (B, K) the joints that enter the contrast, claim (B, K) the joints whose Gaussian owns pixels
+    (default usable), person (B,) person ids (default: each crop its own), input_size (w, h), pairs the
+    8 limb pairs (i, j) of PRCC. Returns (loss, {"skcc", "prcc"}: its terms, detached)."""
+    offsets = region_offsets(sigma, region_thresh)
+    feats, valid = keypoint_embeddings(emb, joints, usable, input_size, offsets, claim)  # fp32, outside autocast
+    hardness = class_hardness(heatmaps, target, usable.float()) if sampling == "hard" else None
+    common = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau, intra=intra,
+                  person=person)
+    # every head parameter stays in the graph when no class qualifies, so DDP finds all its gradients
+    ctr = emb.sum() * 0
+    terms = {}
+    if lambda_1 > 0:
+        l_sin, _ = contrast_term(feats, valid, hardness, num_query_classes=hard_q[0], num_negative_classes=hard_h[0],
+                                 random_counts=random_counts["skcc"], **common)  # Eq. (1)
+        ctr = ctr + lambda_1 * l_sin
+        terms["skcc"] = l_sin.detach()
+    if lambda_2 > 0:
+        pair_feats, pair_valid = pair_embeddings(feats, valid, pairs)  # Eqs. (2)-(3)
+        a, b = (list(s) for s in zip(*pairs))
+        pair_hardness = None if hardness is None else (hardness[a] + hardness[b]) / 2
+        l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness, num_query_classes=hard_q[1],
+                                  num_negative_classes=hard_h[1], random_counts=random_counts["prcc"],
+                                  **common)  # Eq. (4)
+        ctr = ctr + lambda_2 * l_pair
+        terms["prcc"] = l_pair.detach()
+    return ctr, terms
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line onto the contrast
+
+def contrast_options(args):
+    """icon_contrast's keyword arguments from the command line."""
+    return dict(input_size=args.input_size, pairs=LIMB_PAIRS[args.data], lambda_1=args.lambda_1,
+                lambda_2=args.lambda_2, tau=args.tau, sigma=args.sigma, region_thresh=args.region_thresh,
+                sampling=args.sampling, intra=args.contrast == "intra", num_queries=args.num_queries,
+                num_negatives=args.num_negatives, hard_q=args.hard_q, hard_h=args.hard_h)
+
+
+def visible_thresholds(args):
+    """(K,) lowest raw flag at which each joint counts as visible: --visible-flag, except the joints whose
+    flag only says "labeled" (LABEL_ONLY_JOINTS), which count from 1."""
+    t = torch.full((args.num_joints,), float(args.visible_flag))
+    t[LABEL_ONLY_JOINTS[args.data]] = 1.0
+    return t
+
+
+def visible_joints(vis_flag, args):
+    """(B, K) the joints that count as visible: "only the visible keypoint categories are considered ...
+    the occluded or unlabeled joints are ignored", per dataset (see LABEL_ONLY_JOINTS)."""
+    return vis_flag >= visible_thresholds(args).to(vis_flag.device)
+
+
+def icon_losses(model, batch, args, device):
     """One training batch through the model: Eq. (5), L_total = L_mse + λp (λ1 L_sin + λ2 L_pair).
     Returns the total and a dict of its terms (detached) for the log. With the contrast off (λp = 0) this
     is mrpose.py's SimpleBaseline step exactly."""
@@ -469,33 +565,17 @@ def icon_losses(model, batch, args, device, offsets=None):
         return loss, dict(mse=loss.detach())
     heatmaps, emb = out
     mse = joints_mse_loss(heatmaps.float(), target, weight)  # Eq. (5), L_mse (HRNet's 0.5 x mean)
-    ctr, terms = contrast_loss(heatmaps, emb, joints, target, weight, batch["vis_flag"].to(device), args, offsets)
+    ctr, terms = contrast_loss(heatmaps, emb, joints, target, weight, batch["vis_flag"].to(device), args,
+                               batch["pid"].to(device))
     return mse + args.lambda_p * ctr, dict(mse=mse.detach(), **terms)  # Eq. (5)
 
 
-def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, offsets=None):
-    """L_ctrcon = λ1 L_sin + λ2 L_pair (Eq. (5)) of one labeled batch: its heatmaps (for hard sampling)
-    and projection-head embeddings. Returns the loss and its terms (detached)."""
-    # "only the visible keypoint categories are considered ... occluded or unlabeled joints are ignored"
-    usable = (vis_flag >= args.visible_flag) & (weight > 0)
-    offsets = region_offsets(args.sigma, args.region_thresh) if offsets is None else offsets
-    feats, valid = keypoint_embeddings(emb, joints, usable, args.input_size, offsets)  # fp32, outside autocast
-    hardness = class_hardness(heatmaps, target, usable.float()) if args.sampling == "hard" else None
-    # every head parameter stays in the graph when no class qualifies, so DDP finds all its gradients
-    ctr = emb.sum() * 0
-    terms = {}
-    if args.lambda_1 > 0:
-        l_sin, _ = contrast_term(feats, valid, hardness, "skcc", args)  # Eq. (1)
-        ctr = ctr + args.lambda_1 * l_sin
-        terms["skcc"] = l_sin.detach()
-    if args.lambda_2 > 0:
-        pairs = LIMB_PAIRS[args.data]
-        pair_feats, pair_valid = pair_embeddings(feats, valid, pairs)  # Eqs. (2)-(3)
-        pair_hardness = None if hardness is None else (hardness[[i for i, _ in pairs]] + hardness[[j for _, j in pairs]]) / 2
-        l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness, "prcc", args)  # Eq. (4)
-        ctr = ctr + args.lambda_2 * l_pair
-        terms["prcc"] = l_pair.detach()
-    return ctr, terms
+def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, person=None):
+    """icon_contrast on one labeled batch: its visible joints are usable, every labeled joint claims its
+    region's pixels. Returns the loss and its terms (detached)."""
+    usable = visible_joints(vis_flag, args) & (weight > 0)
+    return icon_contrast(heatmaps, emb, joints, target, usable, claim=weight > 0, person=person,
+                         **contrast_options(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,22 +589,51 @@ def semi_wrapper(args, model, pose):
     return build_semi(args.semi, pose, lambda: build_model(args)[0], args, args.teacher, labeled)
 
 
-def semi_losses(model, semi_model, batch, args, device, rng, offsets=None):
+PSEUDO_GAMMA = 0.75  # γ of Eq. (6): a pseudo-labeled joint enters the contrast where its map's peak reaches it
+
+
+def pseudo_joints(heatmaps, input_size, gamma=PSEUDO_GAMMA):
+    """Pseudo-labeled joints of unlabeled crops: the integer argmax of each (teacher) heatmap in input
+    pixels (heatmap pixel j stands for input pixel stride x j) and (B, K) where its peak is >= γ."""
+    b, k, h, w = heatmaps.shape
+    peak, idx = heatmaps.detach().flatten(2).max(-1)
+    stride = heatmaps.new_tensor([input_size[0] / w, input_size[1] / h])
+    xy = torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
+    return xy * stride, peak >= gamma
+
+
+def semi_losses(model, semi_model, batch, args, device, rng):
     """Eq. (7): L_mse^semi + λp L_ctrcon. L_mse^semi is Eq. (6) (--semi pseudo) or Xie et al.'s
     0.5 sup1 + 0.5 sup2 + cons1 + cons2 (--semi dual, SSPose); L_ctrcon is each trained network's,
-    summed. Paper silent on the contrast's crops: the labeled ones, whose GT places Eq. (1)'s keypoints."""
-    labeled = batch["labeled"]
+    summed, over one pool of its labeled crops (GT joints) and, with --contrast-crops all, its unlabeled
+    crops with gradient (dual: its hard view; pseudo: the student's crop) as further persons, their
+    joints at the argmax of the map that supervises them (dual: the other network's warped easy view;
+    pseudo: the teacher's) where its peak reaches γ = 0.75, counted visible ("f_k can be derived
+    according to the coordinate groundtruth" of labels "generated as pseudo-labels")."""
+    labeled, unlabeled = batch["labeled"], batch["unlabeled"]
     x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
-    xu = to_memory_format(normalize(batch["unlabeled"]["image"].to(device, non_blocking=True)), args)
+    xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
     joints = labeled["joints"].to(device)
     target, weight = gaussian_targets(joints, labeled["visible"].to(device), args.input_size, args.heatmap_size,
                                       args.sigma)
     with autocast(args, device):
         out = model(x, xu, semi_model.draw_view(rng, xu.shape[0]))
     loss, terms = semi_model.loss(out, target, weight)  # Eq. (6), or the dual loss
-    vis_flag = labeled["vis_flag"].to(device)
-    for i, (heatmaps, emb) in enumerate(zip(out["sup"], out["sup_extra"] or [])):
-        ctr, parts = contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, offsets)
+    if not out["sup_extra"]:
+        return loss, terms
+    usable = visible_joints(labeled["vis_flag"].to(device), args) & (weight > 0)
+    person = labeled["pid"].to(device)
+    for i, (heatmaps, emb) in enumerate(zip(out["sup"], out["sup_extra"])):
+        pool = [heatmaps.float(), emb, joints, target, usable, weight > 0, person]
+        if args.contrast_crops == "all":
+            teacher = out["targets"][i]
+            joints_u, usable_u = pseudo_joints(teacher, args.input_size)
+            pool_u = [out["cons"][i].float(), out["cons_extra"][i], joints_u, teacher, usable_u, usable_u,
+                      unlabeled["pid"].to(device)]
+            pool = [torch.cat(pair) for pair in zip(pool, pool_u)]
+        heatmaps, emb, joints_p, target_p, usable_p, claim, person_p = pool
+        ctr, parts = icon_contrast(heatmaps, emb, joints_p, target_p, usable_p, claim=claim, person=person_p,
+                                   **contrast_options(args))
         loss = loss + args.lambda_p * ctr  # Eq. (7)
         terms.update({f"{k}{i + 1}": v for k, v in parts.items()})
     return loss, terms
@@ -563,7 +672,7 @@ def embedding_separation(pose, dataset, args, device, max_persons=256):
         grid = (joints / stride + 0.5) / size * 2 - 1  # feature pixel i sits at input pixel stride x i
         f = F.grid_sample(tap, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)  # (B, K, D)
         inside = ((joints >= 0) & (joints < joints.new_tensor(args.input_size))).all(-1)
-        keep = (batch["vis_flag"].to(device) >= args.visible_flag) & inside
+        keep = visible_joints(batch["vis_flag"].to(device), args) & inside
         feats.append(f[keep])
         classes.append(keep.nonzero()[:, 1])
         instances.append(batch["index"].to(device)[:, None].expand_as(keep)[keep])
@@ -590,7 +699,8 @@ RECALL_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def keypoint_recall(conf, flags, visible_flag, thresholds=RECALL_THRESHOLDS):
-    """Table 6: share of visible GT keypoints whose predicted confidence (heatmap maximum) exceeds t."""
+    """Table 6: share of visible GT keypoints (raw flag >= visible_flag, a number or one per joint) whose
+    predicted confidence (heatmap maximum) exceeds t."""
     vis = flags >= visible_flag
     return {f"{t:.1f}": float((conf[vis] > t).mean()) if vis.any() else float("nan") for t in thresholds}
 
@@ -602,7 +712,7 @@ def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
     if recall:
         _, conf, _ = predict(pose, gt_ds, args, device, info)
         flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
-        out["recall"] = keypoint_recall(conf, flags, args.visible_flag)
+        out["recall"] = keypoint_recall(conf, flags, visible_thresholds(args).numpy())
     if dist.is_main():
         same, other, x, k = embedding_separation(pose, gt_ds, args, device)
         out.update(embed_same=same, embed_other=other, embed_sep=same - other)
@@ -623,7 +733,7 @@ def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
 # --resume refuses a change of these (the model, the loss and the schedule)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp", "lambda_p",
                "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries", "num_negatives", "hard_q",
-               "hard_h", "embed_dim", "region_thresh", "visible_flag", "semi")
+               "hard_h", "embed_dim", "region_thresh", "visible_flag", "semi", "contrast_crops")
 # what the log keeps of each --semi step (those a mode has): common/semi.py's terms and each network's contrast
 SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1", "peak2",
               "pseudo_kept"]
@@ -693,7 +803,6 @@ def main():
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    offsets = region_offsets(args.sigma, args.region_thresh)
     start_epoch, it, best = 0, 0, -1.0
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     if args.resume:
@@ -725,7 +834,8 @@ def main():
               f"= {total_iters} iterations on {world} x {device}; "
               + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), {args.sampling} sampling, "
                  f"{args.contrast}-image" if head else "baseline (λp = 0)")
-              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model else ""))
+              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model else "")
+              + (f", contrast on {args.contrast_crops} crops" if semi_model and head else ""))
 
     names = SEMI_TERMS if semi_model else ["loss", "mse", "skcc", "prcc"]
     for epoch in range(start_epoch, epochs):
@@ -739,9 +849,9 @@ def main():
                 break
             if semi_model:  # Eq. (7)
                 loss, terms = semi_losses(ddp_model, semi_model, batch, args, device,
-                                          np.random.default_rng([args.seed, rank, it]), offsets)
+                                          np.random.default_rng([args.seed, rank, it]))
             else:
-                loss, terms = icon_losses(ddp_model, batch, args, device, offsets)
+                loss, terms = icon_losses(ddp_model, batch, args, device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

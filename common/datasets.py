@@ -258,7 +258,9 @@ class TopDownDataset(torch.utils.data.Dataset):
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
                 "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
                 "center": torch.from_numpy(np.asarray(center, np.float32)),
-                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}
+                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i,
+                # the person's id: its index in the training list unless the record carries one (common.semi)
+                "pid": torch.tensor(r.get("pid", i), dtype=torch.int64)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

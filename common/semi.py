@@ -26,8 +26,9 @@ A training script uses it in a few lines (see mrpose.py):
 `out` holds per network the labeled heatmaps (`sup`), the unlabeled easy-view heatmaps (`easy`), the
 consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps (`cons`),
 so another method (ICON) can add its own terms on them. `build_semi(..., labeled=...)` runs each
-network's labeled pass through a module that also returns features (ICON: the network with its
-projection head); they come back as `sup_extra`.
+network's passes with gradient through a module that also returns features (ICON: the network with
+its projection head); they come back as `sup_extra` (labeled crops) and `cons_extra` (hard views /
+the student's unlabeled crops).
 
 Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's convention);
 input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates (align_corners=False) put
@@ -89,16 +90,22 @@ def build_unlabeled(args, train_ds, info):
     or the persons of --unlabeled-ann (another set, e.g. AI Challenger for MPII+AIC).
     Keypoints are dropped: nothing of an unlabeled person but its box reaches the training step.
     Same easy-view augmentation as the labeled crops, with their own random draws (seed + 1)."""
+    # person ids ("pid"), as TopDownDataset's: a training person keeps its own (its index in the training
+    # list, labeled persons first, unless the record carries one); another set's persons come after them
+    n, rest = len(train_ds.records), info["unlabeled"]
     if args.unlabeled_ann:
         records = read_unlabeled(args.unlabeled_ann, args.unlabeled_images, train_ds.aspect_ratio)
+        pids = range(n + len(rest), n + len(rest) + len(records))
         where = args.unlabeled_ann
     else:
-        records = info["unlabeled"] if args.unlabeled == "rest" else train_ds.records + info["unlabeled"]
+        records = rest if args.unlabeled == "rest" else train_ds.records + rest
+        pids = [r.get("pid", i) for i, r in enumerate(records, n if args.unlabeled == "rest" else 0)]
         where = f"--unlabeled {args.unlabeled}"
     if not records:
         raise UserError(f"{where}: no unlabeled person to train on")
     k = args.num_joints
-    records = [dict(r, joints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32)) for r in records]
+    records = [dict(r, joints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32), pid=p)
+               for r, p in zip(records, pids)]
     return TopDownDataset(records, args.input_size, train_ds.flip_pairs, train_ds.upper_ids, train=True,
                           scale_factor=train_ds.scale_factor, rot_factor=train_ds.rot_factor, flip=train_ds.flip,
                           half_body_prob=0.0, seed=train_ds.seed + 1)
@@ -254,8 +261,12 @@ class ConsistencyTraining(nn.Module):
                 hard = [warp_images(x_u.float(), theta)] * len(self.nets)
         if self.channels_last:
             hard = [h.contiguous(memory_format=torch.channels_last) for h in hard]
-        cons = [f(h) for f, h in zip(self.nets, hard)]
-        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard, "cons": cons}
+        if self.labeled is None:
+            cons, cons_extra = [f(h) for f, h in zip(self.nets, hard)], None
+        else:  # the hard views through the `labeled` hook's modules too: their extras (ICON's embeddings)
+            cons, cons_extra = (list(v) for v in zip(*(g(h) for g, h in zip(self.labeled, hard))))
+        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard, "cons": cons,
+                "cons_extra": cons_extra}
 
     def loss(self, out, target, weight):
         """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) + MSE(c2, T2),
@@ -318,7 +329,9 @@ class PseudoLabelTraining(nn.Module):
         with torch.no_grad():
             pseudo = self.teacher(x_u).float()
         sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
-        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo], "cons": [self.nets[0](x_u)]}
+        cons, cons_extra = labeled_forward(self.nets, self.labeled, x_u)
+        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo], "cons": cons,
+                "cons_extra": cons_extra}
 
     def loss(self, out, target, weight):
         """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints whose
@@ -338,7 +351,8 @@ def build_semi(mode, net1, make_net, args, teacher_path=None, labeled=None):
     """The training wrapper of `--semi dual|cons|pseudo` around the reported network `net1`.
     make_net() builds another network of the same architecture (network 2, or the teacher, whose
     weights come from the checkpoint `teacher_path`). labeled(trained networks) -> one module per
-    network for its labeled pass, returning (heatmaps, extra) (optional; ICON's projection heads).
+    network for its passes with gradient (labeled crops, and the hard view / the student's unlabeled
+    crop), returning (heatmaps, extra) (optional; ICON's projection heads): `sup_extra`, `cons_extra`.
     Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor, hard_rot_factor (optional:
     the hard view's rotation factor; default rot_factor, as the official configs' one ROT_FACTOR for both
     views), joint_cutout and channels_last."""

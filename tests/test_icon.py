@@ -19,12 +19,13 @@ from helpers import SHARED, assert_one_line_error, run_script
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
-         "--print-freq", "1", "--no-flip-test", "--head-channels", "32", "--embed-dim", "32"]
+         "--print-freq", "1", "--no-flip-test", "--head-channels", "32", "--embed-dim", "32", "--pretrained", "none"]
 
 
 def contrast_args(sampling="all", contrast="inter", nq=16, nn=32):
-    return SimpleNamespace(sampling=sampling, contrast=contrast, hard_q=[5, 8], hard_h=[6, 4], num_queries=nq,
-                           num_negatives=nn, tau=0.07)
+    """contrast_term's keyword arguments, as a user lifting the block passes them (SKCC's counts)."""
+    return dict(sampling=sampling, intra=contrast == "intra", num_query_classes=5, num_negative_classes=6,
+                random_counts=icon.RANDOM_COUNTS["skcc"], num_queries=nq, num_negatives=nn, tau=0.07)
 
 
 def random_batch(b=4, c=6, o=5, m=8, seed=0, p_valid=0.8):
@@ -38,9 +39,9 @@ def test_eq1_matches_a_naive_per_query_loop():
     """contrast_term (inter, all classes) = Eq. (1) computed query by query from its definition on the same draw."""
     feats, valid = random_batch()
     b, c, o, m = feats.shape
-    args = contrast_args()
+    args = SimpleNamespace(**contrast_args())
     torch.manual_seed(3)
-    loss, n_classes = icon.contrast_term(feats, valid, None, "skcc", args)
+    loss, n_classes = icon.contrast_term(feats, valid, None, **contrast_args())
     torch.manual_seed(3)  # the same draw: "all" picks classes without randomness, then sample_contrast draws
     count = valid.sum(-1)
     qc, neg_classes = icon.choose_classes("all", None, None, (count > 0).sum(0) >= 2, (count > 0).any(0), 0, 0, None)
@@ -73,9 +74,9 @@ def test_intra_image_loss_matches_the_definition_too():
     """Masked negatives (intra): same per-query definition, negatives = other classes of the query's instance."""
     feats, valid = random_batch(seed=1)
     b, c, o, m = feats.shape
-    args = contrast_args(contrast="intra")
+    args = SimpleNamespace(**contrast_args(contrast="intra"))
     torch.manual_seed(0)
-    loss, _ = icon.contrast_term(feats, valid, None, "skcc", args)
+    loss, _ = icon.contrast_term(feats, valid, None, **contrast_args(contrast="intra"))
     torch.manual_seed(0)
     count = valid.sum(-1)
     qc, neg_classes = icon.choose_classes("all", None, None, (count >= 2).any(0), (count > 0).any(0), 0, 0, None)
@@ -109,7 +110,7 @@ def test_loss_falls_when_a_class_coincides_and_rises_when_classes_swap():
     losses = []
     for feats in (scattered, together, swapped):
         torch.manual_seed(0)
-        losses.append(icon.contrast_term(feats, valid, None, "skcc", contrast_args())[0].item())
+        losses.append(icon.contrast_term(feats, valid, None, **contrast_args())[0].item())
     scattered_l, together_l, swapped_l = losses
     assert together_l < 0.1 * scattered_l
     assert swapped_l > 10 * together_l
@@ -167,28 +168,218 @@ def test_positive_and_negative_masks_respect_instances(contrast):
         assert not (s["pos_mask"] & same).any()
 
 
-def test_only_labeled_visible_joints_enter_the_contrast():
-    """The contrast has no gradient at joints flagged occluded (1) or unlabeled (0), and has one at visible joints."""
-    joints = np.array([[10, 10], [30, 30], [50, 50], [20, 60], [40, 15]], np.float32)
-    flags = np.array([2, 1, 0, 2, 2], np.float32)
-    b, m, w, h = 3, 8, 16, 24
-    emb = F.normalize(torch.randn(b, m, h, w), dim=1).requires_grad_()
-    jt = torch.tensor(joints)[None].repeat(b, 1, 1)
-    usable = torch.tensor(flags)[None].repeat(b, 1) >= 2
-    offsets = icon.region_offsets(2.0, 0.5)
-    feats, valid = icon.keypoint_embeddings(emb, jt, usable, (64, 96), offsets)
-    assert not valid[:, [1, 2]].any() and valid[:, [0, 3, 4]].all()
+def spread_joints(k, w=48, h=64):
+    """k joints (input pixels of a 4x-stride map w x h) at least 8 heatmap pixels apart: no region overlaps."""
+    cols = w // 8
+    return torch.tensor([[(4 + 8 * (j % cols)) * 4.0, (4 + 8 * (j // cols)) * 4.0] for j in range(k)])
+
+
+@pytest.mark.parametrize("data,flags,expected", [
+    ("coco", [2, 1, 0] + [2] * 14, [1, 0, 0] + [1] * 14),  # occluded (1) and unlabeled (0) stay out
+    ("crowdpose", [2, 1, 0] + [2] * 9 + [1, 1], [1, 0, 0] + [1] * 9 + [1, 1]),  # head, neck: a label flag
+    ("mpii", [2, 0] + [2] * 14, [1, 0] + [1] * 14),  # no occlusion flag: 2 x labeled, every labeled joint
+])
+def test_visibility_rule_of_contrast_loss_per_dataset(data, flags, expected):
+    """contrast_loss's own rule: gradient at a joint's pixel exactly where the dataset's rule counts it visible."""
+    args = icon.get_args(["--data", data, "--input-size", "192", "256", "--sampling", "all", "--pretrained", "none",
+                          "--num-queries", "32", "--num-negatives", "64"])
+    k = args.num_joints
+    b, m, (w, h) = 3, 8, args.heatmap_size
+    joints = spread_joints(k, w, h)[None].repeat(b, 1, 1)
+    vis_flag = torch.tensor(flags, dtype=torch.float32)[None].repeat(b, 1)
+    target, weight = icon.gaussian_targets(joints, (vis_flag > 0).float(), args.input_size, args.heatmap_size)
+    emb = F.normalize(torch.randn(b, m, h, w, generator=torch.Generator().manual_seed(0)), dim=1).requires_grad_()
     torch.manual_seed(0)
-    loss, _ = icon.contrast_term(feats, valid, None, "skcc", contrast_args())
+    loss, _ = icon.contrast_loss(torch.rand(b, k, h, w), emb, joints, target, weight, vis_flag, args)
     loss.backward()
-    grad = emb.grad.abs().sum((0, 1))  # (h, w)
-    for j, flag in enumerate(flags):
-        x, y = (joints[j] / 4 + 0.5).astype(int)
-        assert (grad[y, x] > 0) == (flag == 2), (j, flag)
+    grad = emb.grad.abs().sum((0, 1))
+    for j in range(k):
+        x, y = (joints[0, j] / 4 + 0.5).long().tolist()
+        assert bool(grad[y, x] > 0) == bool(expected[j]), (data, j, flags[j])
+
+
+def test_one_class_per_pixel_no_query_meets_its_own_pixel_as_negative():
+    """Overlapping regions (joints 1-3 heatmap pixels apart): every pixel belongs to the joint whose Gaussian is
+    highest there, so no (query, negative) pair of SKCC and no pair pixel of PRCC shares an instance and a pixel."""
+    b, w, h = 4, 16, 16
+    emb = torch.eye(w * h).reshape(w * h, h, w)[None].repeat(b, 1, 1, 1)  # channel = pixel index: a pixel's id
+    joints = torch.tensor([[24.0, 24.0], [28.0, 24.0], [32.0, 28.0], [48.0, 52.0]])[None].repeat(b, 1, 1)
+    usable = torch.ones(b, 4, dtype=torch.bool)
+    offsets = icon.region_offsets(2.0, 0.5)
+    feats, valid = icon.keypoint_embeddings(emb, joints, usable, (64, 64), offsets)
+    pixel = feats.argmax(-1)  # (B, K, O)
+    for n in range(b):  # no pixel of a person under two classes, and each at its nearest centre
+        owned = pixel[n][valid[n]]
+        assert len(owned) == len(set(owned.tolist()))
+    assert valid[:, 3].all() and not valid[:, 0].all()  # the far joint keeps its 21 pixels
+    c, o = 4, len(offsets)
+    qc, neg = icon.choose_classes("all", None, None, torch.ones(c, dtype=torch.bool), torch.ones(c, dtype=torch.bool),
+                                  0, 0, None)
+    torch.manual_seed(0)
+    s = icon.sample_contrast(valid, qc, neg, 256, 512, False)
+    entry_inst = torch.arange(b).repeat_interleave(o).repeat(c)  # class-major pool: (class, instance, offset)
+    entry_pix = pixel.transpose(0, 1).reshape(-1)
+    q_pix = pixel.transpose(0, 1).reshape(c, b * o)[qc[:, None], s["qi"]]  # (nq, Nq)
+    n_inst, n_pix = entry_inst[s["neg_index"]], entry_pix[s["neg_index"]]  # (nq, Nn)
+    clash = (s["q_inst"][..., None] == n_inst[:, None]) & (q_pix[..., None] == n_pix[:, None])
+    assert not clash.any()
+    _, pair_valid = icon.pair_embeddings(feats, valid, [(0, 1), (1, 2)])
+    assert torch.equal(pair_valid, valid[:, [0, 1]] & valid[:, [1, 2]])
+
+
+def test_positives_never_come_from_the_same_person():
+    """Two crops of one person (same pid) in a batch: no positive between them; a class seen in that person
+    alone is no query class."""
+    feats, valid = random_batch(b=4, c=5, o=4, seed=3, p_valid=1.0)
+    valid[2:, 4] = False  # class 4 only in instances 0 and 1 ...
+    person = torch.tensor([7, 7, 8, 9])  # ... which are the same person
+    torch.manual_seed(0)
+    qc, _ = icon.choose_classes("all", None, None, torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool),
+                                0, 0, None)
+    s = icon.sample_contrast(valid, qc, torch.ones(len(qc), 5, dtype=torch.bool) & ~torch.eye(5, dtype=torch.bool)[qc],
+                             64, 64, False, person)
+    inst = torch.arange(4).repeat_interleave(4)
+    assert not (s["pos_mask"] & (person[s["q_inst"]][..., None] == person[inst])).any()
+    assert s["pos_mask"][:, (s["q_inst"] == 0).nonzero()[:, 1]].any()  # instance 0 still has positives (2, 3)
+    _, used = icon.contrast_term(feats, valid, None, **contrast_args(), person=person)
+    _, used_apart = icon.contrast_term(feats, valid, None, **contrast_args())
+    assert used == 4 and used_apart == 5
+    hard = dict(contrast_args(sampling="hard"), num_query_classes=1)  # class 4 the hardest: not a query class
+    _, used = icon.contrast_term(feats, valid, torch.tensor([0.1, 0.2, 0.3, 0.4, 9.0]), **hard, person=person)
+    assert used == 1
+
+
+def test_prcc_random_counts_cover_the_reachable_range_uniformly():
+    """PRCC's random sampling: 3-5 query pairs, 4-8 negative pairs of which only 4-7 exist (8 pairs): each
+    reachable count about equally often, 7 not absorbing the unreachable 8."""
+    c = len(icon.LIMB_PAIRS["coco"])
+    ones = torch.ones(c, dtype=torch.bool)
+    counts = icon.RANDOM_COUNTS["prcc"]
+    nq, nneg = [], []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        qc, neg = icon.choose_classes("random", None, None, ones, ones, 0, 0, counts)
+        nq.append(len(qc))
+        nneg += neg.sum(-1).tolist()
+    assert set(nq) == {3, 4, 5} and set(nneg) == {4, 5, 6, 7}
+    share = np.bincount(nneg, minlength=8)[4:] / len(nneg)
+    assert (abs(share - 0.25) < 0.06).all(), share
+
+
+@pytest.mark.parametrize("data", ["coco", "mpii", "crowdpose"])
+def test_limb_pairs_are_the_8_limb_bones(data):
+    """Each dataset's 8 PRCC pairs: shoulder-elbow, elbow-wrist, hip-knee, knee-ankle, on both sides."""
+    names = icon.JOINT_NAMES[data]
+    side = {"l": "left", "r": "right"}
+    bones = set()
+    for i, j in icon.LIMB_PAIRS[data]:
+        (si, pi), (sj, pj) = (names[i].split("_", 1), names[j].split("_", 1))
+        assert side.get(si, si) == side.get(sj, sj) in ("left", "right"), (names[i], names[j])
+        bones.add((side.get(si, si), pi, pj))
+    assert bones == {(s, a, b) for s in ("left", "right") for a, b in
+                     [("shoulder", "elbow"), ("elbow", "wrist"), ("hip", "knee"), ("knee", "ankle")]}
+
+
+def test_pair_embeddings_are_the_normalised_mean_of_both_joints():
+    feats, valid = random_batch(b=3, c=6, o=5, seed=4)
+    pairs = [(0, 2), (3, 1), (4, 5)]
+    pf, pv = icon.pair_embeddings(feats, valid, pairs)
+    for p, (i, j) in enumerate(pairs):
+        mean = (feats[:, i] + feats[:, j]) / 2
+        assert torch.allclose(pf[:, p], mean / mean.norm(dim=-1, keepdim=True))
+        assert torch.equal(pv[:, p], valid[:, i] & valid[:, j])
+
+
+def test_class_hardness_ranks_uncertain_and_wrong_joints_and_ignores_unusable_ones():
+    """Class 0 confident and right, 1 flat (uncertain), 2 confident at the wrong place; instance 1 of class 0 is
+    unusable and flat: it does not count."""
+    h = w = 8
+    target = torch.zeros(2, 3, h, w)
+    target[:, :, 4, 4] = 1
+    heat = torch.zeros(2, 3, h, w)
+    heat[:, 0, 4, 4] = 1
+    heat[:, 1] = 1.0 / (h * w)
+    heat[:, 2, 0, 0] = 1
+    heat[1, 0] = 1.0 / (h * w)
+    usable = torch.tensor([[1.0, 1, 1], [0, 1, 1]])
+    hard = icon.class_hardness(heat, target, usable)
+    assert hard[0] < 0.05 and hard[1] > hard[0] + 0.9 and hard[2] > hard[0] + 0.9
+    flat_mse = ((1 - 1 / 64) ** 2 + 63 / 64 ** 2) / 64
+    assert hard[1] == pytest.approx(1 + flat_mse / (2 / 64), abs=1e-4)  # entropy max (1) + MSE relative to class 2's
+    assert hard[2] == pytest.approx(0 + 1, abs=1e-4)  # a one-hot map has entropy 0; the largest MSE
+
+
+def test_keypoint_recall_counts_visible_joints_only():
+    conf = np.array([[0.95, 0.35, 0.05], [0.55, 0.99, 0.75]])
+    flags = np.array([[2, 2, 1], [2, 0, 2]])
+    r = icon.keypoint_recall(conf, flags, 2)
+    assert r["0.1"] == 1.0 and r["0.5"] == 0.75 and r["0.6"] == 0.5 and r["0.9"] == 0.25
+    r = icon.keypoint_recall(conf, flags, np.array([2, 2, 1]))  # per joint: joint 2 counts from flag 1
+    assert r["0.1"] == 0.8 and r["0.9"] == 0.2
+
+
+def test_the_contrast_block_lifts_out_with_torch_alone():
+    """SKCC + PRCC as a user lifts them: the block of icon.py between its two section headers, run with torch
+    imports only and explicit keyword arguments, gives icon.py's loss."""
+    src = open(icon.__file__).read()
+    block = src[src.index("# ICON's contrast, SKCC"):src.index("# The command line onto the contrast")]
+    ns = {}
+    exec("import math\nimport torch\nimport torch.nn.functional as F\n" + block, ns)
+    g = torch.Generator().manual_seed(0)
+    b, k, m, h, w = 4, 17, 8, 24, 16
+    emb = F.normalize(torch.randn(b, m, h, w, generator=g), dim=1)
+    joints = torch.rand(b, k, 2, generator=g) * torch.tensor([64.0, 96.0])
+    usable = torch.rand(b, k, generator=g) < 0.8
+    target, _ = icon.gaussian_targets(joints, usable.float(), (64, 96), (w, h))
+    kw = dict(input_size=(64, 96), pairs=icon.LIMB_PAIRS["coco"], num_queries=32, num_negatives=64,
+              person=torch.tensor([0, 1, 1, 2]))
+    torch.manual_seed(0)
+    lifted, terms = ns["icon_contrast"](torch.rand(b, k, h, w, generator=g.manual_seed(1)), emb, joints, target,
+                                        usable, **kw)
+    torch.manual_seed(0)
+    ours, _ = icon.icon_contrast(torch.rand(b, k, h, w, generator=g.manual_seed(1)), emb, joints, target, usable, **kw)
+    assert set(terms) == {"skcc", "prcc"} and lifted > 1 and torch.equal(lifted, ours)
+    assert torch.equal(lifted, 0.3 * terms["skcc"] + 0.7 * terms["prcc"])  # the paper's λ1, λ2 by default
+
+
+def test_flip_carries_the_visibility_flag_with_its_joint(tiny):
+    """A flipped crop swaps left and right joints: the raw flag goes with them (else the contrast's visibility
+    would describe the other side)."""
+    from common.datasets import load_coco, read_coco
+    ann, images = tiny[tiny.index("--val-ann") + 1], tiny[tiny.index("--val-images") + 1]
+    records, _ = read_coco(load_coco(ann), images, 0.75)
+    record = dict(records[0], vis_flag=np.array([2, 2, 1] * 5 + [2, 1], np.float32))  # left and right differ
+    kw = dict(train=True, scale_factor=0.0, rot_factor=0.0)
+    flipping = TopDownDataset([record], (64, 96), COCO_FLIP_PAIRS, [], flip=True, **kw)
+    plain = TopDownDataset([record], (64, 96), COCO_FLIP_PAIRS, [], flip=False, **kw)
+    perm = torch.tensor(flipping.flip_perm)
+    flipped = 0
+    for epoch in range(12):
+        flipping.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        a, p = flipping[0], plain[0]
+        if not torch.equal(a["image"], p["image"]):
+            flipped += 1
+            assert torch.equal(a["vis_flag"], p["vis_flag"][perm]) and torch.equal(a["visible"], p["visible"][perm])
+        else:
+            assert torch.equal(a["vis_flag"], p["vis_flag"])
+    assert 0 < flipped < 12
+
+
+def test_imagenet_initialisation_by_default_scratch_on_request():
+    assert icon.get_args(["--data", "coco"]).pretrained == "torchvision"  # ResNet presets: ImageNet (the paper)
+    assert icon.get_args(["--data", "demo"]).pretrained == "none"  # the demo's preset: scratch
+    assert icon.get_args(["--data", "coco", "--summary"]).pretrained == "none"  # nothing to download
+    args = icon.get_args(["--data", "mpii", "--pretrained", "none"])
+    assert args.pretrained == "none" and icon.build_model(args)[2] is None  # scratch: no file, no download
+    with pytest.raises(UserError, match="hrnet_w32-36af842e.pth.*--pretrained none"):
+        icon.get_args(["--data", "crowdpose", "--backbone", "hrnet_w32"])  # never scratch by omission
+    assert icon.get_args(["--data", "demo", "--backbone", "hrnet_w32"]).pretrained == "none"
 
 
 def test_hrnet_tap_and_head_shapes():
-    args = icon.get_args(["--data", "coco", "--backbone", "hrnet_w32", "--input-size", "48", "64", "--embed-dim", "16"])
+    args = icon.get_args(["--data", "coco", "--backbone", "hrnet_w32", "--input-size", "48", "64", "--embed-dim", "16",
+                          "--pretrained", "none"])
     pose, head, _ = icon.build_model(args)
     assert sum(p.numel() for p in pose.parameters()) == 28_536_113  # the official W32, 17 joints: no head inside
     heat, tap = icon.forward_tapped(pose.eval(), torch.zeros(1, 3, 64, 48))

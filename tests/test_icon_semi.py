@@ -16,7 +16,7 @@ from helpers import assert_one_line_error, run_script
 CPU = torch.device("cpu")
 SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
          "--print-freq", "1", "--no-flip-test", "--head-channels", "32", "--embed-dim", "32",
-         "--num-queries", "16", "--num-negatives", "32", "--labeled", "8", "--lr-steps", "9"]
+         "--num-queries", "16", "--num-negatives", "32", "--labeled", "8", "--lr-steps", "9", "--pretrained", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def setup(argv):
 
 
 def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops(tiny):
-    args, semi, batch = setup(tiny + ["--semi", "dual"])
+    args, semi, batch = setup(tiny + ["--semi", "dual", "--contrast-crops", "labeled"])
     assert semi.labeled[0].pose is semi.nets[0] and semi.labeled[1].pose is semi.nets[1]
     assert semi.labeled[0].head is not semi.labeled[1].head  # each network its own projection head
     torch.manual_seed(5)
@@ -58,6 +58,63 @@ def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops
     loss0, terms0 = icon.semi_losses(semi0, semi0, batch0, args0, CPU, np.random.default_rng(0))
     assert torch.allclose(loss0, 0.5 * (terms0["sup1"] + terms0["sup2"]) + terms0["cons1"] + terms0["cons2"])
     assert not any(k.startswith(("skcc", "prcc")) for k in terms0)
+
+
+@pytest.mark.parametrize("mode", ["dual", "pseudo"])
+def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_path, monkeypatch, mode):
+    """--contrast-crops all (the default): each network's contrast pool is its labeled crops plus its unlabeled
+    crops with gradient (dual: its hard view; pseudo: the student's crop), whose joints are the integer argmax
+    of the map that supervises them, usable where its peak is >= 0.75; --contrast-crops labeled: labeled only."""
+    teacher = tmp_path / "teacher.pth"
+    save_checkpoint(teacher, {"model": icon.build_model(icon.get_args(tiny))[0].state_dict()})
+    argv = tiny + ["--semi", mode] + (["--teacher", str(teacher)] if mode == "pseudo" else [])
+    args, semi, batch = setup(argv)
+    pools, outs = [], []
+    monkeypatch.setattr(icon, "icon_contrast", lambda *a, **kw: (pools.append((a, kw)), (a[1].sum() * 0, {}))[1])
+    forward = semi.forward
+
+    def confident(*a):  # every supervising map peaks at 1 on joints 0-7 and at 0.5 on the others
+        out = forward(*a)
+        for t in out["targets"]:
+            t.mul_(0.1)
+            t[:, :8, 3, 2] = 1.0
+            t[:, 8:, 5, 1] = 0.5
+        outs.append(out)
+        return out
+    monkeypatch.setattr(semi, "forward", confident)
+    icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    assert len(pools) == len(semi.nets)
+    for i, (a, kw) in enumerate(pools):
+        heatmaps, emb, joints, target, usable = a
+        out = outs[0]
+        assert heatmaps.shape[0] == emb.shape[0] == 16  # 8 labeled + 8 unlabeled persons in one pool
+        assert torch.equal(emb[8:], out["cons_extra"][i]) and torch.equal(heatmaps[8:], out["cons"][i].float())
+        assert torch.equal(target[8:], out["targets"][i])  # hardness uses the pseudo target
+        assert (joints[8:, :8] == torch.tensor([2.0, 3.0]) * 4).all()  # heatmap (2, 3) at stride 4
+        assert usable[8:, :8].all() and not usable[8:, 8:].any() and torch.equal(kw["claim"][8:], usable[8:])
+        assert torch.equal(emb[:8], out["sup_extra"][i]) and torch.equal(joints[:8], batch["labeled"]["joints"])
+        assert torch.equal(kw["person"], torch.cat([batch["labeled"]["pid"], batch["unlabeled"]["pid"]]))
+    if mode == "dual":  # network i's hard view, through network i's own head
+        assert torch.equal(outs[0]["cons_extra"][1], semi.labeled[1](outs[0]["hard"][1])[1])
+    pools.clear()
+    args, semi, batch = setup(argv + ["--contrast-crops", "labeled"])
+    icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    assert all(a[1].shape[0] == 8 for a, _ in pools)
+
+
+def test_person_ids_follow_the_person_across_labeled_and_unlabeled_items(tiny):
+    """pid: a training person's index, the same on its labeled and unlabeled items (--unlabeled all), disjoint
+    between the labeled persons and the rest (--unlabeled rest)."""
+    args = icon.get_args(tiny + ["--semi", "dual", "--unlabeled", "all"])
+    train, _, info = build_data(args, train=True)
+    unlabeled = build_unlabeled(args, train, info)
+    n = len(train)
+    assert [int(train[i]["pid"]) for i in range(n)] == list(range(n))
+    assert [int(unlabeled[i]["pid"]) for i in range(len(unlabeled))] == list(range(n + len(info["unlabeled"])))
+    assert unlabeled[0]["pid"].dtype == torch.int64
+    args = icon.get_args(tiny + ["--semi", "dual", "--unlabeled", "rest"])
+    rest = build_unlabeled(args, *build_data(args, train=True)[::2])
+    assert [int(rest[i]["pid"]) for i in range(len(rest))] == list(range(n, n + len(rest)))
 
 
 def test_gradient_routing(tiny, tmp_path):
