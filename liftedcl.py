@@ -37,7 +37,7 @@ from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
@@ -57,7 +57,7 @@ PRESETS = {
     # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run every part of the method
     # (too few iterations for MoCo to leave its early phase; README)
     "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
-                 moco_k=1024, moco_m=0.99, workers=1),
+                 moco_k=1024, moco_m=0.99, workers=1, amp="auto"),
 }
 
 
@@ -105,7 +105,9 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="total over all ranks")
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; the demo preset), none (fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     # outputs
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
@@ -620,6 +622,7 @@ def main():
 
     device_ids = [device.index] if device.type == "cuda" else None
     ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
+    ddp_model = compile_model(ddp_model, args.compile)  # the encoders; D is a small MLP
     ddp_disc = DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1 else discriminator
     init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr, momentum=args.momentum,

@@ -31,7 +31,7 @@ from common.datasets import list_images, read_image
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
@@ -50,7 +50,8 @@ PRESETS = {
                    fix_pred_lr=True),
     # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x 64/256
     # = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not a paper setting)
-    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True),
+    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True,
+                 amp="auto"),
 }
 DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
@@ -94,7 +95,9 @@ def get_args(argv=None):
                    help="total over all ranks (rounded down to a multiple of the number of ranks)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"])
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; the demo preset), none (fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     # outputs
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
@@ -381,6 +384,7 @@ def main():
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
+    ddp_model = compile_model(ddp_model, args.compile)
     optimizer = build_optimizer(model, init_lr, args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, history = 0, 0, []
