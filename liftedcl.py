@@ -622,7 +622,8 @@ def main():
 
     device_ids = [device.index] if device.type == "cuda" else None
     ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
-    ddp_model = compile_model(ddp_model, args.compile)  # the encoders; D is a small MLP
+    for encoder in (model.encoder_q, model.encoder_k):  # the ResNets: compiled, MoCo's queue updates stay eager
+        compile_model(encoder, args.compile)
     ddp_disc = DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1 else discriminator
     init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr, momentum=args.momentum,

@@ -177,9 +177,11 @@ def autocast(args, device):
 
 
 def compile_model(model, enabled):
-    """--compile: torch.compile's default mode (inductor), the wrapper trained in place of `model`; checkpoints
-    keep saving the wrapped module's state_dict, so their keys do not change."""
-    return torch.compile(model) if enabled else model
+    """--compile: torch.compile's default mode (inductor) on `model`'s forward, in place (Module.compile), so
+    module names, state_dict keys and checkpoints do not change. Returns `model`."""
+    if enabled:
+        model.compile()
+    return model
 
 
 def check_finite(loss, it, ckpt_path):
