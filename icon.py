@@ -43,7 +43,7 @@ from common.topdown import (build_data, data_paths, evaluate, format_metrics, lo
                             parse_labeled, predict, summary, to_memory_format, write_eval_outputs)
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
-                          run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
+                          compile_model, run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of --data".
@@ -70,7 +70,7 @@ PRESETS = {
     # the contrast on; not a paper setting
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, half_body_prob=0.0, batch_size=16, eval_every=2, workers=1,
-                 head_channels=64, channels_last=True),
+                 head_channels=64, channels_last=True, amp="auto"),
 }
 JOINT_NAMES = {"coco": COCO_JOINTS, "demo": COCO_JOINTS, "mpii": MPII_JOINTS, "crowdpose": CROWDPOSE_JOINTS}
 HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
@@ -173,8 +173,10 @@ def get_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
+                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
@@ -799,6 +801,7 @@ def main():
     # the paper's "batch size 16" per GPU
     ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else trained
+    ddp_model = compile_model(ddp_model, args.compile)
     # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen teacher
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)

@@ -39,7 +39,7 @@ from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
@@ -59,7 +59,7 @@ PRESETS = {
     # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run every part of the method
     # (too few iterations for MoCo to leave its early phase; README)
     "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
-                 moco_k=1024, moco_m=0.99, workers=1),
+                 moco_k=1024, moco_m=0.99, workers=1, amp="auto"),
 }
 
 
@@ -118,8 +118,10 @@ def get_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
+                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
@@ -726,6 +728,8 @@ def main():
 
     device_ids = [device.index] if device.type == "cuda" else None
     ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
+    for encoder in (model.encoder_q, model.encoder_k):  # the ResNets: compiled, MoCo's queue updates stay eager
+        compile_model(encoder, args.compile)
     ddp_disc = DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1 else discriminator
     init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr, momentum=args.momentum,

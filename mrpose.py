@@ -31,7 +31,7 @@ from common.topdown import (build_data, evaluate, format_metrics, load_weights, 
                             to_memory_format, write_eval_outputs)
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
-                          run_main, save_checkpoint, seed_everything, set_rng_state)
+                          compile_model, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
@@ -52,7 +52,7 @@ PRESETS = {
     # schedule with a higher lr, no rotation (the demo people are already tilted)
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1, head_channels=64,
-                 channels_last=True, pretrained="none"),
+                 channels_last=True, pretrained="none", amp="auto"),
 }
 # MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50 fine-tuned inside Xie et al.'s dual networks
 # (ESCP), GT boxes, no flip test; `--semi none` is Table 1's supervised-only SimpleBaseline* row. Batch 128
@@ -135,8 +135,10 @@ def get_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
+                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
@@ -356,6 +358,7 @@ def main():
     trained = dist.convert_sync_bn(trained, device)
     ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else trained
+    ddp_model = compile_model(ddp_model, args.compile)
     # Adam, no weight decay (Sec. IV); one optimiser over both networks with --semi dual (official)
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)

@@ -32,7 +32,7 @@ from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
@@ -51,7 +51,8 @@ PRESETS = {
                    fix_pred_lr=True),
     # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x 64/256
     # = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not a paper setting)
-    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True),
+    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True,
+                 amp="auto"),
 }
 DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
@@ -99,8 +100,10 @@ def get_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=None,
                    help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
-                   help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
+                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
@@ -429,6 +432,7 @@ def main():
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
+    ddp_model = compile_model(ddp_model, args.compile)
     optimizer = build_optimizer(model, init_lr, args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, history = 0, 0, []

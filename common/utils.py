@@ -1,6 +1,7 @@
 """Small helpers shared by every script: user-facing errors, atomic writes, seeding, progress."""
 import contextlib
 import errno
+import functools
 import json
 import os
 import pickle
@@ -176,11 +177,49 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+@functools.lru_cache(maxsize=None)  # autocast asks every iteration
+def native_bf16(device):
+    """Whether bf16 runs natively on `device`: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX (elsewhere
+    a CPU emulates bf16, slower than fp32). The one place that decides what --amp auto means."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # both need torch's AVX-512 kernels (not forced down by ATEN_CPU_CAPABILITY); the flags say which CPU it is
+    capability = torch.backends.cpu.get_cpu_capability()
+    return device.type == "cpu" and ("AVX512" in capability or "AMX" in capability) \
+        and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def amp_dtype(args, device):
+    """The autocast dtype of --amp on `device`, or None for fp32. `auto` is bf16 where native_bf16; the
+    environment variable POSE_AMP_AUTO=none makes it fp32 everywhere (the tests set it: same results on any CPU)."""
+    amp = args.amp
+    if amp == "auto":
+        amp = "none" if os.environ.get("POSE_AMP_AUTO") == "none" or not native_bf16(device) else "bf16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
 def autocast(args, device):
-    """--amp: bf16 autocast, or fp16 (the caller then scales the loss with a GradScaler)."""
-    if args.amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    """--amp: bf16 autocast (`auto`: where the device runs it natively), fp16 (the caller then scales the loss
+    with a GradScaler), or none (fp32)."""
+    dtype = amp_dtype(args, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def compile_model(model, enabled):
+    """--compile: torch.compile's default mode (inductor) on `model`'s forward, in place (Module.compile), so
+    module names, state_dict keys and checkpoints do not change. Returns `model`."""
+    if enabled:
+        model.compile()
+    return model
 
 
 def check_finite(loss, it, ckpt_path):
@@ -192,10 +231,11 @@ def check_finite(loss, it, ckpt_path):
 def check_resume_args(path, saved, args, keys, negated=()):
     """--resume continues the saved run: the settings named by `keys` (the model and the schedule) must not
     change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys in `negated` are
-    store_false flags, named --no-<key> in the message."""
+    store_false flags, named --no-<key> in the message. 'none' and an unset value are the same setting
+    (--amp none is fp32, as no --amp)."""
     for k in keys:
         was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else v for v in (was, now))
+        was, now = (list(v) if isinstance(v, (list, tuple)) else None if v == "none" else v for v in (was, now))
         if k in saved and was != now:
             flag = "--" + k.replace("_", "-")
             if k in negated:

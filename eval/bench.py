@@ -7,7 +7,8 @@
 
 1. Training: the step of mrpose.py's loop (forward, gaussian_targets on the device, joints MSE,
    Adam) on models built by mrpose.build_model at the paper's COCO input 256x192, 17 joints.
-   Each (arch, backbone, mode) runs in a fresh process, so its peak memory is its own.
+   Each (arch, backbone, mode) runs in a fresh process, so its peak memory is its own. Rows "+compile"
+   train the model under torch.compile as `--compile` does (--no-compile skips them).
 2. Data: samples/s of one worker on real COCO images and boxes: TopDownDataset with the COCO
    preset's augmentation plus batched gaussian_targets, against a re-implementation of the
    reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
@@ -42,14 +43,16 @@ from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_co
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
 from common.topdown import to_memory_format
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, heatmap_to_image, normalize, warp_image
-from common.utils import UserError, autocast, run_main, save_json
+from common.utils import UserError, autocast, compile_model, native_bf16, run_main, save_json
 
 ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"]
 # CPU default: the baseline and the paper's best head on ResNet-50, and the baseline on ResNet-18
 CPU_PAIRS = [("simplebaseline", "resnet50"), ("mrfeanet2", "resnet50"), ("simplebaseline", "resnet18")]
-# mode -> mrpose.py flags; CPU shows whether channels_last alone helps, CUDA the fast training setting
-MODES = {"fp32": [], "channels_last": ["--channels-last"], "amp-bf16": ["--amp", "bf16"],
-         "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"]}
+# mode -> mrpose.py flags; CPU shows whether channels_last alone helps, CUDA the fast training setting; a
+# "+compile" mode is the mode without it under torch.compile (the warm-up steps compile, the timed ones do not)
+MODES = {"fp32": [], "fp32+compile": ["--compile"], "channels_last": ["--channels-last"], "amp-bf16": ["--amp", "bf16"],
+         "amp-bf16+channels_last": ["--amp", "bf16", "--channels-last"],
+         "amp-bf16+channels_last+compile": ["--amp", "bf16", "--channels-last", "--compile"]}
 # dense bf16 peak (no sparsity) for the MFU; H100 SXM and H200 share the same tensor cores
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHARED_COCO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -78,6 +81,8 @@ def get_args(argv=None):
     p.add_argument("--icon-backbones", nargs="*", default=None, choices=["resnet18", "resnet50", "hrnet_w32", "hrnet_w48"],
                    help="ICON section: training step with and without the contrast (default resnet50 hrnet_w32; "
                         "none: skip it)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the training rows under torch.compile (they compile for a minute or more on a CPU)")
     p.add_argument("--quick", action="store_true", help="tiny counts, batch 2, ResNet-18 only (smoke test)")
     p.add_argument("--out", default=None, help="also write every table as JSON here")
     args = p.parse_args(argv)
@@ -100,8 +105,13 @@ def get_args(argv=None):
         archs = args.archs or (ALL_ARCHS if cuda else ["simplebaseline", "mrfeanet2"])
         args.pairs = [(a, b) for b in (args.backbones or ["resnet50"]) for a in archs]
     args.eval_backbone = (args.backbones or ["resnet50"])[0]
+    bf16 = cuda or native_bf16(torch.device("cpu"))
     args.modes = ["fp32", "amp-bf16+channels_last"] if cuda else \
-        ["fp32", "channels_last"] + (["amp-bf16", "amp-bf16+channels_last"] if cpu_has_bf16() else [])
+        ["fp32", "channels_last"] + (["amp-bf16", "amp-bf16+channels_last"] if bf16 else [])
+    if args.quick:  # the smoke test: each kind of row once (compiling is most of its time)
+        args.modes = [m for m in args.modes if m in ("fp32", "amp-bf16+channels_last")]
+    if args.compile:  # fp32 and the bf16 mode, each compiled (on a CPU without native bf16, and --quick: fp32 only)
+        args.modes += ["fp32+compile"] + (["amp-bf16+channels_last+compile"] if bf16 and not args.quick else [])
     args.batch_size = args.batch_size or (32 if cuda else 8)
     if args.mscl_batches is None:
         args.mscl_batches = [8, 64] if cuda else [8]
@@ -118,18 +128,6 @@ def mrpose_args(arch, backbone, batch_size, mode):
     """mrpose.py's own arguments for the COCO preset: 192x256 input, 48x64 heatmaps, 17 joints."""
     return mrpose.get_args(["--data", "coco", "--pretrained", "none", "--arch", arch, "--backbone", backbone,
                             "--batch-size", str(batch_size)] + MODES[mode])
-
-
-def cpu_has_bf16():
-    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): the only case where --amp bf16 can pay off on a CPU;
-    elsewhere bf16 is emulated and slower than fp32."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
-    if not os.path.isfile("/proc/cpuinfo"):
-        return True
-    with open("/proc/cpuinfo") as f:
-        flags = f.read().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name(device):
@@ -227,8 +225,9 @@ def train_config(cfg):
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     batch = synthetic_batch(cfg["batch_size"], args, device)
     flops = 3 * forward_flops(model, to_memory_format(normalize(batch["image"].to(device)), args))  # fwd + 2x bwd
+    trained = compile_model(model, args.compile)  # as mrpose.main wraps it
 
-    dt, peak, loss = time_steps(lambda: train_step(model, optimizer, scheduler, scaler, batch, args, device),
+    dt, peak, loss = time_steps(lambda: train_step(trained, optimizer, scheduler, scaler, batch, args, device),
                                 cfg, device)
     return dict(arch=cfg["arch"], backbone=cfg["backbone"], mode=cfg["mode"], batch=cfg["batch_size"],
                 img_per_s=cfg["batch_size"] / dt, ms_per_iter=dt * 1e3, peak_mib=peak,

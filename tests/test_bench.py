@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,4 +18,7 @@ def test_bench_quick_prints_and_writes_every_section(tmp_path):
         assert section in p.stdout
     result = json.loads(out.read_text())
     assert result["train"] and all(r["img_per_s"] > 0 for r in result["train"])
+    # the --compile row trains the same model from the same start as the eager fp32 row: the same loss
+    rows = {r["mode"]: r for r in result["train"]}
+    assert rows["fp32+compile"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=1e-4)
     assert result["eval"] and result["eval"][0]["img_per_s"] > 0

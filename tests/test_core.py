@@ -449,3 +449,12 @@ def test_evaluation_runs_in_fp32_under_amp():
     amp = predict(model, samples, args, torch.device("cpu"), info)
     np.testing.assert_array_equal(amp[0], fp32[0])
     np.testing.assert_array_equal(amp[1], fp32[1])
+
+
+def test_resume_takes_none_for_an_unset_setting_and_refuses_a_changed_one():
+    from argparse import Namespace
+    from common.utils import check_resume_args
+    check_resume_args("ckpt", {"amp": None}, Namespace(amp="none"), ["amp"])
+    check_resume_args("ckpt", {"amp": "none"}, Namespace(amp=None), ["amp"])
+    with pytest.raises(UserError, match="ckpt: saved with --amp None, this run has auto"):
+        check_resume_args("ckpt", {"amp": None}, Namespace(amp="auto"), ["amp"])
