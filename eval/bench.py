@@ -10,8 +10,7 @@
    Each (arch, backbone, mode) runs in a fresh process, so its peak memory is its own. Rows "+compile"
    train the model under torch.compile as `--compile` does (--no-compile skips them).
 2. Data: samples/s of one worker on real COCO images and boxes: TopDownDataset with the COCO
-   preset's augmentation plus batched gaussian_targets, against a re-implementation of the
-   reference SimpleBaseline/HRNet per-sample pipeline (per-joint Python loop for the targets).
+   preset's augmentation plus batched gaussian_targets.
 3. Evaluation: img/s of common.topdown.predict's inner loop (forward, flip test, decode, back-projection).
 4. MSCL pretraining (both --fusion orders) against SimSiam in the same code, pairs/s.
 5. LiftedCL pretraining (encoder + discriminator step) against MoCo v2, its degenerate setting.
@@ -23,26 +22,22 @@
 It only measures and prints; nothing here asserts a speed.
 """
 import argparse
-import copy
 import datetime
 import multiprocessing
 import os
 import platform
-import random
 import resource
 import time
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image
 from torch.utils.data import default_collate
 
 import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
 from common.topdown import to_memory_format
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, heatmap_to_image, normalize, warp_image
+from common.transforms import heatmap_to_image, normalize
 from common.utils import UserError, autocast, compile_model, native_bf16, run_main, save_json
 
 ALL_ARCHS = ["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"]
@@ -251,157 +246,11 @@ def bench_training(args, peak_flops):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Data pipeline. The reference below re-implements HRNet's JointsDataset.__getitem__ for COCO
-# training (lib/dataset/JointsDataset.py, lib/utils/transforms.py) without cv2, which must not be
-# installed: PIL decodes (straight to RGB, where cv2 decodes BGR and HRNet converts) and the same
-# PIL bilinear warp as mrpose stands in for cv2.warpAffine. Everything else is HRNet's code path:
-# global numpy/random draws, a deep copy of the record, the three-point affine, the per-joint
-# transform loop, torchvision ToTensor + Normalize, and generate_target's per-joint Python loop.
-
-def ref_get_dir(src_point, rot_rad):
-    sn, cs = np.sin(rot_rad), np.cos(rot_rad)
-    return [src_point[0] * cs - src_point[1] * sn, src_point[0] * sn + src_point[1] * cs]
-
-
-def ref_get_3rd_point(a, b):
-    direct = a - b
-    return b + np.array([-direct[1], direct[0]], dtype=np.float32)
-
-
-def ref_get_affine_transform(center, scale, rot, output_size):
-    """HRNet's get_affine_transform (shift 0); cv2.getAffineTransform is the 3-point solve."""
-    scale_tmp = scale * 200.0
-    src_w, dst_w, dst_h = scale_tmp[0], output_size[0], output_size[1]
-    rot_rad = np.pi * rot / 180
-    src_dir = ref_get_dir([0, src_w * -0.5], rot_rad)
-    dst_dir = np.array([0, dst_w * -0.5], np.float32)
-    src, dst = np.zeros((3, 2), dtype=np.float32), np.zeros((3, 2), dtype=np.float32)
-    src[0, :] = center
-    src[1, :] = center + src_dir
-    dst[0, :] = [dst_w * 0.5, dst_h * 0.5]
-    dst[1, :] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
-    src[2:, :] = ref_get_3rd_point(src[0, :], src[1, :])
-    dst[2:, :] = ref_get_3rd_point(dst[0, :], dst[1, :])
-    return np.linalg.solve(np.hstack([src, np.ones((3, 1), np.float32)]).astype(np.float64), dst).T
-
-
-def ref_affine_transform(pt, t):
-    new_pt = np.array([pt[0], pt[1], 1.0]).T
-    return np.dot(t, new_pt)[:2]
-
-
-def ref_fliplr_joints(joints, joints_vis, width, matched_parts):
-    joints[:, 0] = width - joints[:, 0] - 1
-    for a, b in matched_parts:
-        joints[a, :], joints[b, :] = joints[b, :], joints[a, :].copy()
-        joints_vis[a, :], joints_vis[b, :] = joints_vis[b, :], joints_vis[a, :].copy()
-    return joints * joints_vis, joints_vis
-
-
-class ReferenceJointsDataset(torch.utils.data.Dataset):
-    """reference-style (HRNet per-joint loop): HRNet's COCO training sample, targets built per sample."""
-
-    def __init__(self, records, image_size=(192, 256), heatmap_size=(48, 64), sigma=2.0, scale_factor=0.4,
-                 rotation_factor=15.0, prob_half_body=0.3):
-        # HRNet's records: joints_3d (K, 3), joints_3d_vis (K, 3), scale in units of 200 px.
-        # rotation_factor 15 with HRNet's law clip(N(0, rf), ±2rf) is mrpose's ±30° COCO preset.
-        self.db = [dict(image=r["image"], center=r["center"].copy(), scale=r["scale"] / 200.0, score=r["score"],
-                        joints_3d=np.concatenate([r["joints"], np.zeros((len(r["joints"]), 1), np.float32)], 1),
-                        joints_3d_vis=np.repeat(r["visible"][:, None], 3, 1) * np.array([1, 1, 0], np.float32))
-                   for r in records]
-        self.num_joints, self.flip_pairs, self.upper_body_ids = 17, COCO_FLIP_PAIRS, COCO_UPPER
-        self.image_size, self.heatmap_size = np.array(image_size), np.array(heatmap_size)
-        self.out_size = (int(image_size[0]), int(image_size[1]))
-        self.aspect_ratio, self.pixel_std, self.sigma = image_size[0] / image_size[1], 200, sigma
-        self.scale_factor, self.rotation_factor, self.flip = scale_factor, rotation_factor, True
-        self.num_joints_half_body, self.prob_half_body = 8, prob_half_body
-        self.transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist())])
-
-    def __len__(self):
-        return len(self.db)
-
-    def half_body_transform(self, joints, joints_vis):
-        upper_joints, lower_joints = [], []
-        for joint_id in range(self.num_joints):
-            if joints_vis[joint_id][0] > 0:
-                (upper_joints if joint_id in self.upper_body_ids else lower_joints).append(joints[joint_id])
-        if np.random.randn() < 0.5 and len(upper_joints) > 2:
-            selected_joints = upper_joints
-        else:
-            selected_joints = lower_joints if len(lower_joints) > 2 else upper_joints
-        if len(selected_joints) < 2:
-            return None, None
-        selected_joints = np.array(selected_joints, dtype=np.float32)
-        center = selected_joints.mean(axis=0)[:2]
-        left_top, right_bottom = np.amin(selected_joints, axis=0), np.amax(selected_joints, axis=0)
-        w, h = right_bottom[0] - left_top[0], right_bottom[1] - left_top[1]
-        if w > self.aspect_ratio * h:
-            h = w * 1.0 / self.aspect_ratio
-        elif w < self.aspect_ratio * h:
-            w = h * self.aspect_ratio
-        return center, np.array([w / self.pixel_std, h / self.pixel_std], dtype=np.float32) * 1.5
-
-    def generate_target(self, joints, joints_vis):
-        """HRNet's Gaussian target: a Python loop over joints, a 13x13 numpy patch pasted per joint."""
-        target_weight = np.ones((self.num_joints, 1), dtype=np.float32)
-        target_weight[:, 0] = joints_vis[:, 0]
-        target = np.zeros((self.num_joints, self.heatmap_size[1], self.heatmap_size[0]), dtype=np.float32)
-        tmp_size = self.sigma * 3
-        for joint_id in range(self.num_joints):
-            feat_stride = self.image_size / self.heatmap_size
-            mu_x = int(joints[joint_id][0] / feat_stride[0] + 0.5)
-            mu_y = int(joints[joint_id][1] / feat_stride[1] + 0.5)
-            ul = [int(mu_x - tmp_size), int(mu_y - tmp_size)]
-            br = [int(mu_x + tmp_size + 1), int(mu_y + tmp_size + 1)]
-            if ul[0] >= self.heatmap_size[0] or ul[1] >= self.heatmap_size[1] or br[0] < 0 or br[1] < 0:
-                target_weight[joint_id] = 0
-                continue
-            size = 2 * tmp_size + 1
-            x = np.arange(0, size, 1, np.float32)
-            y = x[:, np.newaxis]
-            x0 = y0 = size // 2
-            g = np.exp(- ((x - x0) ** 2 + (y - y0) ** 2) / (2 * self.sigma ** 2))
-            g_x = max(0, -ul[0]), min(br[0], self.heatmap_size[0]) - ul[0]
-            g_y = max(0, -ul[1]), min(br[1], self.heatmap_size[1]) - ul[1]
-            img_x = max(0, ul[0]), min(br[0], self.heatmap_size[0])
-            img_y = max(0, ul[1]), min(br[1], self.heatmap_size[1])
-            if target_weight[joint_id] > 0.5:
-                target[joint_id][img_y[0]:img_y[1], img_x[0]:img_x[1]] = g[g_y[0]:g_y[1], g_x[0]:g_x[1]]
-        return target, target_weight
-
-    def __getitem__(self, idx):
-        db_rec = copy.deepcopy(self.db[idx])
-        data_numpy = np.asarray(Image.open(db_rec["image"]).convert("RGB"))  # cv2.imread + BGR2RGB
-        joints, joints_vis = db_rec["joints_3d"], db_rec["joints_3d_vis"]
-        c, s, score, r = db_rec["center"], db_rec["scale"], db_rec["score"], 0
-        if np.sum(joints_vis[:, 0]) > self.num_joints_half_body and np.random.rand() < self.prob_half_body:
-            c_half_body, s_half_body = self.half_body_transform(joints, joints_vis)
-            if c_half_body is not None and s_half_body is not None:
-                c, s = c_half_body, s_half_body
-        sf, rf = self.scale_factor, self.rotation_factor
-        s = s * np.clip(np.random.randn() * sf + 1, 1 - sf, 1 + sf)
-        r = np.clip(np.random.randn() * rf, -rf * 2, rf * 2) if random.random() <= 0.6 else 0
-        if self.flip and random.random() <= 0.5:
-            data_numpy = data_numpy[:, ::-1, :]
-            joints, joints_vis = ref_fliplr_joints(joints, joints_vis, data_numpy.shape[1], self.flip_pairs)
-            c[0] = data_numpy.shape[1] - c[0] - 1
-        trans = ref_get_affine_transform(c, s, r, self.image_size)
-        # cv2.warpAffine(data_numpy, trans, (w, h), flags=cv2.INTER_LINEAR)
-        crop = np.array(warp_image(Image.fromarray(np.ascontiguousarray(data_numpy)), trans, self.out_size))
-        x = self.transform(crop)
-        for i in range(self.num_joints):
-            if joints_vis[i, 0] > 0.0:
-                joints[i, 0:2] = ref_affine_transform(joints[i, 0:2], trans)
-        target, target_weight = self.generate_target(joints, joints_vis)
-        meta = {"image": db_rec["image"], "filename": "", "imgnum": 0, "joints": joints, "joints_vis": joints_vis,
-                "center": c, "scale": s, "rotation": r, "score": score}
-        return x, torch.from_numpy(target), torch.from_numpy(target_weight), meta
-
+# 2. Data pipeline: what one loader worker serves, on real COCO images and boxes
 
 def time_pipeline(load_sample, batch_step, n, batch_size):
     """Seconds for n samples in one process: (loading + collating, which a loader worker does; the
-    per-batch step on the training device, mrpose only: normalisation and targets, which the
-    reference makes per sample in the worker)."""
+    per-batch step on the training device: normalisation and targets)."""
     t_load = t_step = 0.0
     for start in range(0, n, batch_size):
         t0 = time.perf_counter()
@@ -416,58 +265,33 @@ def bench_data(args):
     ann = os.path.join(args.coco_root, "annotations", "person_keypoints_train2017.json")
     images = os.path.join(args.coco_root, "train2017")
     if not os.path.isfile(ann):
-        return [], None, f"skipped: no COCO annotations at {ann} (give --coco-root)"
+        return [], f"skipped: no COCO annotations at {ann} (give --coco-root)"
     coco_args = mrpose_args("simplebaseline", "resnet18", args.batch_size, "fp32")
     aspect = coco_args.input_size[0] / coco_args.input_size[1]
     records = read_coco(load_coco(ann), images, aspect)[0]
-    for path in {r["image"] for r in records}:  # both pipelines start from a warm page cache
+    for path in {r["image"] for r in records}:  # start from a warm page cache
         with open(path, "rb") as f:
             f.read()
-
     ours = TopDownDataset(records, coco_args.input_size, COCO_FLIP_PAIRS, COCO_UPPER, train=True,
                           scale_factor=coco_args.scale_factor, rot_factor=coco_args.rot_factor, half_body_prob=0.3)
 
-    def ours_sample(i):
+    def sample(i):
         ours.set_epoch(i // len(ours))  # cycling the records draws fresh augmentations each pass
         return ours[i % len(ours)]
 
-    def ours_batch(batch):  # what mrpose does per batch on the training device
-        return normalize(batch["image"]), gaussian_targets(batch["joints"], batch["visible"], coco_args.input_size, coco_args.heatmap_size,
-                                coco_args.sigma)
+    def batch_step(batch):  # what mrpose does per batch on the training device
+        return normalize(batch["image"]), gaussian_targets(batch["joints"], batch["visible"], coco_args.input_size,
+                                                            coco_args.heatmap_size, coco_args.sigma)
 
-    ref = ReferenceJointsDataset(records, coco_args.input_size, coco_args.heatmap_size, coco_args.sigma,
-                                 coco_args.scale_factor, coco_args.rot_factor / 2, prob_half_body=0.3)
-    np.random.seed(0)
-    random.seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
-    rows = []
-    for name, sample, batch_step in [("mrpose (TopDownDataset + batched normalize, gaussian_targets)", ours_sample, ours_batch),
-                                  ("reference-style (HRNet per-joint loop)", lambda i: ref[i % len(ref)], lambda b: None)]:
-        t_load, t_step = time_pipeline(sample, batch_step, args.samples, args.batch_size)
-        rows.append(dict(pipeline=name, samples=args.samples, samples_per_s=args.samples / t_load,
-                         ms_per_sample=t_load / args.samples * 1e3, step_ms_per_sample=t_step / args.samples * 1e3,
-                         total_ms_per_sample=(t_load + t_step) / args.samples * 1e3))
-
-    # the target step alone, on the joints of real augmented samples
-    samples = [ours_sample(i) for i in range(args.batch_size)]
-    joints, visible = torch.stack([s["joints"] for s in samples]), torch.stack([s["visible"] for s in samples])
-    reps = max(1, args.samples // args.batch_size)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        gaussian_targets(joints, visible, coco_args.input_size, coco_args.heatmap_size, coco_args.sigma)
-    ours_t = (time.perf_counter() - t0) / (reps * args.batch_size)
-    ref_vis = np.repeat(visible.numpy()[..., None], 3, -1)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        for j, v in zip(joints.numpy(), ref_vis):
-            ref.generate_target(j, v)
-    ref_t = (time.perf_counter() - t0) / (reps * args.batch_size)
-    rows[0]["target_ms_per_sample"], rows[1]["target_ms_per_sample"] = ours_t * 1e3, ref_t * 1e3
+    t_load, t_step = time_pipeline(sample, batch_step, args.samples, args.batch_size)
     torch.set_num_threads(threads)
-    speedup = dict(worker=rows[0]["samples_per_s"] / rows[1]["samples_per_s"],
-                   total=rows[1]["total_ms_per_sample"] / rows[0]["total_ms_per_sample"], targets=ref_t / ours_t)
-    return rows, speedup, f"{len(records)} persons in {len({r['image'] for r in records})} images of {ann}"
+    rows = [dict(pipeline="TopDownDataset + batched normalize, gaussian_targets", samples=args.samples,
+                 samples_per_s=args.samples / t_load, ms_per_sample=t_load / args.samples * 1e3,
+                 step_ms_per_sample=t_step / args.samples * 1e3,
+                 total_ms_per_sample=(t_load + t_step) / args.samples * 1e3)]
+    return rows, f"{len(records)} persons in {len({r['image'] for r in records})} images of {ann}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,7 +589,7 @@ def main():
           f"timing: {args.warmup} warm-up + {args.iters} timed iterations, batch {args.batch_size}", flush=True)
 
     train = bench_training(args, peak)
-    data, speedup, data_note = bench_data(args)
+    data, data_note = bench_data(args)
     evals = bench_eval(args)
     pretrain = bench_mscl(args) if args.mscl_batches else []
     lifted = bench_liftedcl(args) if args.liftedcl_batches else []
@@ -789,11 +613,8 @@ def main():
         print(format_table(data, [("pipeline", "pipeline", "s"), ("samples_per_s", "worker samples/s", ".1f"),
                                   ("ms_per_sample", "worker ms/sample", ".2f"),
                                   ("step_ms_per_sample", "device step ms/sample", ".2f"),
-                                  ("total_ms_per_sample", "total ms/sample", ".2f"),
-                                  ("target_ms_per_sample", "targets alone ms/sample", ".3f")]))
-        print(f"{data_note}\nspeed-up of mrpose over reference-style per sample: {speedup['worker']:.2f}x in the "
-              f"loader worker (what keeps a GPU fed), {speedup['total']:.2f}x with the device step on this CPU, "
-              f"{speedup['targets']:.1f}x for the targets alone")
+                                  ("total_ms_per_sample", "total ms/sample", ".2f")]))
+        print(data_note)
     else:
         print(data_note)
 
@@ -822,7 +643,7 @@ def main():
     print(format_table(semi, [("step", "step", "s"), ("ms_per_iter", "ms/iter", ".1f"), ("pairs_per_s", "pairs/s", ".2f"),
                               ("vs_two_supervised", "vs two supervised", ".2f")]))
     if args.out:
-        save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note, data_speedup=speedup,
+        save_json(args.out, dict(header=header, train=train, data=data, data_note=data_note,
                                  eval=evals, mscl=pretrain, liftedcl=lifted, icon=icon_rows, semi=semi))
         print(f"\nwrote {args.out}")
 
