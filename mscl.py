@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
+from common.devaug import AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlip, resolve_aug_device
 from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
@@ -102,6 +103,7 @@ def get_args(argv=None):
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="mixed precision: bf16 autocast (bare --amp), or fp16 with loss scaling (default: fp32)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
@@ -402,7 +404,9 @@ def main():
     names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
     model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
-    train_ds = TwoViews(files, moco_v2_augmentation(args.crop_size))
+    aug_device = resolve_aug_device(args.aug_device, device)
+    train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None else moco_v2_augmentation(args.crop_size))
+    appearance = BatchAppearance(aug_device) if aug_device is not None else None
     per_rank, batch, init_lr = batch_and_lr(args, world)
     if per_rank < 2:
         raise UserError(f"--batch-size {args.batch_size} gives {per_rank} image(s) to each of {world} ranks; "
@@ -472,6 +476,8 @@ def main():
             if it >= total_iters:
                 break
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            if appearance is not None:  # uint8 crops: colour, grayscale and blur a batch at a time
+                x1, x2 = appearance(x1).to(device), appearance(x2).to(device)
             with autocast(args, device):
                 p1, p2, z1, z2 = ddp_model(x1, x2)
             loss, per_scale = mscl_loss(p1, p2, z1, z2, weights)
