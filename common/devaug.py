@@ -10,15 +10,20 @@ Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid +
 same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels repeated
 inside the image, black outside), so it runs on the CPU or the GPU alike.
 
-Needs only torch (and torchvision/PIL for the worker half, which works on PIL images)."""
+--data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg, decode_crops."""
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from common.datasets import TopDownDataset, draw_scale_rotation
 from common.ssl import BLUR_SIGMA, JITTER, P_BLUR, P_GRAY, P_JITTER
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD, invert_affine, to_tensor_uint8
+from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, apply_affine, half_body_center_scale,
+                               invert_affine, to_tensor_uint8)
 from common.utils import UserError
 
 AUG_DEVICES = ["auto", "workers", "cpu", "cuda"]
@@ -93,11 +98,12 @@ def grayscale(x):
 
 
 def _blend(x, other, f):
-    return (_per_image(f, x) * x + (1 - _per_image(f, x)) * other).clamp_(0, 1)
+    """f·x + (1 - f)·other, clipped to [0, 1] (torchvision's _blend, in one pass)."""
+    return torch.lerp(other.expand_as(x), x, _per_image(f, x)).clamp_(0, 1)
 
 
 def adjust_brightness(x, f):
-    return _blend(x, torch.zeros_like(x), f)
+    return (x * _per_image(f, x)).clamp_(0, 1)
 
 
 def adjust_contrast(x, f):
@@ -217,3 +223,88 @@ def warp_crops(images, matrices, output_size):
     inside = ((px >= -0.5) & (px < sizes[:, 0, None, None] - 0.5) & (py >= -0.5)
               & (py < sizes[:, 1, None, None] - 0.5))
     return out * inside[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# --data-device: the top-down scripts' workers read JPEG bytes; decode and crop run a batch at a time
+
+DATA_DEVICES = ["workers", "cpu", "cuda"]
+DATA_DEVICE_HELP = ("where training crops are decoded and cut: workers (per image, PIL, with the reduced-size JPEG "
+                    "decode), cpu or cuda (a batch at a time in the training process, torchvision.io.decode_jpeg at "
+                    "full size and affine_grid + grid_sample; the workers only read bytes and draw the geometry)")
+
+
+def resolve_data_device(choice):
+    """--data-device -> None (the per-image path) or the device that decodes and crops."""
+    if choice == "workers":
+        return None
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--data-device cuda: no CUDA device here (use --data-device cpu or workers)")
+    return torch.device(choice)
+
+
+class JpegCrops(TopDownDataset):
+    """TopDownDataset's training items with "jpeg" (the file's bytes) and "matrix" (image -> crop, at the
+    file's full size) in place of "image": the same draws, seeded by (seed, epoch, i), so the joints, flags,
+    centres and scales are identical; decode_crops makes the image."""
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        center, scale, rot, flip = r["center"], r["scale"], 0.0, False
+        joints, visible = r["joints"], r["visible"]
+        vis_flag = r.get("vis_flag", 2 * visible)
+        if self.train:  # TopDownDataset.__getitem__'s draws, in its order
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            if (visible > 0).sum() > self.half_body_min_joints and rng.random() < self.half_body_prob:
+                half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio, rng)
+                if half is not None:
+                    center, scale = half
+            factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
+            scale = scale * factor
+            flip = self.flip and rng.random() <= 0.5
+        data, width = read_jpeg(r["image"])
+        m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)
+        joints = apply_affine(joints, m).astype(np.float32)
+        if flip:
+            joints, visible, vis_flag = joints[self.flip_perm], visible[self.flip_perm], vis_flag[self.flip_perm]
+        return {"jpeg": data, "matrix": torch.from_numpy(m), "joints": torch.from_numpy(joints),
+                "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
+                "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
+                "center": torch.from_numpy(np.asarray(center, np.float32)),
+                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}
+
+
+def read_jpeg(path):
+    """(the file's bytes as a uint8 tensor, its width from the header), or a one-line error."""
+    try:
+        with Image.open(path) as img:
+            width, fmt = img.size[0], img.format
+        data = torchvision.io.read_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (OSError, RuntimeError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: unreadable image ({e})") from None
+    if fmt != "JPEG":
+        raise UserError(f"{path}: {fmt} image; --data-device decodes JPEGs only (use --data-device workers)")
+    return data, width
+
+
+def collate_jpeg(items):
+    """default_collate, except that the JPEGs (of different lengths) stay a list."""
+    if isinstance(items[0], dict):
+        return {k: [it[k] for it in items] if k == "jpeg" else collate_jpeg([it[k] for it in items])
+                for k in items[0]}
+    return torch.utils.data.default_collate(items)
+
+
+def decode_crops(batch, device, output_size):
+    """A batch of JpegCrops items (at any depth of nested dicts) -> its uint8 "image" crops on `device`:
+    decode_jpeg (nvJPEG on CUDA, batched), then warp_crops with the items' matrices."""
+    if "jpeg" in batch:
+        images = decode_jpeg(batch.pop("jpeg"), mode=ImageReadMode.RGB, device=device)
+        crops = warp_crops(images, batch.pop("matrix"), output_size)
+        batch["image"] = crops.round_().clamp_(0, 255).to(torch.uint8)  # as PIL's 8-bit crops
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            batch[k] = decode_crops(v, device, output_size)
+    return batch
