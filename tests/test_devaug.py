@@ -326,3 +326,16 @@ def test_topdown_scripts_train_with_data_device_cpu(tmp_path, monkeypatch, scrip
     assert seen == [8, 8]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[-1]["loss"])
+
+
+def test_warp_crops_edges_as_pil():
+    """A crop hanging over the image's edges: inside the image the edge pixels repeat up to the boundary,
+    outside it is black, as PIL's transform (not grid_sample's zero padding, which darkens the last
+    half pixel)."""
+    from PIL import Image
+    img = Image.new("RGB", (40, 30), (200, 120, 40))
+    m = affine_matrix(np.array([35.3, 5.6]), np.array([40.0, 53.3]), 0.0, (48, 64))  # zoom 1.2, off the grid
+    ref = to_tensor_uint8(warp_image(img, m, (48, 64))).float()
+    out = devaug.warp_crops([to_tensor_uint8(img)], m[None], (48, 64))[0]
+    assert (ref == 0).any() and (ref == 200).any()
+    assert (out - ref).abs().max() <= 1
