@@ -339,3 +339,20 @@ def test_warp_crops_edges_as_pil():
     out = devaug.warp_crops([to_tensor_uint8(img)], m[None], (48, 64))[0]
     assert (ref == 0).any() and (ref == 200).any()
     assert (out - ref).abs().max() <= 1
+
+
+@need_coco
+def test_bench_data_prints_every_stage(capsys, monkeypatch):
+    """python -m eval.bench_data on the 4 shared COCO val images, one round: every stage and pair rate
+    is printed with a positive rate, and --device cpu adds the batched halves."""
+    import sys
+    from eval import bench_data
+    monkeypatch.setattr(sys, "argv", ["bench_data", "--images", str(SHARED / "coco" / "images"), "--rounds", "1",
+                                      "--size", "64", "--batch", "4", "--device", "cpu", "--device-batch", "4"])
+    bench_data.main()
+    out = capsys.readouterr().out
+    for row in ["decode (per image)", "before: per-image PIL view", "after: worker crop + flip (uint8)",
+                "after: batched colour/gray/blur, CPU", "before (per-image PIL)", "after, --aug-device cuda",
+                "after, --aug-device cpu", "cpu: BatchAppearance", "cpu: decode_crops"]:
+        line = next(ln for ln in out.splitlines() if row in ln)
+        assert float(line.split()[-1] if "/s" not in line else line.split("/s")[0].split()[-1]) > 0, line
