@@ -629,6 +629,7 @@ def main():
         print_summary(args)
         return
     rank, world, device = dist.setup(args.device)
+    aug_device = resolve_aug_device(args.aug_device, device)
     main_proc = dist.is_main()
     args.bn_groups = args.bn_groups or max(1, 4 // world)
     per_rank = args.batch_size // world
@@ -653,7 +654,6 @@ def main():
     real, reference = real.to(device), reference.to(device)
 
     train_ds = TwoViews(items, args.crop_size, args.person_size)
-    aug_device = resolve_aug_device(args.aug_device, device)
     if aug_device is not None:  # the workers only crop and flip; BatchAppearance does the rest
         train_ds = CropFlipPairs(train_ds.source, len(train_ds), args.crop_size)
     appearance = BatchAppearance(aug_device) if aug_device is not None else None

@@ -289,6 +289,7 @@ def main():
     if begin(args, run_plan):
         return
     rank, world, device = dist.setup(args.device)
+    data_device = resolve_data_device(args.data_device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     model, report = build_model(args)
@@ -335,7 +336,6 @@ def main():
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} training persons")
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    data_device = resolve_data_device(args.data_device)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          collate_fn=collate_jpeg if data_device is not None else None)

@@ -398,13 +398,13 @@ def main():
         print_summary(args)
         return
     rank, world, device = dist.setup(args.device)
+    aug_device = resolve_aug_device(args.aug_device, device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     weights = scale_weights(args)
     names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
     model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
-    aug_device = resolve_aug_device(args.aug_device, device)
     train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None else moco_v2_augmentation(args.crop_size))
     appearance = BatchAppearance(aug_device) if aug_device is not None else None
     per_rank, batch, init_lr = batch_and_lr(args, world)

@@ -356,3 +356,14 @@ def test_bench_data_prints_every_stage(capsys, monkeypatch):
                 "after, --aug-device cpu", "cpu: BatchAppearance", "cpu: decode_crops"]:
         line = next(ln for ln in out.splitlines() if row in ln)
         assert float(line.split()[-1] if "/s" not in line else line.split("/s")[0].split()[-1]) > 0, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script,flag", [("mscl.py", "--aug-device"), ("liftedcl.py", "--aug-device"),
+                                         ("mrpose.py", "--data-device"), ("icon.py", "--data-device")])
+def test_cuda_paths_without_cuda_are_one_line_errors(tmp_path, script, flag):
+    """Refused before any data is read (the empty data root would be the error otherwise)."""
+    from helpers import assert_one_line_error
+    p = run_script(script, ["--data", "coco", "--data-root", tmp_path, flag, "cuda", "--device", "cpu"],
+                   expect=2)
+    assert_one_line_error(p, f"{flag} cuda: no CUDA device")
