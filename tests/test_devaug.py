@@ -223,8 +223,8 @@ def test_scripts_train_with_aug_device_cpu(tmp_path, monkeypatch, script, extra)
 @need_coco
 def test_warp_crops_match_pil_warp_on_coco():
     """Real COCO persons at full-size decode, with rotation, flip and scale as in training: the affine_grid
-    crops equal warp_image's within PIL's 8-bit rounding of the bilinear blend (a level on almost every
-    pixel), and the joints come from the same matrices, hence are identical."""
+    crops (float) equal warp_image's within PIL's 8-bit rounding of the bilinear blend (one level at most), and
+    pixels move with the joints (the same matrices give the joints, see test_jpeg_crops_match_topdown_dataset)."""
     records, _ = read_coco(load_coco(str(COCO_MINI / "annotations" / "person_keypoints_train2017.json")),
                            str(COCO_MINI / "train2017"), 192 / 256)
     rng = np.random.default_rng(0)
@@ -242,7 +242,7 @@ def test_warp_crops_match_pil_warp_on_coco():
     out = devaug.warp_crops(images, np.stack(mats), size)
     err = (out - torch.stack(ref).float()).abs()
     assert out.shape == (len(images), 3, 256, 192)
-    assert err.mean() < 0.6 and (err > 1.5).float().mean() < 0.002, (err.mean(), (err > 1.5).float().mean())
+    assert err.mean() < 0.6 and err.max() < 1.01, (err.mean(), err.max())  # measured: 0.44 and 1.002
     # pixels and joints move together: a 9x9 square drawn around each labeled joint has its centroid where
     # apply_affine puts the joint
     checked = 0
@@ -265,8 +265,8 @@ def test_warp_crops_match_pil_warp_on_coco():
 def test_jpeg_crops_match_topdown_dataset(monkeypatch):
     """--data-device's path (bytes and geometry in the worker, decode_jpeg + warp_crops on the batch) against
     TopDownDataset with the reduced-size JPEG decode switched off, training draws on (half body, scale,
-    rotation, flip) over two epochs: joints, flags, centres and scales identical, crops within interpolation
-    rounding."""
+    rotation, flip) over two epochs: joints, flags, centres and scales identical, crops within one level
+    (the same libjpeg decode on the CPU; nvJPEG on a GPU is not held to this)."""
     from common import datasets
     from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER
     full = datasets.load_image
@@ -286,7 +286,7 @@ def test_jpeg_crops_match_topdown_dataset(monkeypatch):
             assert torch.equal(batch[k], ref[k]), k
         err = (batch["image"].float() - ref["image"].float()).abs()
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape == ref["image"].shape
-        assert err.mean() < 0.6 and (err > 1).float().mean() < 0.005, (err.mean(), (err > 1).float().mean())
+        assert err.mean() < 0.6 and err.max() <= 1, (err.mean(), err.max())  # measured: 0.45 and 1
 
 
 def test_jpeg_crops_refuse_other_formats(tmp_path):
