@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
+from common.devaug import DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops, resolve_data_device
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plan import apply_presets, begin, finish_parser, make_plan, pose_augmentation, pose_eval, resume_path
@@ -180,6 +181,7 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     # evaluation and outputs
     p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="evaluate without averaging the flipped image's heatmaps (flip test is on by default)")
@@ -746,6 +748,7 @@ def main():
     if begin(args, run_plan):
         return
     rank, world, device = dist.setup(args.device)
+    data_device = resolve_data_device(args.data_device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     pose, head, report = build_model(args)
@@ -790,7 +793,8 @@ def main():
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         collate_fn=collate_jpeg if data_device is not None else None)
     iters_per_epoch = len(loader)
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
@@ -850,6 +854,8 @@ def main():
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
+            if data_device is not None:  # the workers read bytes: decode and crop the batch here
+                batch = decode_crops(batch, data_device, args.input_size)
             if semi_model:  # Eq. (7)
                 loss, terms = semi_losses(ddp_model, semi_model, batch, args, device,
                                           np.random.default_rng([args.seed, rank, it]))

@@ -34,6 +34,7 @@ from torchvision.ops import roi_align
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import list_images, load_coco, read_coco, read_image
+from common.devaug import AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlipPairs, resolve_aug_device
 from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
@@ -123,6 +124,7 @@ def get_args(argv=None):
                         "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
@@ -694,6 +696,7 @@ def main():
         print_summary(args)
         return
     rank, world, device = dist.setup(args.device)
+    aug_device = resolve_aug_device(args.aug_device, device)
     main_proc = dist.is_main()
     args.bn_groups = args.bn_groups or max(1, 4 // world)
     per_rank = args.batch_size // world
@@ -719,6 +722,9 @@ def main():
     real, reference = real.to(device), reference.to(device)
 
     train_ds = TwoViews(items, args.crop_size, args.person_size)
+    if aug_device is not None:  # the workers only crop and flip; BatchAppearance does the rest
+        train_ds = CropFlipPairs(train_ds.source, len(train_ds), args.crop_size)
+    appearance = BatchAppearance(aug_device) if aug_device is not None else None
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
@@ -787,6 +793,8 @@ def main():
             if it >= total_iters:
                 break
             im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+            if appearance is not None:
+                im_q, im_k = appearance(im_q).to(device), appearance(im_k).to(device)
             geom_q, geom_k = geom_q.to(device, non_blocking=True), geom_k.to(device, non_blocking=True)
             with autocast(args, device):
                 out = ddp_model(im_q, im_k, geom_q, geom_k)

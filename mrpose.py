@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import ResNetFeatures, load_backbone
+from common.devaug import DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops, resolve_data_device
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plan import apply_presets, begin, finish_parser, make_plan, pose_augmentation, pose_eval, resume_path
 from common.posenet import PoseNet, SimpleBaseline, deconv
@@ -142,6 +143,7 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     # evaluation and outputs
     p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="evaluate without averaging the flipped image's heatmaps (flip test is on by default)")
@@ -296,6 +298,7 @@ def main():
     if begin(args, run_plan):
         return
     rank, world, device = dist.setup(args.device)
+    data_device = resolve_data_device(args.data_device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     model, report = build_model(args)
@@ -345,7 +348,8 @@ def main():
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         collate_fn=collate_jpeg if data_device is not None else None)
     iters_per_epoch = len(loader)
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)
@@ -402,6 +406,8 @@ def main():
         for i, batch in enumerate(loader):
             if it >= total_iters:
                 break
+            if data_device is not None:  # the workers read bytes: decode and crop the batch here
+                batch = decode_crops(batch, data_device, args.input_size)
             labeled = batch["labeled"] if semi_model else batch
             x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True), bgr=args.bgr), args)
             target, weight = gaussian_targets(labeled["joints"].to(device), labeled["visible"].to(device),

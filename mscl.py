@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
+from common.devaug import AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlip, resolve_aug_device
 from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
@@ -105,6 +106,7 @@ def get_args(argv=None):
                         "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
@@ -409,13 +411,15 @@ def main():
         print_summary(args)
         return
     rank, world, device = dist.setup(args.device)
+    aug_device = resolve_aug_device(args.aug_device, device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     weights = scale_weights(args)
     names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
     model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
-    train_ds = TwoViews(files, moco_v2_augmentation(args.crop_size))
+    train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None else moco_v2_augmentation(args.crop_size))
+    appearance = BatchAppearance(aug_device) if aug_device is not None else None
     per_rank, batch, init_lr = batch_and_lr(args, world)
     if per_rank < 2:
         raise UserError(f"--batch-size {args.batch_size} gives {per_rank} image(s) to each of {world} ranks; "
@@ -486,6 +490,8 @@ def main():
             if it >= total_iters:
                 break
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+            if appearance is not None:  # uint8 crops: colour, grayscale and blur a batch at a time
+                x1, x2 = appearance(x1).to(device), appearance(x2).to(device)
             with autocast(args, device):
                 p1, p2, z1, z2 = ddp_model(x1, x2)
             loss, per_scale = mscl_loss(p1, p2, z1, z2, weights)

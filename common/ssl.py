@@ -7,6 +7,10 @@ import torchvision.transforms as T
 from PIL import ImageFilter
 
 IMAGENET_NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+# MoCo v2's photometric law, shared with the batched version (common/devaug.py)
+JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
+P_JITTER, P_GRAY, P_BLUR = 0.8, 0.2, 0.5
+BLUR_SIGMA = (0.1, 2.0)
 
 
 class GaussianBlur:
@@ -22,9 +26,9 @@ class GaussianBlur:
 def moco_v2_appearance():
     """The photometric part, in MoCo v2's order: colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
     return T.Compose([
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomApply([T.ColorJitter(*JITTER)], p=P_JITTER),
+        T.RandomGrayscale(p=P_GRAY),
+        T.RandomApply([GaussianBlur(BLUR_SIGMA)], p=P_BLUR),
     ])
 
 

@@ -17,6 +17,7 @@ from common import dist
 from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS,
                              CROWDPOSE_SKELETON, CROWDPOSE_UPPER, MPII_FLIP_PAIRS, MPII_SKELETON, MPII_UPPER,
                              TopDownDataset, load_coco, load_crowdpose, read_coco, read_mpii)
+from common.devaug import JpegCrops
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
 from common.plots import plot_predictions
@@ -160,9 +161,11 @@ def build_data(args, train):
     if not val_records:
         raise UserError(f"{paths['val_ann']}: no person to evaluate")
     val = TopDownDataset(val_records, args.input_size, flip_pairs, upper)
-    train_ds = TopDownDataset(train_records, args.input_size, flip_pairs, upper, train=True,
-                              scale_factor=args.scale_factor, rot_factor=args.rot_factor, flip=args.flip,
-                              half_body_prob=args.half_body_prob, seed=args.seed) if train else None
+    # --data-device: the same items with JPEG bytes for the image (common/devaug.py)
+    dataset = JpegCrops if getattr(args, "data_device", "workers") != "workers" else TopDownDataset
+    train_ds = dataset(train_records, args.input_size, flip_pairs, upper, train=True,
+                       scale_factor=args.scale_factor, rot_factor=args.rot_factor, flip=args.flip,
+                       half_body_prob=args.half_body_prob, seed=args.seed) if train else None
     info["flip_pairs"] = flip_pairs
     return train_ds, val, info
 
