@@ -45,6 +45,7 @@ from common.topdown import (build_data, data_paths, evaluate, format_metrics, lo
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
                           compile_model, run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
+from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of --data".
@@ -769,6 +770,8 @@ def main():
     trained.to(device)
     if args.channels_last:
         trained.to(memory_format=torch.channels_last)
+    if args.data == "demo":  # generated on first use, then cached under data/cache
+        args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     gt_ds = gt_val_dataset(args, val_ds, info)
     if main_proc:

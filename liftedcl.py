@@ -41,6 +41,7 @@ from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
                           compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
@@ -220,11 +221,7 @@ def training_items(args):
     if args.data == "folder":
         raise UserError("--data folder needs --images DIR")
     if args.data == "demo":
-        from data.demo import default_demo_root, make_demo
-        root = default_demo_root(args.seed)
-        if dist.is_main():
-            make_demo(root, seed=args.seed)
-        dist.barrier()
+        root = demo_root(args.seed)
     else:
         root = args.data_root
         if root is None or not os.path.isdir(root):

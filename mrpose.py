@@ -33,6 +33,7 @@ from common.topdown import (build_data, evaluate, format_metrics, load_weights, 
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
                           compile_model, run_main, save_checkpoint, seed_everything, set_rng_state)
+from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
@@ -328,6 +329,8 @@ def main():
     trained.to(device)
     if args.channels_last:
         trained.to(memory_format=torch.channels_last)
+    if args.data == "demo":  # generated on first use, then cached under data/cache
+        args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)

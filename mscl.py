@@ -34,6 +34,7 @@ from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
                           compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
@@ -176,12 +177,7 @@ def image_folder(args):
     if args.images:
         return args.images
     if args.data == "demo":
-        from data.demo import default_demo_root, make_demo
-        root = default_demo_root(args.seed)
-        if dist.is_main():
-            make_demo(root, seed=args.seed)
-        dist.barrier()
-        return os.path.join(root, "train2017")
+        return os.path.join(demo_root(args.seed), "train2017")
     if args.data == "folder":
         raise UserError("--data folder needs --images DIR")
     root = args.data_root

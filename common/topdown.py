@@ -23,7 +23,6 @@ from common.metrics import coco_keypoint_eval, crowdpose_eval, load_mpii_gt, mat
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
 from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
-from data.demo import default_demo_root, make_demo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,10 +44,8 @@ def summary(model, input_size):
 def data_paths(args):
     """Annotation files and image folders of --data under --data-root; --ann/--images/--val-ann/
     --val-images/--gt-mat override any of them."""
-    root = args.data_root
-    if args.data == "demo":
-        root = default_demo_root(args.seed)
-    elif root is not None and not os.path.isdir(root):
+    root = args.data_root  # --data demo: the generated root the script puts here (data.demo.demo_root)
+    if root is not None and not os.path.isdir(root):
         raise UserError(f"{root}: data root not found")
     paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])
     if root and args.data == "mpii":  # the HRNet layout
@@ -106,10 +103,6 @@ def split_labeled(records, n, seed, order="random"):
 def build_data(args, train):
     """(train_dataset or None, val_dataset, evaluation info) for --data."""
     aspect = args.input_size[0] / args.input_size[1]
-    if args.data == "demo":
-        if dist.is_main():
-            make_demo(default_demo_root(args.seed), seed=args.seed)  # generated once, then cached
-        dist.barrier()
     paths = data_paths(args)
     needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
         (["gt_mat"] if args.data == "mpii" else [])
