@@ -9,12 +9,13 @@ skeletons sampled from a kinematic prior (App. B) in an LSGAN game (Eq. (7)); th
 torchvision key names for `mrpose.py --pretrained` (Table 1 transfer).
 One file: arguments, data, skeleton prior, model, losses, DDP training, export.
 
-    python liftedcl.py --data demo                                                  # laptop CPU, minutes
+    python liftedcl.py --data demo                                  # laptop CPU, minutes
     torchrun --nproc_per_node=4 liftedcl.py --data coco --data-root /data/coco \\
-        --pretrained /weights/moco_v2_200ep_pretrain.pth.tar                        # stage II (Sec. 4.1)
-    python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --bn-groups 1 --moco-k 4096 ...
-        # MoCo v2's builder, exactly, in one process: --bn-groups 1 is one BN batch, no shuffle BN (the
-        # default 4 emulates the paper's 4 GPUs' shuffle BN)
+        --pretrained /weights/moco_v2_200ep_pretrain.pth.tar        # stage II (Sec. 4.1)
+    python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --bn-groups 1 --moco-k 4096
+    ...
+        # MoCo v2's builder, exactly, in one process: --bn-groups 1 is one BN batch, no shuffle BN
+        (the # default 4 emulates the paper's 4 GPUs' shuffle BN)
 """
 import argparse
 import hashlib
@@ -44,81 +45,106 @@ from common.utils import (Progress, UserError, atomic_write, autocast, check_fin
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
-# Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of --data".
+# Arguments. Paper defaults (Sec. 4.1, App. C) per dataset; `None` means "take the preset of
+# --data".
 
 PRESETS = {
-    # COCO person crops (App. A, C): ResNet-50, 256 px views of 192x256 crops, total batch 128 (4 GPUs),
-    # SGD lr 0.03 x batch/128, cosine, 200 epochs, K = 16384, m = 0.999
-    "coco": dict(backbone="resnet50", crop_size=256, person_size=(192, 256), epochs=200, lr=0.03, batch_size=128,
-                 moco_k=16384, moco_m=0.999, workers=4),
-    # ImageNet train/ or any folder (--images DIR): whole images, the same recipe (paper silent; MoCo v2's
-    # 200 epochs)
-    "imagenet": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03, batch_size=128,
-                     moco_k=16384, moco_m=0.999, workers=4),
-    "folder": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03, batch_size=128,
-                   moco_k=16384, moco_m=0.999, workers=4),
-    # demo (not a paper setting): ResNet-18 on 64 px views of 72x96 crops of the demo persons, a small queue,
-    # a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run every part of the method
-    # (too few iterations for MoCo to leave its early phase; README)
-    "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12, batch_size=32,
-                 moco_k=1024, moco_m=0.99, workers=1, amp="auto"),
+    # COCO person crops (App. A, C): ResNet-50, 256 px views of 192x256 crops, total batch 128 (4
+    # GPUs), SGD lr 0.03 x batch/128, cosine, 200 epochs, K = 16384, m = 0.999
+    "coco": dict(backbone="resnet50", crop_size=256, person_size=(192, 256), epochs=200, lr=0.03,
+                 batch_size=128, moco_k=16384, moco_m=0.999, workers=4),
+    # ImageNet train/ or any folder (--images DIR): whole images, the same recipe (paper silent;
+    # MoCo v2's 200 epochs)
+    "imagenet": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03,
+                     batch_size=128, moco_k=16384, moco_m=0.999, workers=4),
+    "folder": dict(backbone="resnet50", crop_size=256, person_size=None, epochs=200, lr=0.03,
+                   batch_size=128, moco_k=16384, moco_m=0.999, workers=4),
+    # demo (not a paper setting): ResNet-18 on 64 px views of 72x96 crops of the demo persons, a
+    # small queue, a faster key encoder and a higher lr (0.12 x 32/128 = 0.03): minutes of CPU run
+    # every part of the method (too few iterations for MoCo to leave its early phase; README)
+    "demo": dict(backbone="resnet18", crop_size=64, person_size=(72, 96), epochs=2, lr=0.12,
+                 batch_size=32, moco_k=1024, moco_m=0.99, workers=1, amp="auto"),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS), help="the ResNet (default: the --data preset)")
+    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS),
+                   help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="stage I: a file (a MoCo checkpoint, module.encoder_q.*: the paper's MoCo v2 200-epoch "
-                        "weights; or a backbone.pth of this project), 'torchvision' (ImageNet, downloads) or "
-                        "'none' (scratch, Table 7's single-stage row); required by --data coco/imagenet")
+                   help="stage I: a file (a MoCo checkpoint, module.encoder_q.*: the paper's MoCo "
+                        "v2 200-epoch weights; or a backbone.pth of this project), 'torchvision' "
+                        "(ImageNet, downloads) or 'none' (scratch, Table 7's single-stage row); "
+                        "required by --data coco/imagenet")
     # model and losses (Sec. 3, App. C)
     p.add_argument("--dim", type=int, default=128, help="output width of both projection heads")
-    p.add_argument("--moco-k", type=int, default=None, help="queue length K of both queues (paper 16384; default: "
+    p.add_argument("--moco-k", type=int, default=None,
+                   help="queue length K of both queues (paper 16384; default: "
                    "the --data preset)")
-    p.add_argument("--moco-m", type=float, default=None, help="key encoder momentum (paper 0.999; default: the --data preset)")
+    p.add_argument("--moco-m", type=float, default=None,
+                   help="key encoder momentum (paper 0.999; default: the --data preset)")
     p.add_argument("--moco-t", type=float, default=0.2, help="temperature τ of Eqs. (2) and (4)")
     p.add_argument("--lambda-inv", type=float, default=0.5, help="weight of L_inv (λ1 of Eq. 1)")
-    p.add_argument("--lambda-equiv", type=float, default=0.5, help="weight of L_equiv (λ1 of Eq. 1; 0: no dense head)")
+    p.add_argument("--lambda-equiv", type=float, default=0.5,
+                   help="weight of L_equiv (λ1 of Eq. 1; 0: no dense head)")
     p.add_argument("--lambda-adv", type=float, default=0.5,
-                   help="weight of L_adv (λ2 of Eq. 1; 0: the lifting network is only monitored, D still trains)")
-    p.add_argument("--align-size", type=int, default=16, help="side of the aligned shared area (App. C: 16)")
+                   help="weight of L_adv (λ2 of Eq. 1; 0: the lifting network is only monitored, D "
+                        "still trains)")
+    p.add_argument("--align-size", type=int, default=16,
+                   help="side of the aligned shared area (App. C: 16)")
     p.add_argument("--cell-centres", default="resnet", choices=["resnet", "official"],
-                   help="where a C5 cell sits in its view when views are aligned (paper silent): resnet = the "
-                        "centre of its receptive field, pixel 32 j; official = the centre of its 32-pixel tile, "
-                        "which leaves a flipped and an unflipped view about one cell apart (README)")
+                   help="where a C5 cell sits in its view when views are aligned (paper silent): "
+                        "resnet = the centre of its receptive field, pixel 32 j; official = the "
+                        "centre of its 32-pixel tile, which leaves a flipped and an unflipped view "
+                        "about one cell apart (README)")
     p.add_argument("--normalize-lifted", action=argparse.BooleanOptionalAction, default=True,
-                   help="root-centre and Frobenius-normalise lifted skeletons like the prior's; --no-normalize-lifted "
-                        "is the official code (raw lifted output against normalised real skeletons)")
+                   help="root-centre and Frobenius-normalise lifted skeletons like the prior's; "
+                        "--no-normalize-lifted is the official code (raw lifted output against "
+                        "normalised real skeletons)")
     p.add_argument("--bn-groups", type=int, default=None,
-                   help="BatchNorm groups per rank for shuffle BN (default 4 / world size, at least 1: the paper's "
-                        "4 GPUs; 1 in a single process is MoCo v2 without shuffle)")
-    p.add_argument("--skeletons", default=None, help="real skeletons: a torch file holding an (N, 17, 3) tensor "
-                                                     "(e.g. the official norm_joints.pt) instead of the App. B prior; "
-                                                     "root-centred and normalised like it")
-    p.add_argument("--prior-size", type=int, default=10000, help="skeletons sampled from the prior (App. B: ~10K)")
+                   help="BatchNorm groups per rank for shuffle BN (default 4 / world size, at "
+                        "least 1: the paper's 4 GPUs; 1 in a single process is MoCo v2 without "
+                        "shuffle)")
+    p.add_argument("--skeletons", default=None,
+                   help="real skeletons: a torch file holding an (N, 17, 3) tensor "
+                                                     "(e.g. the official norm_joints.pt) instead "
+                                                     "of the App. B prior; root-centred and "
+                                                     "normalised like it")
+    p.add_argument("--prior-size", type=int, default=10000,
+                   help="skeletons sampled from the prior (App. B: ~10K)")
     # data (App. A)
     p.add_argument("--data", default="demo", choices=list(PRESETS),
-                   help="training images and their preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None, help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
-    p.add_argument("--images", default=None, help="a folder of images, used whole (any layout; overrides --data-root)")
-    p.add_argument("--crop-size", type=int, default=None, help="side of each view (App. C: 256; default: the --data preset)")
+                   help="training images and their preset (table below); demo is generated, no "
+                        "download")
+    p.add_argument("--data-root", default=None,
+                   help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
+    p.add_argument("--images", default=None, help="a folder of images, used whole (any layout; "
+                                                  "overrides --data-root)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="side of each view (App. C: 256; default: the --data preset)")
     p.add_argument("--person-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="person crops of --data coco/demo (App. A: 192 256; "
                    "default: the --data preset)")
     # optimisation (Sec. 4.1, App. C)
-    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule (default: the --data preset)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="length of the cosine schedule (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None,
-                   help="stop after this many iterations in total (the cosine schedule still spans --epochs)")
-    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 128 "
+                   help="stop after this many iterations in total (the cosine schedule still spans "
+                        "--epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="BASE lr: the effective lr is lr x batch-size / 128 "
                    "(default: the --data preset)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (encoder and discriminator)")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum (encoder and discriminator)")
     p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4,
                    help="SGD weight decay (encoder and discriminator)")
-    p.add_argument("--d-lr", type=float, default=0.03, help="discriminator lr, constant (official code)")
-    p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks (default: the --data preset)")
+    p.add_argument("--d-lr", type=float, default=0.03,
+                   help="discriminator lr, constant (official code)")
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="total over all ranks (default: the --data preset)")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+                   help="data loader processes per rank, at most the CPUs available (default: the "
+                        "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
                    help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
@@ -130,18 +156,22 @@ def get_args(argv=None):
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/liftedcl-DATA-BACKBONE)")
+    p.add_argument("--out", default=None, help="output folder (default: "
+                                               "runs/liftedcl-DATA-BACKBONE)")
     p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
     finish_parser(p, PRESETS)
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
-    if args.data in ("coco", "imagenet") and args.pretrained is None:  # the paper's tables start from stage I
-        raise UserError(f"--data {args.data} needs --pretrained FILE|torchvision|none: the paper's stage II starts "
-                        f"from MoCo v2's 200-epoch ImageNet weights (FILE); none trains from scratch")
+    # the paper's tables start from stage I
+    if args.data in ("coco", "imagenet") and args.pretrained is None:
+        raise UserError(f"--data {args.data} needs --pretrained FILE|torchvision|none: the paper's "
+                        f"stage II starts from MoCo v2's 200-epoch ImageNet weights (FILE); none "
+                        f"trains from scratch")
     if args.moco_k % args.batch_size:
-        raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} (MoCo's queue)")
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of --batch-size "
+                        f"{args.batch_size} (MoCo's queue)")
     args.person_size = tuple(args.person_size) if args.person_size else None
     args.out = args.out or os.path.join("runs", f"liftedcl-{args.data}-{args.backbone}")
     args.resume = resume_path(args)
@@ -149,7 +179,8 @@ def get_args(argv=None):
 
 
 def run_plan(args):
-    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after the batch scaling of App. C."""
+    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after the batch scaling of App.
+    C."""
     plan = make_plan(args, lr_effective=args.lr * args.batch_size / 128,
                      augmentation=dict(moco_v2_views(args), person_size=args.person_size))
     plan["bn_groups"] = args.bn_groups or max(1, 4 // world_size())  # as main() resolves it
@@ -157,25 +188,29 @@ def run_plan(args):
 
 
 def print_summary(args):
-    """--summary: parameters of the query encoder and lifting network, of D, and the multiply-accumulates of
+    """--summary: parameters of the query encoder and lifting network, of D, and the
+      multiply-accumulates of
     one view through the ResNet."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
-                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, 1).eval()
+    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
+                     args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
+                     args.align_size, 1).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.encoder_q.backbone(torch.zeros(1, 3, args.crop_size, args.crop_size))
     n = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
-    print(f"LiftedCL {args.backbone} at {args.crop_size} px: {n:,} encoder + lifting parameters (the key encoder "
-          f"copies them), {sum(p.numel() for p in Discriminator().parameters()):,} in D; "
-          f"{counter.get_total_flops() / 2 / 1e9:.2f} GFLOPs (multiply-accumulates) per view in the ResNet")
+    print(f"LiftedCL {args.backbone} at {args.crop_size} px: {n:,} encoder + lifting parameters "
+          f"(the key encoder copies them), "
+          f"{sum(p.numel() for p in Discriminator().parameters()):,} in D; "
+          f"{counter.get_total_flops() / 2 / 1e9:.2f} GFLOPs (multiply-accumulates) per view in "
+          f"the ResNet")
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: COCO person crops (App. A) or whole images, two MoCo v2 views each with their geometry
 
 class TwoViews(torch.utils.data.Dataset):
-    """Each item: two views of one image and their crop boxes and flips (top, left, height, width, flip)
-    in the pixels of that image (the 192x256 person crop, or the whole image)."""
+    """Each item: two views of one image and their crop boxes and flips (top, left, height, width,
+    flip) in the pixels of that image (the 192x256 person crop, or the whole image)."""
 
     def __init__(self, items, crop_size, person_size=None):
         self.items, self.crop_size, self.person_size = items, crop_size, person_size
@@ -188,27 +223,30 @@ class TwoViews(torch.utils.data.Dataset):
         item = self.items[i]
         if isinstance(item, str):
             return read_image(item)
-        # App. A: the box extended to the crop's aspect ratio (h:w = 4:3), not padded; read_coco pads it by
-        # SimpleBaseline's 1.25, which is undone here
+        # App. A: the box extended to the crop's aspect ratio (h:w = 4:3), not padded; read_coco
+        # pads it by SimpleBaseline's 1.25, which is undone here
         img = read_image(item["image"])
-        return warp_image(img, affine_matrix(item["center"], item["scale"] / 1.25, 0.0, self.person_size),
+        return warp_image(img, affine_matrix(item["center"], item["scale"] / 1.25, 0.0,
+                                             self.person_size),
                           self.person_size)
 
     def __getitem__(self, i):
         img = self.source(i)
-        (v1, g1), (v2, g2) = random_view(img, self.crop_size, self.appearance), random_view(img, self.crop_size,
-                                                                                           self.appearance)
+        (v1, g1), (v2, g2) = (random_view(img, self.crop_size, self.appearance),
+                              random_view(img, self.crop_size, self.appearance))
         return v1, v2, g1, g2
 
 
 def random_view(img, size, appearance=None):
-    """One MoCo v2 view (App. C: random resized crop, scale 0.2-1, colour, grayscale, blur, flip) with stock
-    torchvision, and its geometry (top, left, height, width, flip) for the inverse transformation."""
+    """One MoCo v2 view (App. C: random resized crop, scale 0.2-1, colour, grayscale, blur, flip)
+    with stock torchvision, and its geometry (top, left, height, width, flip) for the inverse
+    transformation."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
     view = TF.resized_crop(img, top, left, h, w, [size, size])
     if appearance is not None:
         view = appearance(view)
-    flip = bool(torch.rand(1) < 0.5)  # after the colour, as RandomHorizontalFlip in MoCo v2's pipeline
+    # after the colour, as RandomHorizontalFlip in MoCo v2's pipeline
+    flip = bool(torch.rand(1) < 0.5)
     if flip:
         view = TF.hflip(view)
     return IMAGENET_NORMALIZE(TF.to_tensor(view)), torch.tensor([top, left, h, w, float(flip)])
@@ -228,7 +266,8 @@ def training_items(args):
             raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
     if args.data == "imagenet":
         if not os.path.isdir(os.path.join(root, "train")):
-            raise UserError(f"{root}: no train folder inside (give --images DIR for another layout)")
+            raise UserError(f"{root}: no train folder inside (give --images DIR for another "
+                            f"layout)")
         return list_images(os.path.join(root, "train"))
     ann = os.path.join(root, "annotations", "person_keypoints_train2017.json")
     images = os.path.join(root, "train2017")
@@ -243,12 +282,16 @@ def training_items(args):
 
 
 def load_skeletons(path):
-    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down; root-centred
-    and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the lifted ones."""
+    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down;
+      root-centred
+    and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the lifted
+    ones."""
     x = load_checkpoint(path, "skeleton file")
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51 or len(x) == 0:
+    if (not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51
+        or len(x) == 0):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UserError(f"{path}: expected a tensor of skeletons of shape (N, 17, 3), found {shape}")
+        raise UserError(f"{path}: expected a tensor of skeletons of shape (N, 17, 3), found "
+                        f"{shape}")
     x = x.float().reshape(len(x), 17, 3)
     if not torch.isfinite(x).all():
         raise UserError(f"{path}: the skeletons contain NaN or inf")
@@ -256,18 +299,22 @@ def load_skeletons(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Liftable block: 3D skeletons, the KCS discriminator (Eqs. (5)-(7)) and the kinematic prior (App. B).
-# It needs only `import math, torch, torch.nn as nn, torch.nn.functional as F`; every function takes
-# explicit arguments. Copy it from here to the end marker.
+# Liftable block: 3D skeletons, the KCS discriminator (Eqs. (5)-(7)) and the kinematic prior (App.
+# B). It needs only `import math, torch, torch.nn as nn, torch.nn.functional as F`; every function
+# takes explicit arguments. Copy it from here to the end marker.
 
-H36M_JOINTS = ["root", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "belly", "neck", "nose", "head",
-               "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist"]
+H36M_JOINTS = ["root", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "belly", "neck",
+               "nose", "head", "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow",
+               "r_wrist"]
 PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15]
 BONES = [(PARENTS[j], j) for j in range(1, 17)]  # the 16 bones, parent -> child
-PARENT_BONE = [next((i for i, (_, c) in enumerate(BONES) if c == p), -1) for p, _ in BONES]  # -1: starts at root
-LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]  # (left, right) bone indices: hip..forearm
-# Template bones in cm (App. B's b_pc) in the rest pose, frame x = the subject's right, y = down, z = facing:
-# Human3.6M's mean proportions scaled so that the thigh is the paper's (0, 45, 0); arms hang down
+# -1: starts at root
+PARENT_BONE = [next((i for i, (_, c) in enumerate(BONES) if c == p), -1) for p, _ in BONES]
+# (left, right) bone indices: hip..forearm
+LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]
+# Template bones in cm (App. B's b_pc) in the rest pose, frame x = the subject's right, y = down, z
+# = facing: Human3.6M's mean proportions scaled so that the thigh is the paper's (0, 45, 0); arms
+# hang down
 TEMPLATE = torch.tensor([
     [13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],         # root -> r_hip -> r_knee -> r_ankle
     [-13.5, 0, 0], [0, 45.0, 0], [0, 46.1, 0],        # root -> l_hip -> l_knee -> l_ankle
@@ -276,15 +323,17 @@ TEMPLATE = torch.tensor([
     [-15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],        # neck -> l_shoulder -> l_elbow -> l_wrist
     [15.3, 0, 0], [0, 28.3, 0], [0, 25.6, 0],         # neck -> r_shoulder -> r_elbow -> r_wrist
 ], dtype=torch.float64)
-# Joint angle ranges (degrees) of each bone RELATIVE TO ITS PARENT BONE (App. B's j_child = j_parent + R α b_pc,
-# composed down the chain): R = euler(a, b, c) = Rz(c) Ry(b) Rx(a) (scipy's "xyz"), in the parent's frame. For a
-# bone hanging down, a > 0 swings its end forward, b twists it about its own axis, c < 0 tilts it to the right.
-# App. B gives the thigh only (a ±90, b ±180, c ±90); its ±180° twist would turn the knee's hinge every way and
-# ±90° flexion/abduction lift thighs above horizontal, so this file narrows it (README). The rest is this file's
-# choice: knees and elbows are hinges that bend one way. Bones listed together share one draw (rigid parts).
+# Joint angle ranges (degrees) of each bone RELATIVE TO ITS PARENT BONE (App. B's j_child = j_parent
+# + R α b_pc, composed down the chain): R = euler(a, b, c) = Rz(c) Ry(b) Rx(a) (scipy's "xyz"), in
+# the parent's frame. For a bone hanging down, a > 0 swings its end forward, b twists it about its
+# own axis, c < 0 tilts it to the right. App. B gives the thigh only (a ±90, b ±180, c ±90); its
+# ±180° twist would turn the knee's hinge every way and ±90° flexion/abduction lift thighs above
+# horizontal, so this file narrows it (README). The rest is this file's choice: knees and elbows are
+# hinges that bend one way. Bones listed together share one draw (rigid parts).
 PRIOR_RANGES = [
     ((0, 3), (-15, 15), (-45, 45), (-10, 10)),        # pelvis (root -> hips)
-    ((1,), (-30, 90), (-45, 45), (-45, 15)),          # right thigh: flexion, twist, abduction outwards
+    # right thigh: flexion, twist, abduction outwards
+    ((1,), (-30, 90), (-45, 45), (-45, 15)),
     ((4,), (-30, 90), (-45, 45), (-15, 45)),          # left thigh
     ((2,), (-130, 0), (0, 0), (0, 0)),                # right knee: the shin swings backwards only
     ((5,), (-130, 0), (0, 0), (0, 0)),                # left knee
@@ -293,7 +342,8 @@ PRIOR_RANGES = [
     ((8,), (-45, 45), (-60, 60), (-30, 30)),          # neck -> nose
     ((9,), (0, 0), (0, 0), (0, 0)),                   # nose -> head: the head is rigid
     ((10, 13), (-10, 10), (-15, 15), (-10, 10)),      # shoulder line (neck -> shoulders)
-    ((11,), (-60, 150), (-90, 90), (-20, 120)),       # left upper arm: flexion, twist, abduction outwards
+    # left upper arm: flexion, twist, abduction outwards
+    ((11,), (-60, 150), (-90, 90), (-20, 120)),
     ((14,), (-60, 150), (-90, 90), (-120, 20)),       # right upper arm
     ((12,), (0, 150), (0, 0), (0, 0)),                # left elbow: the forearm swings forwards only
     ((15,), (0, 150), (0, 0), (0, 0)),                # right elbow
@@ -301,7 +351,8 @@ PRIOR_RANGES = [
 
 
 def euler_xyz(a, b, c):
-    """Rotation matrices (..., 3, 3) Rz(c) Ry(b) Rx(a) of angles in radians (scipy's from_euler("xyz"))."""
+    """Rotation matrices (..., 3, 3) Rz(c) Ry(b) Rx(a) of angles in radians (scipy's
+    from_euler("xyz"))."""
     one, zero = torch.ones_like(a), torch.zeros_like(a)
 
     def rot(t, i, j):  # rotation by t in the (i, j) plane
@@ -313,26 +364,30 @@ def euler_xyz(a, b, c):
 
 
 def sample_bodies(n, generator=None, ranges=PRIOR_RANGES, template=TEMPLATE):
-    """n skeletons (n, 17, 3) in cm from the kinematic prior, before scaling and yaw (float64): j_root = 0,
-    j_child = j_parent + G_pc α b_pc with α ~ U[0.9, 1.1] per bone and G_pc = G_parent R_pc, R_pc drawn
-    from `ranges`, so that each range is a joint angle relative to the parent bone."""
+    """n skeletons (n, 17, 3) in cm from the kinematic prior, before scaling and yaw (float64):
+    j_root = 0, j_child = j_parent + G_pc α b_pc with α ~ U[0.9, 1.1] per bone and G_pc = G_parent
+    R_pc, R_pc drawn from `ranges`, so that each range is a joint angle relative to the parent
+    bone."""
     def uniform(lo, hi):
-        return math.radians(lo) + math.radians(hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return (math.radians(lo) + math.radians(hi - lo)
+                * torch.rand(n, generator=generator, dtype=torch.float64))
 
     local = torch.eye(3, dtype=torch.float64).repeat(len(BONES), n, 1, 1)
     for bones, a, b, c in ranges:
         local[list(bones)] = euler_xyz(uniform(*a), uniform(*b), uniform(*c))
     alpha = 0.9 + 0.2 * torch.rand(len(BONES), n, 1, generator=generator, dtype=torch.float64)
     glob, joints = [], [torch.zeros(n, 3, dtype=torch.float64)] * len(H36M_JOINTS)
-    for k, (parent, child) in enumerate(BONES):  # parents come before their children in the H36M order
+    # parents come before their children in the H36M order
+    for k, (parent, child) in enumerate(BONES):
         glob.append(local[k] if PARENT_BONE[k] < 0 else glob[PARENT_BONE[k]] @ local[k])
         joints[child] = joints[parent] + alpha[k] * (glob[k] @ template[k].to(torch.float64))
     return torch.stack(joints, 1)
 
 
 def sample_prior(n=10000, seed=0):
-    """App. B's real skeletons (float32): prior samples divided by their Frobenius norm, then turned about the
-    vertical axis by a uniform angle ("around Z" in the paper, whose figures stand upright: the up axis, here y)."""
+    """App. B's real skeletons (float32): prior samples divided by their Frobenius norm, then turned
+    about the vertical axis by a uniform angle ("around Z" in the paper, whose figures stand
+    upright: the up axis, here y)."""
     g = torch.Generator().manual_seed(seed)
     x = sample_bodies(n, g)
     x = x / x.flatten(1).norm(dim=1).view(-1, 1, 1)
@@ -342,7 +397,8 @@ def sample_prior(n=10000, seed=0):
 
 
 def normalize_skeletons(x):
-    """Root-centred (joint 0 at the origin) and divided by the Frobenius norm, as the prior's samples (App. B)."""
+    """Root-centred (joint 0 at the origin) and divided by the Frobenius norm, as the prior's
+    samples (App. B)."""
     x = x - x[:, :1]
     return x / x.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
 
@@ -353,10 +409,11 @@ def bone_lengths(x):
 
 @torch.no_grad()
 def plausibility(x, reference):
-    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and Frobenius-normalised:
-    bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons (0: the real skeletons'
-    mean proportions); left/right ratio, mean max/min length over the 6 left/right bone pairs (1:
-    symmetric); spread, mean over bones of a bone length's std/mean across x (0: every skeleton alike)."""
+    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and
+    Frobenius-normalised: bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons
+    (0: the real skeletons' mean proportions); left/right ratio, mean max/min length over the 6
+    left/right bone pairs (1: symmetric); spread, mean over bones of a bone length's std/mean across
+    x (0: every skeleton alike)."""
     length = bone_lengths(normalize_skeletons(x.float())).clamp_min(1e-8)
     error = (length / reference).log().abs().mean()
     left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
@@ -370,9 +427,9 @@ PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
 
 @torch.no_grad()
 def anatomy(x):
-    """Shares of anatomically odd legs in skeletons x (N, 17, 3), y down: knees bent over 90°; knees bent over
-    10° whose ankle swings in front of the thigh's line (side taken from the hips: x = the subject's right);
-    thighs above horizontal. Any yaw about the vertical leaves them unchanged."""
+    """Shares of anatomically odd legs in skeletons x (N, 17, 3), y down: knees bent over 90°; knees
+    bent over 10° whose ankle swings in front of the thigh's line (side taken from the hips: x = the
+    subject's right); thighs above horizontal. Any yaw about the vertical leaves them unchanged."""
     x = x.double()
     right = F.normalize(x[:, 1] - x[:, 4], dim=1)
     over_90, forward, above = [], [], []
@@ -383,7 +440,8 @@ def anatomy(x):
         forward.append(((torch.linalg.cross(thigh, shin, dim=1) * right).sum(1) > 0)[bend > 10])
         above.append(thigh[:, 1] < 0)
     return {name: torch.cat(v).double().mean().item() for name, v in
-            (("knee_over_90", over_90), ("knee_forward", forward), ("thigh_above_horizontal", above))}
+            (("knee_over_90", over_90), ("knee_forward", forward),
+             ("thigh_above_horizontal", above))}
 
 
 def bone_matrix():
@@ -398,13 +456,15 @@ BONE_MATRIX = bone_matrix()
 
 
 def kcs(x):
-    """Ψ = BᵀB (Eq. 6) of skeletons x (N, 17, 3): Ψ_kl = b_k·b_l, the diagonal the squared bone lengths."""
+    """Ψ = BᵀB (Eq. 6) of skeletons x (N, 17, 3): Ψ_kl = b_k·b_l, the diagonal the squared bone
+    lengths."""
     b = torch.einsum("jk,njc->nkc", BONE_MATRIX.to(x), x)  # Eq. (5): the bone vectors, (N, 16, 3)
     return b @ b.transpose(1, 2)
 
 
 class ResBlock(nn.Module):
-    """x -> LReLU(x + FC(LReLU(FC(x)))), the residual block of the lifting network and the discriminator."""
+    """x -> LReLU(x + FC(LReLU(FC(x)))), the residual block of the lifting network and the
+    discriminator."""
 
     def __init__(self, dim):
         super().__init__()
@@ -415,29 +475,34 @@ class ResBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Fig. 4b: a pose path (51 -> 256, residual block) and a KCS path (Ψ, 16 x 16 -> 256, residual block),
-    concatenated -> 128 -> one score (no sigmoid: LSGAN)."""
+    """Fig. 4b: a pose path (51 -> 256, residual block) and a KCS path (Ψ, 16 x 16 -> 256, residual
+    block), concatenated -> 128 -> one score (no sigmoid: LSGAN)."""
 
     def __init__(self, width=256):
         super().__init__()
-        self.pose = nn.Sequential(nn.Linear(3 * len(H36M_JOINTS), width), nn.LeakyReLU(0.2), ResBlock(width))
-        self.kcs = nn.Sequential(nn.Linear(len(BONES) ** 2, width), nn.LeakyReLU(0.2), ResBlock(width))
-        self.final = nn.Sequential(nn.Linear(2 * width, width // 2), nn.LeakyReLU(0.2), nn.Linear(width // 2, 1))
+        self.pose = nn.Sequential(nn.Linear(3 * len(H36M_JOINTS), width), nn.LeakyReLU(0.2),
+                                  ResBlock(width))
+        self.kcs = nn.Sequential(nn.Linear(len(BONES) ** 2, width), nn.LeakyReLU(0.2),
+                                 ResBlock(width))
+        self.final = nn.Sequential(nn.Linear(2 * width, width // 2), nn.LeakyReLU(0.2),
+                                   nn.Linear(width // 2, 1))
 
     def forward(self, x):
-        return self.final(torch.cat([self.pose(x.flatten(1)), self.kcs(kcs(x).flatten(1))], 1)).squeeze(1)
+        return self.final(
+            torch.cat([self.pose(x.flatten(1)), self.kcs(kcs(x).flatten(1))], 1)).squeeze(1)
 
 
 def encoder_adv_loss(discriminator, lifted):
-    """Eq. (7), the encoder's side (LSGAN): (D(X̂) - 1)². D is a fixed function here: its parameters enter
-    detached, so the gradient reaches the lifting network and the encoder, never D."""
+    """Eq. (7), the encoder's side (LSGAN): (D(X̂) - 1)². D is a fixed function here: its parameters
+    enter detached, so the gradient reaches the lifting network and the encoder, never D."""
     frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
     return ((torch.func.functional_call(discriminator, frozen, (lifted,)) - 1) ** 2).mean()
 
 
 def discriminator_step(discriminator, optimizer, real, lifted):
-    """Eq. (7), D's side, with the official code's LSGAN labels (the paper's equation swaps them): real -> 1,
-    lifted -> 0, i.e. (D(y) - 1)² + D(X̂)², one SGD step. Returns (loss, accuracy on real, on lifted)."""
+    """Eq. (7), D's side, with the official code's LSGAN labels (the paper's equation swaps them):
+    real -> 1, lifted -> 0, i.e. (D(y) - 1)² + D(X̂)², one SGD step. Returns (loss, accuracy on
+    real, on lifted)."""
     scores = discriminator(torch.cat([real, lifted.detach()]))
     s_real, s_lifted = scores[:len(real)], scores[len(real):]
     loss = ((s_real - 1) ** 2).mean() + (s_lifted ** 2).mean()
@@ -461,18 +526,22 @@ class Encoder(nn.Module):
         self.backbone = ResNetFeatures(backbone)
         c = self.backbone.channels[3]
         self.inv_head = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, dim))
-        self.equiv_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, dim, 1)) if equivariant else None
+        self.equiv_head = (nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, dim, 1))
+                           if equivariant else None)
 
     def forward(self, x, groups=1):
         # each BN group is a separate backbone call: the per-GPU batches of shuffle BN (MoCo)
-        c5 = torch.cat([self.backbone(chunk)[3] for chunk in x.chunk(groups)]) if groups > 1 else self.backbone(x)[3]
+        c5 = (torch.cat([self.backbone(chunk)[3] for chunk in x.chunk(groups)]) if groups > 1
+              else self.backbone(x)[3])
         pooled = torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1)
-        return pooled, self.inv_head(pooled), self.equiv_head(c5) if self.equiv_head is not None else None
+        return (pooled, self.inv_head(pooled), self.equiv_head(c5) if self.equiv_head is not None
+                else None)
 
 
 class LiftingNet(nn.Module):
-    """Fig. 4a: the pooled C5 vector -> 17 x 3 joints (official layers: Linear(C, 512), a residual block,
-    Linear(512, 51)); root-centred and Frobenius-normalised like the real skeletons unless `normalize` is off."""
+    """Fig. 4a: the pooled C5 vector -> 17 x 3 joints (official layers: Linear(C, 512), a residual
+    block, Linear(512, 51)); root-centred and Frobenius-normalised like the real skeletons unless
+    `normalize` is off."""
 
     def __init__(self, in_dim, width=512, normalize=True):
         super().__init__()
@@ -486,14 +555,15 @@ class LiftingNet(nn.Module):
 
 
 def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
-    """Inverse geometric augmentation (Sec. 3.2, App. C): the area both crops share, cut from each view's
-    map after undoing its flip and resampled to size x size by one vectorised bilinear roi_align over
-    fractional boxes; `geom` rows are (top, left, height, width, flip) in source pixels. Returns (aligned q,
-    aligned k, overlap mask). Where each map cell sits in its view is an assumption: cell j's centre at
-    (j + 0.5 + offset) cells. offset 0 (the official code's mapping) centres cells on their stride-wide
-    tiles; a torchvision ResNet's receptive field is centred on input pixel stride x j, offset
-    0.5 / stride - 0.5 (RESNET_CELL_OFFSET). Limits either way: roi_align clamps samples within half a cell
-    of a map edge to the edge cell, and a trained network's features need not peak at either centre."""
+    """Inverse geometric augmentation (Sec. 3.2, App. C): the area both crops share, cut from each
+    view's map after undoing its flip and resampled to size x size by one vectorised bilinear
+    roi_align over fractional boxes; `geom` rows are (top, left, height, width, flip) in source
+    pixels. Returns (aligned q, aligned k, overlap mask). Where each map cell sits in its view is an
+    assumption: cell j's centre at (j + 0.5 + offset) cells. offset 0 (the official code's mapping)
+    centres cells on their stride-wide tiles; a torchvision ResNet's receptive field is centred on
+    input pixel stride x j, offset 0.5 / stride - 0.5 (RESNET_CELL_OFFSET). Limits either way:
+    roi_align clamps samples within half a cell of a map edge to the edge cell, and a trained
+    network's features need not peak at either centre."""
     top, left = torch.maximum(geom_q[:, 0], geom_k[:, 0]), torch.maximum(geom_q[:, 1], geom_k[:, 1])
     bottom = torch.minimum(geom_q[:, 0] + geom_q[:, 2], geom_k[:, 0] + geom_k[:, 2])
     right = torch.minimum(geom_q[:, 1] + geom_q[:, 3], geom_k[:, 1] + geom_k[:, 3])
@@ -504,24 +574,29 @@ def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
         fmap = torch.where(flipped[:, None, None, None], fmap.flip(-1), fmap)  # un-flip
         h, w = fmap.shape[-2:]
         index = torch.arange(len(fmap), dtype=fmap.dtype, device=fmap.device)
-        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width, less the offset
-        # of the cell centres (mirrored in an un-flipped map)
+        # the shared area in this map's cells: source pixel x lies at (x - left) * w / width, less
+        # the offset of the cell centres (mirrored in an un-flipped map)
         dx = torch.where(flipped, offset, -offset).to(fmap.dtype)
-        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3] + dx, (top - g[:, 0]) * h / g[:, 2] - offset,
-                             (right - g[:, 1]) * w / g[:, 3] + dx, (bottom - g[:, 0]) * h / g[:, 2] - offset], 1)
+        boxes = torch.stack([index, (left - g[:, 1]) * w / g[:, 3] + dx,
+                             (top - g[:, 0]) * h / g[:, 2] - offset,
+                             (right - g[:, 1]) * w / g[:, 3] + dx,
+                             (bottom - g[:, 0]) * h / g[:, 2] - offset], 1)
         # one bilinear sample at each output cell's centre: a resize of the fractional box
-        return roi_align(fmap, boxes.to(fmap.dtype), size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        return roi_align(fmap, boxes.to(fmap.dtype), size, spatial_scale=1.0, sampling_ratio=1,
+                         aligned=True)
 
     return cut(map_q, geom_q), cut(map_k, geom_k), valid
 
 
-RESNET_CELL_OFFSET = 0.5 / 32 - 0.5  # C5 of a torchvision ResNet: cell j's receptive field centred on pixel 32 j
+# C5 of a torchvision ResNet: cell j's receptive field centred on pixel 32 j
+RESNET_CELL_OFFSET = 0.5 / 32 - 0.5
 
 
 def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16, offset=0.0):
-    """Eq. (4): at each of the size² aligned locations s, r_s against its positive t_s (the key view at the same
-    image point) and the K pooled key vectors of other images in the queue; mean over s, then over the images
-    whose views overlap (the others are masked out). Returns (loss, overlap mask)."""
+    """Eq. (4): at each of the size² aligned locations s, r_s against its positive t_s (the key view
+    at the same image point) and the K pooled key vectors of other images in the queue; mean over s,
+    then over the images whose views overlap (the others are masked out). Returns (loss, overlap
+    mask)."""
     r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size, offset)
     r = F.normalize(r, dim=1).flatten(2).transpose(1, 2)  # (N, s², C): r_s
     k = F.normalize(k, dim=1).flatten(2).transpose(1, 2)  # t_s
@@ -534,11 +609,12 @@ def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16, offset=0.0
 
 
 class LiftedCL(nn.Module):
-    """Query encoder, momentum key encoder, lifting network, the two queues (MoCo v2's builder.py, mlp=True,
-    with the equivariant branch of Eq. (4) on top)."""
+    """Query encoder, momentum key encoder, lifting network, the two queues (MoCo v2's builder.py,
+    mlp=True, with the equivariant branch of Eq. (4) on top)."""
 
-    def __init__(self, backbone="resnet50", dim=128, K=16384, m=0.999, T=0.2, equivariant=True, train_lifting=True,
-                 normalize_lifted=True, align_size=16, bn_groups=1, cell_offset=RESNET_CELL_OFFSET):
+    def __init__(self, backbone="resnet50", dim=128, K=16384, m=0.999, T=0.2, equivariant=True,
+                 train_lifting=True, normalize_lifted=True, align_size=16, bn_groups=1,
+                 cell_offset=RESNET_CELL_OFFSET):
         super().__init__()
         self.K, self.m, self.T, self.align_size, self.bn_groups = K, m, T, align_size, bn_groups
         self.cell_offset = cell_offset
@@ -567,9 +643,10 @@ class LiftedCL(nn.Module):
 
     @torch.no_grad()
     def keys(self, im_k):
-        """Key vectors (normalised) and key maps in batch order, under shuffle BN: the key images of all ranks
-        are permuted before the key encoder (in --bn-groups BN groups per rank), so that no BN group holds a
-        query's own key, then put back in order (MoCo's _batch_shuffle_ddp/_batch_unshuffle_ddp)."""
+        """Key vectors (normalised) and key maps in batch order, under shuffle BN: the key images of
+        all ranks are permuted before the key encoder (in --bn-groups BN groups per rank), so that
+        no BN group holds a query's own key, then put back in order (MoCo's
+        _batch_shuffle_ddp/_batch_unshuffle_ddp)."""
         world, groups = dist.world_size(), self.bn_groups
         if world * groups == 1:  # one BN batch: a permutation would change nothing
             _, k, k_map = self.encoder_k(im_k)
@@ -584,7 +661,8 @@ class LiftedCL(nn.Module):
         k = F.normalize(k.float(), dim=1)
         out = k if k_map is None else torch.cat([k, k_map.float().flatten(1)], 1)
         out = dist.all_gather_cat(out)[torch.argsort(perm).view(world, n)[rank]]
-        return out[:, :k.shape[1]], None if k_map is None else out[:, k.shape[1]:].view(n, *k_map.shape[1:])
+        return (out[:, :k.shape[1]], None if k_map is None
+                else out[:, k.shape[1]:].view(n, *k_map.shape[1:]))
 
     @torch.no_grad()
     def enqueue(self, k, k_pooled):
@@ -596,7 +674,8 @@ class LiftedCL(nn.Module):
         self.queue_ptr[0] = (ptr + n) % self.K
 
     def forward(self, im_q, im_k, geom_q, geom_k):
-        """{l_inv, l_equiv (or None), overlap mask, q, lifted skeletons (N, 17, 3)} of one batch of view pairs."""
+        """{l_inv, l_equiv (or None), overlap mask, q, lifted skeletons (N, 17, 3)} of one batch of
+        view pairs."""
         pooled, q, q_map = self.encoder_q(im_q, self.bn_groups)
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as MoCo
@@ -609,21 +688,24 @@ class LiftedCL(nn.Module):
             l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
             l_neg = torch.einsum("nc,ck->nk", q, self.queue_inv.clone().detach())
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-            l_inv = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+            l_inv = F.cross_entropy(logits,
+                                    torch.zeros(len(logits), dtype=torch.long,
+                                                device=logits.device))
             l_equiv, valid, k_pooled = None, None, None
             if q_map is not None:
                 l_equiv, valid = equivariant_loss(q_map.float(), k_map.float(), geom_q, geom_k,
-                                                  self.queue_equiv.clone().detach(), self.T, self.align_size,
-                                                  self.cell_offset)
+                                                  self.queue_equiv.clone().detach(), self.T,
+                                                  self.align_size, self.cell_offset)
                 k_pooled = F.normalize(k_map.float().mean((2, 3)), dim=1)
         self.enqueue(k, k_pooled)  # after the logits, as MoCo
         return dict(l_inv=l_inv, l_equiv=l_equiv, valid=valid, q=q.detach(), lifted=lifted.float())
 
 
 def encoder_loss(out, discriminator, args):
-    """Eq. (1): λ1 (L_inv + L_equiv) + λ2 L_adv, with separate λ for L_inv and L_equiv (Table 8's ablations).
-    Returns (loss, L_adv)."""
-    l_adv = encoder_adv_loss(discriminator, out["lifted"]) if args.lambda_adv > 0 else out["lifted"].new_zeros(())
+    """Eq. (1): λ1 (L_inv + L_equiv) + λ2 L_adv, with separate λ for L_inv and L_equiv (Table 8's
+    ablations). Returns (loss, L_adv)."""
+    l_adv = (encoder_adv_loss(discriminator, out["lifted"]) if args.lambda_adv > 0
+             else out["lifted"].new_zeros(()))
     loss = args.lambda_inv * out["l_inv"] + args.lambda_adv * l_adv
     if out["l_equiv"] is not None:
         loss = loss + args.lambda_equiv * out["l_equiv"]
@@ -639,24 +721,28 @@ def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
 
 
 def load_pretrained(model, spec, backbone):
-    """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the start).
+    """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the
+      start).
     Returns the line to print: what was loaded, or that the encoder starts from scratch."""
     if spec in (None, "none"):
         return f"{backbone} from scratch (no stage I)"
     if spec == "torchvision":
-        model.encoder_q.backbone.load_state_dict(ResNetFeatures(backbone, torchvision_weights=True).state_dict())
+        model.encoder_q.backbone.load_state_dict(
+            ResNetFeatures(backbone, torchvision_weights=True).state_dict())
         report = f"loaded torchvision's ImageNet {backbone}"
     else:
-        # a MoCo checkpoint's MLP head (encoder_q.fc.*) is not loaded: the paper initialises the encoder
-        # from stage I, and the official code loads a ResNet alone (strict=False), its heads start random
+        # a MoCo checkpoint's MLP head (encoder_q.fc.*) is not loaded: the paper initialises the
+        # encoder from stage I, and the official code loads a ResNet alone (strict=False), its heads
+        # start random
         report = load_backbone(model.encoder_q.backbone, spec)
     model.copy_key_encoder()
     return report + "; the key encoder is its copy; the heads and the lifting network start random"
 
 
-RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv", "lambda_equiv", "lambda_adv",
-               "align_size", "cell_centres", "normalize_lifted", "bn_groups", "skeletons", "prior_size", "crop_size",
-               "person_size", "epochs", "lr", "d_lr", "momentum", "wd", "batch_size", "amp")
+RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv",
+               "lambda_equiv", "lambda_adv", "align_size", "cell_centres", "normalize_lifted",
+               "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
+               "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
 def load_state(module, state, path, what):
@@ -665,12 +751,13 @@ def load_state(module, state, path, what):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the {what} does not fit this model ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: the {what} does not fit this model "
+                        f"({str(e).splitlines()[0][:200]})") from None
 
 
 def state_digest(*modules):
-    """sha1 of every parameter and queue (not BN statistics, which each rank updates on its own batch): equal
-    on all ranks when DDP keeps them in step."""
+    """sha1 of every parameter and queue (not BN statistics, which each rank updates on its own
+    batch): equal on all ranks when DDP keeps them in step."""
     h = hashlib.sha1()
     for module in modules:
         for name, t in module.state_dict().items():
@@ -686,7 +773,8 @@ def main():
     args = get_args()
     if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
         raise UserError(f"--data {args.data} needs --data-root DIR ("
-                        + ("annotations/, train2017/" if args.data == "coco" else "train/<class>/*") + ") or --images DIR")
+                        + ("annotations/, train2017/" if args.data == "coco"
+                           else "train/<class>/*") + ") or --images DIR")
     if begin(args, run_plan):
         return
     if args.summary:
@@ -697,17 +785,20 @@ def main():
     main_proc = dist.is_main()
     args.bn_groups = args.bn_groups or max(1, 4 // world)
     per_rank = args.batch_size // world
-    if per_rank < 2 * args.bn_groups or per_rank * world != args.batch_size or per_rank % args.bn_groups:
-        raise UserError(f"--batch-size {args.batch_size} does not split into {world} ranks x {args.bn_groups} "
-                        f"BatchNorm groups of at least 2 images")
+    if (per_rank < 2 * args.bn_groups or per_rank * world != args.batch_size
+        or per_rank % args.bn_groups):
+        raise UserError(f"--batch-size {args.batch_size} does not split into {world} ranks x "
+                        f"{args.bn_groups} BatchNorm groups of at least 2 images")
     items = training_items(args)
     if args.batch_size > len(items):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training images")
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training "
+                        f"images")
 
     seed_everything(args.seed)  # the same model, queues and prior on every rank
-    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t, args.lambda_equiv > 0,
-                     args.lambda_adv > 0, args.normalize_lifted, args.align_size, args.bn_groups,
-                     RESNET_CELL_OFFSET if args.cell_centres == "resnet" else 0.0)
+    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
+                     args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
+                     args.align_size, args.bn_groups, RESNET_CELL_OFFSET
+                     if args.cell_centres == "resnet" else 0.0)
     report = load_pretrained(model, args.pretrained, args.backbone)
     discriminator = Discriminator()
     real = load_skeletons(args.skeletons) if args.skeletons else sample_prior(args.prior_size)
@@ -731,34 +822,43 @@ def main():
 
     device_ids = [device.index] if device.type == "cuda" else None
     ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
-    for encoder in (model.encoder_q, model.encoder_k):  # the ResNets: compiled, MoCo's queue updates stay eager
+    # the ResNets: compiled, MoCo's queue updates stay eager
+    for encoder in (model.encoder_q, model.encoder_k):
         compile_model(encoder, args.compile)
-    ddp_disc = DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1 else discriminator
+    ddp_disc = (DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1
+                else discriminator)
     init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr, momentum=args.momentum,
-                                weight_decay=args.wd)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr,
+                                momentum=args.momentum, weight_decay=args.wd)
     # official code: D has its own SGD, constant lr 0.03, momentum 0.9, weight decay 1e-4
-    d_optimizer = torch.optim.SGD(discriminator.parameters(), args.d_lr, momentum=args.momentum, weight_decay=args.wd)
+    d_optimizer = torch.optim.SGD(discriminator.parameters(), args.d_lr, momentum=args.momentum,
+                                  weight_decay=args.wd)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, history = 0, 0, []
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("normalize_lifted",))
-        for module, key, what in [(model, "model", "model"), (discriminator, "discriminator", "discriminator"),
-                                  (optimizer, "optimizer", "optimizer"), (d_optimizer, "d_optimizer", "D optimizer"),
+        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS,
+                          negated=("normalize_lifted",))
+        for module, key, what in [(model, "model", "model"),
+                                  (discriminator, "discriminator", "discriminator"),
+                                  (optimizer, "optimizer", "optimizer"),
+                                  (d_optimizer, "d_optimizer", "D optimizer"),
                                   (scaler, "scaler", "grad scaler")]:
             load_state(module, ckpt.get(key), args.resume, what)
         start_epoch, it = ckpt["epoch"], ckpt["iteration"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if os.path.isfile(log_path):
             with open(log_path) as f:
-                history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+                history = [e for e in map(json.loads, f.read().splitlines())
+                           if e["epoch"] <= start_epoch]
         if it >= total_iters or start_epoch >= args.epochs:
-            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is left to train
-            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of {args.epochs}, iteration "
-                            f"{it} of {total_iters}); raise --iters to train on, or start a longer run elsewhere")
+            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
+            # left to train
+            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
+                            f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
+                            f"train on, or start a longer run elsewhere")
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
@@ -766,16 +866,19 @@ def main():
         print(report)
         n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
         print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
-              f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv {args.lambda_inv} equiv "
-              f"{args.lambda_equiv} adv {args.lambda_adv}; K {args.moco_k}, m {args.moco_m}, τ {args.moco_t}; "
-              f"{len(train_ds)} images, {args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs "
-              f"on "
-              f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x {args.batch_size}/128 = "
-              f"{init_lr:.5g}, D lr {args.d_lr}", flush=True)
-        print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their plausibility: "
-              + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)), flush=True)
+              f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv "
+              f"{args.lambda_inv} equiv {args.lambda_equiv} adv {args.lambda_adv}; K "
+              f"{args.moco_k}, m {args.moco_m}, τ {args.moco_t}; {len(train_ds)} images, "
+              f"{args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs on "
+              f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x "
+              f"{args.batch_size}/128 = {init_lr:.5g}, D lr {args.d_lr}", flush=True)
+        print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their "
+              f"plausibility: "
+              + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)),
+              flush=True)
 
-    names = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "overlap", "z_std"]
+    names = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted",
+              "overlap", "z_std"]
              + PLAUSIBILITY)
     shown = None
     for epoch in range(start_epoch, args.epochs):
@@ -784,7 +887,8 @@ def main():
         sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
         model.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
+                            f"epoch {epoch + 1} ")
         sums, n_iter, n_pairs, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
         for i, (im_q, im_k, geom_q, geom_k) in enumerate(loader):
             if it >= total_iters:
@@ -802,17 +906,20 @@ def main():
             scaler.update()
             # one D step on the same lifted skeletons, against real ones drawn with replacement
             d_loss, acc_real, acc_lifted = discriminator_step(
-                ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)], out["lifted"])
+                ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)],
+                                                              out["lifted"])
             it += 1
             n_iter += 1
             n_pairs += len(im_q) * world
             zero = loss.new_zeros(())
             sums += torch.stack([loss.detach(), out["l_inv"].detach(),
-                                 zero if out["l_equiv"] is None else out["l_equiv"].detach(), l_adv.detach(), d_loss,
-                                 acc_real, acc_lifted, zero if out["valid"] is None else out["valid"].float().mean(),
+                                 zero if out["l_equiv"] is None else out["l_equiv"].detach(),
+                                 l_adv.detach(), d_loss, acc_real, acc_lifted, zero
+                                 if out["valid"] is None else out["valid"].float().mean(),
                                  out["q"].std(0).mean(), *plausibility(out["lifted"], reference)])
             if (i + 1) % args.print_freq == 0:
-                mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
+                # the same on every rank: all stop together
+                mean_loss = dist.all_reduce_mean(loss.detach())
                 check_finite(mean_loss, it, ckpt_path)
                 progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(), lr=lr)
         means = dist.all_reduce_mean(sums / max(1, n_iter))
@@ -826,30 +933,40 @@ def main():
         shown = out["lifted"][:4].detach().cpu()
         rngs = dist.gather_objects(rng_state())
         if main_proc:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": it,
-                                        "args": vars(args), "rng": rngs})
-            # the query ResNet in torchvision key names: resnetXX().load_state_dict(.., strict=False) misses only
-            # fc.*, and mrpose.py --pretrained loads it as is
-            save_checkpoint(os.path.join(args.out, "backbone.pth"), model.encoder_q.backbone.state_dict())
-            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in history)), mode="w")
+            save_checkpoint(ckpt_path, {"model": model.state_dict(),
+                                        "discriminator": discriminator.state_dict(),
+                                        "optimizer": optimizer.state_dict(),
+                                        "d_optimizer": d_optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                                        "iteration": it, "args": vars(args), "rng": rngs})
+            # the query ResNet in torchvision key names: resnetXX().load_state_dict(..,
+            # strict=False) misses only fc.*, and mrpose.py --pretrained loads it as is
+            save_checkpoint(os.path.join(args.out, "backbone.pth"),
+                            model.encoder_q.backbone.state_dict())
+            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n"
+                                                             for e in history)), mode="w")
             plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
-                        {"total (Eq. 1)": [e["loss"] for e in history], "L_inv": [e["l_inv"] for e in history],
-                         "L_equiv": [e["l_equiv"] for e in history], "L_adv": [e["l_adv"] for e in history],
+                        {"total (Eq. 1)": [e["loss"] for e in history],
+                         "L_inv": [e["l_inv"] for e in history],
+                         "L_equiv": [e["l_equiv"] for e in history],
+                         "L_adv": [e["l_adv"] for e in history],
                          "D loss": [e["d_loss"] for e in history]}, xlabel="epoch")
             plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
-                              {"lifted": normalize_skeletons(shown).numpy(), "prior": real[:4].cpu().numpy()}, BONES)
+                              {"lifted": normalize_skeletons(shown).numpy(),
+                               "prior": real[:4].cpu().numpy()}, BONES)
             log = history[-1]
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} (L_inv {log['l_inv']:.4f} L_equiv "
-                  f"{log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D loss {log['d_loss']:.4f} acc real "
-                  f"{log['d_acc_real']:.2f} lifted {log['d_acc_lifted']:.2f}, overlap {log['overlap']:.2f}, z std "
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} (L_inv "
+                  f"{log['l_inv']:.4f} L_equiv {log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D "
+                  f"loss {log['d_loss']:.4f} acc real {log['d_acc_real']:.2f} lifted "
+                  f"{log['d_acc_lifted']:.2f}, overlap {log['overlap']:.2f}, z std "
                   f"{log['z_std']:.4f} (healthy ~{log['z_std_healthy']:.4f}); lifted plausibility "
                   + ", ".join(f"{n} {log['plausibility'][n]:.3f}" for n in PLAUSIBILITY)
-                  + f" (prior {prior_plausibility[0]:.3f}, {prior_plausibility[1]:.3f}, {prior_plausibility[2]:.3f}); "
+                  + f" (prior {prior_plausibility[0]:.3f}, {prior_plausibility[1]:.3f}, "
+                    f"{prior_plausibility[2]:.3f}); "
                   f"lr {lr:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
     if world > 1:  # DDP keeps every rank's encoder, key encoder, queues and D identical; show it
-        print(f"rank {rank}/{world}: parameters sha1 {state_digest(model, discriminator)}", flush=True)
+        print(f"rank {rank}/{world}: parameters sha1 {state_digest(model, discriminator)}",
+              flush=True)
     if main_proc:
         print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
     dist.cleanup()

@@ -7,10 +7,12 @@ loss per scale (Eqs. (5)-(6)) and their weighted sum (Eq. (7)). The pretrained R
 as `backbone.pth` in torchvision key names for `mrpose.py --pretrained` (Sec. 4.3 transfer).
 One file: arguments, data, model, loss, DDP training, export.
 
-    python mscl.py --data demo                                                   # laptop CPU, minutes
-    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1, Table 5 #4
-    torchrun --nproc_per_node=4 mscl.py --data coco --data-root /data/coco           # Table 5 #3
-    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...             # SimSiam exactly, Table 5 #1
+    python mscl.py --data demo                                                # laptop CPU, minutes
+    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet
+        # Sec. 4.1, Table 5 #4
+    torchrun --nproc_per_node=4 mscl.py --data coco --data-root /data/coco    # Table 5 #3
+    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...
+        # SimSiam exactly, Table 5 #1
 """
 import argparse
 import hashlib
@@ -40,67 +42,85 @@ from data.demo import demo_root
 # Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
 
 PRESETS = {
-    # ImageNet (Sec. 4.1): ResNet-50, 224 px, total batch 256 (4 GPUs x 64), SGD lr 0.05 x batch/256,
-    # cosine decay, 100 epochs; paper silent on the predictor's lr: SimSiam's published 100-epoch recipe and
-    # MMSelfSup's SimSiam configs (the paper's codebase) hold it fixed
-    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4,
-                     fix_pred_lr=True),
+    # ImageNet (Sec. 4.1): ResNet-50, 224 px, total batch 256 (4 GPUs x 64), SGD lr 0.05 x
+    # batch/256, cosine decay, 100 epochs; paper silent on the predictor's lr: SimSiam's published
+    # 100-epoch recipe and MMSelfSup's SimSiam configs (the paper's codebase) hold it fixed
+    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256,
+                     workers=4, fix_pred_lr=True),
     # COCO train2017 images, unlabeled (Sec. 4.7.2, Table 5 #3): lr 0.3 instead of 0.05, 800 epochs
     "coco": dict(backbone="resnet50", crop_size=224, epochs=800, lr=0.3, batch_size=256, workers=4,
                  fix_pred_lr=True),
     # any folder of images (--images DIR): the ImageNet recipe
-    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4,
-                   fix_pred_lr=True),
-    # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x 64/256
-    # = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not a paper setting)
-    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1, fix_pred_lr=True,
-                 amp="auto"),
+    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256,
+                   workers=4, fix_pred_lr=True),
+    # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x
+    # 64/256 = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not
+    # a paper setting)
+    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1,
+                 fix_pred_lr=True, amp="auto"),
 }
 DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS), help="the ResNet (default: the --data preset)")
+    p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS),
+                   help="the ResNet (default: the --data preset)")
     # model (Sec. 3)
-    p.add_argument("--dim", type=int, default=512, help="FPN vector and projector output width (Eq. 3)")
+    p.add_argument("--dim", type=int, default=512,
+                   help="FPN vector and projector output width (Eq. 3)")
     p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width (Eq. 4)")
-    p.add_argument("--fpn-width", type=int, default=256, help="width of the Conv1 laterals (paper silent; FPN's 256)")
+    p.add_argument("--fpn-width", type=int, default=256,
+                   help="width of the Conv1 laterals (paper silent; FPN's 256)")
     p.add_argument("--fusion", default="conv-pool", choices=["conv-pool", "pool-conv"],
-                   help="order of Pool-Conv2 in Eqs. (1)-(2): conv-pool = 3x3 Conv2 on the fused map, then global "
-                        "max pooling (FPN's reading); pool-conv = global max pooling, then a 1x1 Conv2")
-    p.add_argument("--scale-weights", type=float, nargs=4, default=DEFAULT_SCALE_WEIGHTS, metavar="λ",
-                   help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4; 1:2:2:5 is its best)")
+                   help="order of Pool-Conv2 in Eqs. (1)-(2): conv-pool = 3x3 Conv2 on the fused "
+                        "map, then global max pooling (FPN's reading); pool-conv = global max "
+                        "pooling, then a 1x1 Conv2")
+    p.add_argument("--scale-weights", type=float, nargs=4, default=DEFAULT_SCALE_WEIGHTS,
+                   metavar="λ", help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4; "
+                                     "1:2:2:5 is its best)")
     p.add_argument("--no-fpn", dest="fpn", action="store_false",
-                   help="Table 5 #2 (MS without FPN): each stage global-average-pooled straight into its projector")
+                   help="Table 5 #2 (MS without FPN): each stage global-average-pooled straight "
+                        "into its projector")
     p.add_argument("--single-scale", action="store_true",
-                   help="conv5_x only. With --no-fpn --dim 2048 --pred-dim 512 this is SimSiam (Table 5 #1); "
-                        "alone it keeps the FPN's Conv1/Conv2 on conv5_x, which is no paper row")
+                   help="conv5_x only. With --no-fpn --dim 2048 --pred-dim 512 this is SimSiam "
+                        "(Table 5 #1); alone it keeps the FPN's Conv1/Conv2 on conv5_x, which is "
+                        "no paper row")
     p.add_argument("--shared-heads", action="store_true",
-                   help="one projector and one predictor for all scales (default: one per scale; needs the FPN)")
+                   help="one projector and one predictor for all scales (default: one per scale; "
+                        "needs the FPN)")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
-                   help="training images and their preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None, help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
-    p.add_argument("--images", default=None, help="a folder of images (any layout; overrides --data-root)")
-    p.add_argument("--crop-size", type=int, default=None, help="RandomResizedCrop output side (paper 224; default: "
+                   help="training images and their preset (table below); demo is generated, no "
+                        "download")
+    p.add_argument("--data-root", default=None,
+                   help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
+    p.add_argument("--images", default=None, help="a folder of images (any layout; overrides "
+                                                  "--data-root)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="RandomResizedCrop output side (paper 224; default: "
                    "the --data preset)")
     # optimisation (Sec. 4.1)
-    p.add_argument("--epochs", type=int, default=None, help="length of the cosine schedule (default: the --data preset)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="length of the cosine schedule (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None,
-                   help="stop after this many iterations in total (the cosine schedule still spans --epochs; "
-                        "a later --resume continues at the next epoch)")
-    p.add_argument("--lr", type=float, default=None, help="BASE lr: the effective lr is lr x batch-size / 256 "
+                   help="stop after this many iterations in total (the cosine schedule still spans "
+                        "--epochs; a later --resume continues at the next epoch)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="BASE lr: the effective lr is lr x batch-size / 256 "
                    "(default: the --data preset)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4,
+                   help="SGD weight decay")
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the predictors' lr at its initial value (SimSiam's 100-epoch recipe; on in every "
-                        "preset, --no-fix-pred-lr decays it with the rest)")
+                   help="keep the predictors' lr at its initial value (SimSiam's 100-epoch recipe; "
+                        "on in every preset, --no-fix-pred-lr decays it with the rest)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="total over all ranks (rounded down to a multiple of the number of ranks; default: the --data preset)")
+                   help="total over all ranks (rounded down to a multiple of the number of ranks; "
+                        "default: the --data preset)")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data loader processes per rank, at most the CPUs available (default: the --data preset)")
+                   help="data loader processes per rank, at most the CPUs available (default: the "
+                        "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
                    help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
@@ -112,29 +132,35 @@ def get_args(argv=None):
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/mscl-DATA-RUN-BACKBONE)")
+    p.add_argument("--out", default=None, help="output folder (default: "
+                                               "runs/mscl-DATA-RUN-BACKBONE)")
     p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
     finish_parser(p, PRESETS)
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
     if args.shared_heads and not args.fpn and not args.single_scale:
-        raise UserError("--shared-heads needs the FPN: without it the four scales have different widths")
+        raise UserError("--shared-heads needs the FPN: without it the four scales have different "
+                        "widths")
     if min(args.scale_weights) < 0 or sum(args.scale_weights) <= 0:
-        raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a positive sum")
-    args.out = args.out or os.path.join("runs", f"mscl-{args.data}-{run_name(args)}-{args.backbone}")
+        raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a "
+                        f"positive sum")
+    args.out = (args.out or os.path.join("runs",
+                                         f"mscl-{args.data}-{run_name(args)}-{args.backbone}"))
     args.resume = resume_path(args)
     return args
 
 
 def run_plan(args):
-    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after SimSiam's batch scaling."""
-    return make_plan(args, lr_effective=batch_and_lr(args, world_size())[2], augmentation=moco_v2_views(args))
+    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after SimSiam's batch
+    scaling."""
+    return make_plan(args, lr_effective=batch_and_lr(args, world_size())[2],
+                     augmentation=moco_v2_views(args))
 
 
 def run_name(args):
-    """What the run is, for its output folder: simsiam (Table 5 #1, the exact SimSiam), ms-nofpn (#2), mscl
-    (#3 with --data coco, #4), or single-fpn / single-nofpn (conv5_x with other widths: no paper row); then
-    the non-default fusion and λ (Table 4)."""
+    """What the run is, for its output folder: simsiam (Table 5 #1, the exact SimSiam), ms-nofpn
+    (#2), mscl (#3 with --data coco, #4), or single-fpn / single-nofpn (conv5_x with other widths:
+    no paper row); then the non-default fusion and λ (Table 4)."""
     if args.single_scale:
         name = "simsiam" if not args.fpn and (args.dim, args.pred_dim) == (2048, 512) else \
             f"single-{'fpn' if args.fpn else 'nofpn'}"
@@ -183,14 +209,18 @@ def image_folder(args):
     root = args.data_root
     layout = "train/<class>/*.JPEG" if args.data == "imagenet" else "train2017/*.jpg"
     if root is None:
-        raise UserError(f"--data {args.data} needs --data-root DIR (a folder holding {layout}) or --images DIR")
+        raise UserError(f"--data {args.data} needs --data-root DIR (a folder holding {layout}) or "
+                        f"--images DIR")
     if not os.path.isdir(root):
-        raise UserError(f"{root}: data root not found (--data-root of --data {args.data} holds {layout})")
-    candidates = ["train"] if args.data == "imagenet" else ["train2017", os.path.join("images", "train2017")]
+        raise UserError(f"{root}: data root not found (--data-root of --data {args.data} holds "
+                        f"{layout})")
+    candidates = (["train"] if args.data == "imagenet"
+                  else ["train2017", os.path.join("images", "train2017")])
     for c in candidates:
         if os.path.isdir(os.path.join(root, c)):
             return os.path.join(root, c)
-    raise UserError(f"{root}: no {' or '.join(candidates)} folder inside (give --images DIR for another layout)")
+    raise UserError(f"{root}: no {' or '.join(candidates)} folder inside (give --images DIR for "
+                    f"another layout)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,36 +231,43 @@ def image_folder(args):
 class FeaturePyramid(nn.Module):
     """Enhanced FPN, Eqs. (1)-(2): a 512-d vector F_i per stage feature f_i.
 
-    F_i = Pool-Conv2(Conv1(f_i) + Up(Conv1(f_{i+1})))  for i < top,   F_top = Pool-Conv2(Conv1(f_top)).
+    F_i = Pool-Conv2(Conv1(f_i) + Up(Conv1(f_{i+1})))  for i < top,
+    F_top = Pool-Conv2(Conv1(f_top)).
     Given the stages in use (all four, or conv5_x alone), the last one is the top.
 
-    "Pool-Conv2" is a composition whose order the paper leaves open (Eq. (2) read left to right would even
-    pool before Conv1, which the text contradicts). `fusion` picks one:
-      conv-pool (default): Conv2 is a 3x3 conv on the fused map, then global max pooling: FPN's output conv
+    "Pool-Conv2" is a composition whose order the paper leaves open (Eq. (2) read left to right
+    would even pool before Conv1, which the text contradicts). `fusion` picks one:
+      conv-pool (default): Conv2 is a 3x3 conv on the fused map, then global max pooling: FPN's
+      output conv
         ("kernel sizes of 1 and 3": Conv1 1x1, Conv2 3x3), so F_i can use all out_dim dimensions;
-      pool-conv: global max pooling first, then a 1x1 Conv2 (on a 1x1 map a padded 3x3 conv is its centre
-        tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a `width`-dimensional
-        affine subspace (256 of 512); far cheaper, as Conv2 runs on one pixel per image, not on every pixel
-        (at 56x56 the 3x3 Conv2 of F_1 alone costs about as much as the ResNet-50; see eval.bench)."""
+      pool-conv: global max pooling first, then a 1x1 Conv2 (on a 1x1 map a padded 3x3 conv is its
+      centre
+        tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a
+        `width`-dimensional affine subspace (256 of 512); far cheaper, as Conv2 runs on one pixel
+        per image, not on every pixel (at 56x56 the 3x3 Conv2 of F_1 alone costs about as much as
+        the ResNet-50; see eval.bench)."""
 
     def __init__(self, in_channels, width=256, out_dim=512, fusion="conv-pool"):
         super().__init__()
         self.fusion = fusion
-        # paper silent; Conv1 is a 1x1 lateral conv with bias to `width` (256 as in FPN [30]), no BN/ReLU
+        # paper silent; Conv1 is a 1x1 lateral conv with bias to `width` (256 as in FPN [30]), no
+        # BN/ReLU
         self.conv1 = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
         # paper silent; Conv2 with bias, no BN/ReLU (FPN's output conv), width -> out_dim
         k = 3 if fusion == "conv-pool" else 1
-        self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, k, padding=k // 2) for _ in in_channels)
+        self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, k, padding=k // 2)
+                                   for _ in in_channels)
 
     def forward(self, feats):
         lateral = [conv(f) for conv, f in zip(self.conv1, feats)]
         out = []
         for i, lat in enumerate(lateral):
             if i + 1 < len(lateral):
-                # Eq. (1): each level fuses the NEXT level's lateral only (no accumulated top-down path);
-                # paper silent; Up = nearest-neighbour upsampling to f_i's size (as FPN [30])
+                # Eq. (1): each level fuses the NEXT level's lateral only (no accumulated top-down
+                # path); paper silent; Up = nearest-neighbour upsampling to f_i's size (as FPN [30])
                 lat = lat + F.interpolate(lateral[i + 1], size=lat.shape[-2:], mode="nearest")
-            # Eqs. (1)-(2): paper silent; Pool = global max-pooling ("max-pooling", output is a vector)
+            # Eqs. (1)-(2): paper silent; Pool = global max-pooling ("max-pooling", output is a
+            # vector)
             if self.fusion == "conv-pool":
                 fused = F.adaptive_max_pool2d(self.conv2[i](lat), 1)
             else:
@@ -240,37 +277,42 @@ class FeaturePyramid(nn.Module):
 
 
 def projector(in_dim, dim):
-    """Eq. (3): FC-BN-ReLU, FC-BN-ReLU, FC-BN, exactly SimSiam's (builder.py): the hidden width is the
-    input width (512 with the FPN, as the paper says), the hidden FCs have no bias, the output BN has
-    no affine parameters and the output FC's bias is frozen (it is followed by a BN)."""
-    head = nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
-                         nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
-                         nn.Linear(in_dim, dim), nn.BatchNorm1d(dim, affine=False))
+    """Eq. (3): FC-BN-ReLU, FC-BN-ReLU, FC-BN, exactly SimSiam's (builder.py): the hidden width is
+    the input width (512 with the FPN, as the paper says), the hidden FCs have no bias, the output
+    BN has no affine parameters and the output FC's bias is frozen (it is followed by a BN)."""
+    head = nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim),
+                         nn.ReLU(inplace=True), nn.Linear(in_dim, in_dim, bias=False),
+                         nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, dim),
+                         nn.BatchNorm1d(dim, affine=False))
     head[6].bias.requires_grad = False
     return head
 
 
 def predictor(dim, pred_dim):
-    """Eq. (4): FC(dim -> pred_dim)-BN-ReLU-FC(pred_dim -> dim), exactly SimSiam's (first FC without bias)."""
-    return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
-                         nn.Linear(pred_dim, dim))
+    """Eq. (4): FC(dim -> pred_dim)-BN-ReLU-FC(pred_dim -> dim), exactly SimSiam's (first FC without
+    bias)."""
+    return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                         nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
 
 
 def D(p, z):
-    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z (Eq. 6).
+    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z
+    (Eq. 6).
 
-    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper branch
-    predicts the lower one", gradient stopped on the lower branch, views swapped) and SimSiam, on which
-    it builds, both mean: each view's prediction p against the other view's projection z, detached."""
+    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper
+    branch predicts the lower one", gradient stopped on the lower branch, views swapped) and
+    SimSiam, on which it builds, both mean: each view's prediction p against the other view's
+    projection z, detached."""
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
 
 
 def mscl_loss(p1, p2, z1, z2, weights):
-    """(Eq. (7) total, [Eq. (6) loss of each scale]). `weights` are Eq. (7)'s λ_i as the paper states them, in
-    proportion (Table 4's 1:2:2:5): the total divides by their sum, so that it stays on the scale of one
-    Eq. (6) loss (-1 at best) whatever their magnitude."""
+    """(Eq. (7) total, [Eq. (6) loss of each scale]). `weights` are Eq. (7)'s λ_i as the paper
+    states them, in proportion (Table 4's 1:2:2:5): the total divides by their sum, so that it stays
+    on the scale of one Eq. (6) loss (-1 at best) whatever their magnitude."""
     per_scale = [0.5 * D(a, zb) + 0.5 * D(b, za) for a, b, za, zb in zip(p1, p2, z1, z2)]  # Eq. (6)
-    total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)  # Eq. (7), normalised
+    # Eq. (7), normalised
+    total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)
     return total, per_scale
 
 
@@ -296,8 +338,9 @@ class MSCL(nn.Module):
                  shared_heads=False, fpn_width=256, fusion="conv-pool"):
         super().__init__()
         self.backbone = ResNetFeatures(backbone)
-        # SimSiam builds its encoder with zero_init_residual=True: the last BN of each residual block
-        # starts at 0 (torchvision's init, applied after construction; it draws no random numbers)
+        # SimSiam builds its encoder with zero_init_residual=True: the last BN of each residual
+        # block starts at 0 (torchvision's init, applied after construction; it draws no random
+        # numbers)
         for m in self.backbone.modules():
             if isinstance(m, torchvision.models.resnet.Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
@@ -321,7 +364,9 @@ class MSCL(nn.Module):
         feats = [feats[i] for i in self.levels]
         if self.neck is not None:
             vectors = self.neck(feats)
-        else:  # global average pooling, as ResNet/SimSiam (paper silent for the multi-scale no-FPN ablation)
+        # global average pooling, as ResNet/SimSiam (paper silent for the multi-scale no-FPN
+        # ablation)
+        else:
             vectors = [torch.flatten(F.adaptive_avg_pool2d(f, 1), 1) for f in feats]
         return [self.projectors[self.head(k)](v) for k, v in enumerate(vectors)]
 
@@ -335,8 +380,8 @@ class MSCL(nn.Module):
 
 
 def build_model(args):
-    return MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale, args.shared_heads,
-                args.fpn_width, args.fusion)
+    return MSCL(args.backbone, args.dim, args.pred_dim, args.fpn, args.single_scale,
+                args.shared_heads, args.fpn_width, args.fusion)
 
 
 def print_summary(args):
@@ -351,9 +396,9 @@ def print_summary(args):
             fn(x)
         flops.append(counter.get_total_flops() / 2 / 1e9)
     n, n_backbone = (sum(p.numel() for p in m.parameters()) for m in (model, model.backbone))
-    print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters ({n_backbone:,} in the "
-          f"ResNet); {flops[0]:.2f} GFLOPs (multiply-accumulates) per view through the encoder, {flops[1]:.2f} in "
-          f"the ResNet")
+    print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters "
+          f"({n_backbone:,} in the ResNet); {flops[0]:.2f} GFLOPs (multiply-accumulates) per view "
+          f"through the encoder, {flops[1]:.2f} in the ResNet")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,8 +413,9 @@ def build_optimizer(model, init_lr, args):
 
 
 def batch_and_lr(args, world):
-    """(per-rank batch, total batch actually used, initial lr). A --batch-size that the ranks do not divide
-    is rounded down to per-rank x ranks, and the lr follows the batch used: base lr x batch / 256 (SimSiam)."""
+    """(per-rank batch, total batch actually used, initial lr). A --batch-size that the ranks do not
+    divide is rounded down to per-rank x ranks, and the lr follows the batch used: base lr x batch /
+    256 (SimSiam)."""
     per_rank = args.batch_size // world
     batch = per_rank * world
     return per_rank, batch, args.lr * batch / 256
@@ -383,9 +429,11 @@ def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
     return cur_lr
 
 
-# the model and the schedule: a resumed run must keep them (--iters may change: it only says where to stop)
-RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim", "pred_dim", "fpn_width",
-               "scale_weights", "crop_size", "batch_size", "lr", "fix_pred_lr", "momentum", "wd", "epochs", "amp")
+# the model and the schedule: a resumed run must keep them (--iters may change: it only says where
+# to stop)
+RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
+               "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
+               "fix_pred_lr", "momentum", "wd", "epochs", "amp")
 
 
 def parameter_digest(model):
@@ -418,19 +466,22 @@ def main():
     appearance = BatchAppearance(aug_device) if aug_device is not None else None
     per_rank, batch, init_lr = batch_and_lr(args, world)
     if per_rank < 2:
-        raise UserError(f"--batch-size {args.batch_size} gives {per_rank} image(s) to each of {world} ranks; "
-                        f"BatchNorm needs at least 2 per rank")
+        raise UserError(f"--batch-size {args.batch_size} gives {per_rank} image(s) to each of "
+                        f"{world} ranks; BatchNorm needs at least 2 per rank")
     if batch > len(train_ds):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} training images "
-                        f"(the last incomplete batch is dropped, so an epoch would be empty)")
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} "
+                        f"training images (the last incomplete batch is dropped, so an epoch would "
+                        f"be empty)")
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True)
     iters_per_epoch = len(loader)
     total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
 
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                        else None) \
         if world > 1 else model
     ddp_model = compile_model(ddp_model, args.compile)
     optimizer = build_optimizer(model, init_lr, args)
@@ -443,22 +494,28 @@ def main():
         check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
         try:
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        except RuntimeError as e:  # a tensor of another shape (e.g. a checkpoint saved before --fusion)
-            raise UserError(f"{args.resume}: does not fit this model ({str(e).splitlines()[-1].strip()})") from None
+        # a tensor of another shape (e.g. a checkpoint saved before --fusion)
+        except RuntimeError as e:
+            raise UserError(f"{args.resume}: does not fit this model "
+                            f"({str(e).splitlines()[-1].strip()})") from None
         if missing or unexpected:
-            raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}; check --backbone/--no-fpn/--single-scale/--shared-heads)")
+            raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; check "
+                            f"--backbone/--no-fpn/--single-scale/--shared-heads)")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, it = ckpt["epoch"], ckpt["iteration"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if os.path.isfile(log_path):
             with open(log_path) as f:
-                history = [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= start_epoch]
+                history = [e for e in map(json.loads, f.read().splitlines())
+                           if e["epoch"] <= start_epoch]
         if it >= total_iters or start_epoch >= args.epochs:
-            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is left to train
-            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of {args.epochs}, iteration "
-                            f"{it} of {total_iters}); raise --iters to train on, or start a longer run elsewhere")
+            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
+            # left to train
+            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
+                            f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
+                            f"train on, or start a longer run elsewhere")
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
@@ -467,10 +524,12 @@ def main():
         rounded = f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)" \
             if batch != args.batch_size else ""
         print(f"MSCL {args.backbone} ({run_name(args)}), scales {' '.join(names)} "
-              f"(λ {' '.join(f'{w:.3f}' for w in weights)}), {f'FPN {args.fusion}' if args.fpn else 'no FPN'}, "
-              f"{'shared' if args.shared_heads else 'per-scale'} heads: {n_params:,} parameters; {len(train_ds)} "
-              f"images at {args.crop_size} px; {iters_per_epoch} it/epoch x {args.epochs} epochs on {world} x {device}; "
-              f"lr {args.lr} x {batch}/256 = {init_lr:.5g}{rounded}, predictor lr "
+              f"(λ {' '.join(f'{w:.3f}' for w in weights)}), "
+              f"{f'FPN {args.fusion}' if args.fpn else 'no FPN'}, "
+              f"{'shared' if args.shared_heads else 'per-scale'} heads: {n_params:,} parameters; "
+              f"{len(train_ds)} images at {args.crop_size} px; {iters_per_epoch} it/epoch x "
+              f"{args.epochs} epochs on {world} x {device}; lr {args.lr} x {batch}/256 = "
+              f"{init_lr:.5g}{rounded}, predictor lr "
               f"{'fixed' if args.fix_pred_lr else 'cosine'}", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
@@ -479,9 +538,11 @@ def main():
         sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
         model.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc, f"epoch {epoch + 1} ")
+        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
+                            f"epoch {epoch + 1} ")
         # running sums: total loss, each scale's loss, each scale's collapse monitor on z1
-        sums, n_iter, n_pairs, t0 = torch.zeros(1 + 2 * len(names), device=device), 0, 0, time.time()
+        sums, n_iter, n_pairs, t0 = (torch.zeros(1 + 2 * len(names), device=device), 0, 0,
+                                     time.time())
         for i, (x1, x2) in enumerate(loader):
             if it >= total_iters:
                 break
@@ -498,35 +559,44 @@ def main():
             it += 1
             n_iter += 1
             n_pairs += x1.shape[0] * world
-            sums += torch.stack([loss.detach()] + [s.detach() for s in per_scale] + [collapse_monitor(z) for z in z1])
+            sums += torch.stack([loss.detach()] + [s.detach()
+                                                   for s in per_scale]
+                                + [collapse_monitor(z) for z in z1])
             if (i + 1) % args.print_freq == 0:
-                mean_loss = dist.all_reduce_mean(loss.detach())  # the same on every rank: all stop together
+                # the same on every rank: all stop together
+                mean_loss = dist.all_reduce_mean(loss.detach())
                 check_finite(mean_loss, it, ckpt_path)
                 progress.step(i, args.print_freq * batch, loss=mean_loss.item(), lr=lr)
         means = dist.all_reduce_mean(sums / max(1, n_iter))
         check_finite(means, it, ckpt_path)
         means = means.tolist()
         k = len(names)
-        history.append(dict(epoch=epoch + 1, iteration=it, loss=means[0], loss_scales=dict(zip(names, means[1:1 + k])),
-                            z_std=dict(zip(names, means[1 + k:])), z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
+        history.append(dict(epoch=epoch + 1, iteration=it, loss=means[0],
+                            loss_scales=dict(zip(names, means[1:1 + k])),
+                            z_std=dict(zip(names, means[1 + k:])),
+                            z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
                             pairs_per_s=n_pairs / (time.time() - t0)))
         rngs = dist.gather_objects(rng_state())
         if main_proc:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": it,
-                                        "args": vars(args), "rng": rngs})
-            # the ResNet alone in torchvision key names: resnetXX().load_state_dict(.., strict=False) misses
-            # only fc.*, and mrpose.py --pretrained loads it as is
+            save_checkpoint(ckpt_path, {"model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                                        "iteration": it, "args": vars(args), "rng": rngs})
+            # the ResNet alone in torchvision key names: resnetXX().load_state_dict(..,
+            # strict=False) misses only fc.*, and mrpose.py --pretrained loads it as is
             save_checkpoint(os.path.join(args.out, "backbone.pth"), model.backbone.state_dict())
-            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in history)), mode="w")
+            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n"
+                                                             for e in history)), mode="w")
             plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
                         {"total (Eq. 7)": [e["loss"] for e in history],
-                         **{n: [e["loss_scales"][n] for e in history] for n in names}}, xlabel="epoch")
+                         **{n: [e["loss_scales"][n] for e in history] for n in names}},
+                        xlabel="epoch")
             log = history[-1]
             print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} ("
                   + " ".join(f"{n} {v:.4f}" for n, v in log["loss_scales"].items()) + "), z std "
                   + " ".join(f"{n} {v:.4f}" for n, v in log["z_std"].items())
-                  + f" (healthy ~{log['z_std_healthy']:.4f}), lr {lr:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+                  + f" (healthy ~{log['z_std_healthy']:.4f}), lr {lr:.4g}, "
+                    f"{log['pairs_per_s']:.1f} pairs/s", flush=True)
     if world > 1:  # DDP keeps every rank's parameters identical; show it
         print(f"rank {rank}/{world}: parameters sha1 {parameter_digest(model)}", flush=True)
     if main_proc:

@@ -15,7 +15,8 @@ RESNETS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.mode
 
 
 class ResNetFeatures(nn.Module):
-    """A torchvision ResNet without avgpool/fc that returns [C2, C3, C4, C5] (strides 4, 8, 16, 32)."""
+    """A torchvision ResNet without avgpool/fc that returns [C2, C3, C4, C5] (strides 4, 8, 16,
+    32)."""
 
     def __init__(self, name="resnet50", torchvision_weights=False):
         super().__init__()
@@ -25,11 +26,13 @@ class ResNetFeatures(nn.Module):
         try:
             net = RESNETS[name](weights="IMAGENET1K_V1" if torchvision_weights else None)
         except OSError as e:  # URLError included: no network and no cached copy
-            raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {name} weights ({e}); "
-                            f"pass a backbone .pth or --pretrained none") from None
+            raise UserError(f"--pretrained torchvision: cannot fetch the ImageNet {name} weights "
+                            f"({e}); pass a backbone .pth or --pretrained none") from None
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.channels = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3") else m[-1].conv2.out_channels
+        self.layer1, self.layer2, self.layer3, self.layer4 = (net.layer1, net.layer2, net.layer3,
+                                                              net.layer4)
+        self.channels = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3")
+                         else m[-1].conv2.out_channels
                          for m in (self.layer1, self.layer2, self.layer3, self.layer4)]
 
     def forward(self, x):
@@ -44,30 +47,35 @@ class ResNetFeatures(nn.Module):
 def load_backbone(backbone, path):
     """Load a ResNet state_dict in torchvision key names into `backbone`; return a one-line report.
 
-    Accepts a bare state_dict or one under 'state_dict'/'model'/'backbone', with an optional 'module.'
-    (DDP) prefix; of a MoCo checkpoint ('encoder_q.*', 'encoder_k.*', 'queue') the query encoder; of a
-    pose checkpoint of this project ('backbone.*' next to head keys) its backbone. Only parameters count
-    as loaded: BatchNorm's num_batches_tracked buffers are never reported missing, so counting tensors
-    would accept a file that loads no weight. A file that loads no parameter is an error naming it."""
+    Accepts a bare state_dict or one under 'state_dict'/'model'/'backbone', with an optional
+    'module.' (DDP) prefix; of a MoCo checkpoint ('encoder_q.*', 'encoder_k.*', 'queue') the query
+    encoder; of a pose checkpoint of this project ('backbone.*' next to head keys) its backbone.
+    Only parameters count as loaded: BatchNorm's num_batches_tracked buffers are never reported
+    missing, so counting tensors would accept a file that loads no weight. A file that loads no
+    parameter is an error naming it."""
     state = read_state_dict(path, "pretrained backbone")
-    for prefix in ("encoder_q.", "backbone."):  # a MoCo query encoder, then a network's backbone part
+    # a MoCo query encoder, then a network's backbone part
+    for prefix in ("encoder_q.", "backbone."):
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = backbone.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
-            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the {type(backbone).__name__} "
-                            f"expects {tuple(own[k].shape)} (wrong --backbone?)")
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the "
+                            f"{type(backbone).__name__} expects {tuple(own[k].shape)} (wrong "
+                            f"--backbone?)")
     params = [k for k, _ in backbone.named_parameters()]
     loaded = [k for k in params if k in state]
     if not loaded:
-        raise UserError(f"{path}: no parameter of a ResNet backbone in it (first keys: {list(state)[:3]})")
+        raise UserError(f"{path}: no parameter of a ResNet backbone in it (first keys: "
+                        f"{list(state)[:3]})")
     backbone.load_state_dict(state, strict=False)
     missing = [k for k in params if k not in state]
     ignored = [k for k in state if k not in own]
     report = f"loaded {len(loaded)}/{len(params)} backbone parameters from {path}"
     if missing:
-        report += f"; missing (left as initialised): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        report += (f"; missing (left as initialised): "
+                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if ignored:
         report += f"; ignored: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}"
     return report

@@ -51,9 +51,9 @@ def all_reduce_mean(t):
 
 
 def broadcast_buffers(model):
-    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each forward,
-    then every rank updates its copy with its own batch: without this, ranks would evaluate slightly
-    different models, none of them exactly the one rank 0 saves."""
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each
+    forward, then every rank updates its copy with its own batch: without this, ranks would evaluate
+    slightly different models, none of them exactly the one rank 0 saves."""
     if dist.is_initialized():
         for b in model.buffers():
             dist.broadcast(b, 0)
@@ -87,7 +87,8 @@ def shard_indices(n):
 
 
 def convert_sync_bn(model, device):
-    """SyncBatchNorm under multi-GPU DDP (as SimSiam/MoCo); plain BN elsewhere (SyncBN is CUDA-only)."""
+    """SyncBatchNorm under multi-GPU DDP (as SimSiam/MoCo); plain BN elsewhere (SyncBN is
+    CUDA-only)."""
     if dist.is_initialized() and device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -61,7 +61,8 @@ def decode_heatmaps(heatmaps):
     hm = heatmaps.reshape(b * k, h, w)
     xi, yi = x.reshape(-1).clamp(1, w - 2), y.reshape(-1).clamp(1, h - 2)
     n = torch.arange(b * k, device=heatmaps.device)
-    diff = torch.stack([hm[n, yi, xi + 1] - hm[n, yi, xi - 1], hm[n, yi + 1, xi] - hm[n, yi - 1, xi]], -1)
+    diff = torch.stack([hm[n, yi, xi + 1] - hm[n, yi, xi - 1],
+                        hm[n, yi + 1, xi] - hm[n, yi - 1, xi]], -1)
     interior = ((x > 1) & (x < w - 1) & (y > 1) & (y < h - 1)).reshape(-1, 1)
     coords = coords + (0.25 * torch.sign(diff) * interior).reshape(b, k, 2)
     coords = coords * (maxvals > 0).unsqueeze(-1)

@@ -10,7 +10,8 @@ empty slots follow the official code, so its pose checkpoints and the ImageNet-p
 
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock, Bottleneck  # same layout and names as the official blocks
+# same layout and names as the official blocks
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from common.posenet import init_pose_weights
 from common.utils import UserError, read_state_dict
@@ -27,10 +28,12 @@ def make_transition(cins, couts):
     layers = []
     for i, cout in enumerate(couts):
         if i < len(cins):
-            layers.append(nn.Identity() if cins[i] == cout else conv_bn(cins[i], cout, 1, relu=True))
+            layers.append(nn.Identity() if cins[i] == cout
+                          else conv_bn(cins[i], cout, 1, relu=True))
         else:
             n = i + 1 - len(cins)
-            layers.append(nn.Sequential(*[conv_bn(cins[-1], cout if k == n - 1 else cins[-1], 2, relu=True)
+            layers.append(nn.Sequential(*[conv_bn(cins[-1], cout if k == n - 1 else cins[-1], 2,
+                                                  relu=True)
                                           for k in range(n)]))
     return nn.ModuleList(layers)
 
@@ -83,7 +86,8 @@ class PoseHighResolutionNet(nn.Module):
     `forward(x, return_stage3=True)` also returns the stage-3 outputs [1/4, 1/8, 1/16] with widths
     `self.stage3_channels` (= [C, 2C, 4C]); one call, so DDP sees a single forward."""
 
-    # the released pose_hrnet models' names are ours (common.topdown.from_official_names: nothing to rename)
+    # the released pose_hrnet models' names are ours (common.topdown.from_official_names: nothing to
+    # rename)
     OFFICIAL_KEYS, OFFICIAL_RESNET_PREFIX = {}, ""
 
     def __init__(self, width=32, num_joints=17):
@@ -96,7 +100,8 @@ class PoseHighResolutionNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256))
-        self.layer1 = nn.Sequential(Bottleneck(64, 64, downsample=down), *[Bottleneck(256, 64) for _ in range(3)])
+        self.layer1 = nn.Sequential(Bottleneck(64, 64, downsample=down),
+                                    *[Bottleneck(256, 64) for _ in range(3)])
         self.transition1 = make_transition([256], c[:2])
         self.stage2 = nn.Sequential(HighResolutionModule(c[:2]))
         self.transition2 = make_transition(c[:2], c[:3])
@@ -149,7 +154,8 @@ def load_hrnet_pretrained(model, path):
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the HRNet-W{model.width} "
                             f"expects {tuple(own[k].shape)} (wrong --backbone?)")
     state = {k: v for k, v in state.items() if k not in skipped}
-    if not any(k in own for k in state):  # checked first: the load below would still reset BN counters
+    # checked first: the load below would still reset BN counters
+    if not any(k in own for k in state):
         raise UserError(f"{path}: no key matches an HRNet (first keys: {list(state)[:3]})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     report = f"loaded {len(own) - len(missing)}/{len(own)} HRNet tensors from {path}"

@@ -22,12 +22,14 @@ POSITIVE = ("iters", "epochs", "batch_size", "crop_size", "print_freq")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """A flag's default after its help, unless the default is None (then a preset or the code decides,
-    and the help says which) or the flag is a switch (its help says what it turns on or off)."""
+    """A flag's default after its help, unless the default is None (then a preset or the code
+    decides, and the help says which) or the flag is a switch (its help says what it turns on or
+    off)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+        if ("%(default)" in text or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
                 or action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)):
             return text
         return text + " (default: %(default)s)"
@@ -42,7 +44,9 @@ def _cell(v):
 def preset_table(presets, title):
     """A plain-text table: one row per setting, one column per preset (a missing value: '-')."""
     keys = list(dict.fromkeys(k for preset in presets.values() for k in preset))
-    rows = [[title] + list(presets)] + [["--" + k.replace("_", "-")] + [_cell(p.get(k, "-")) for p in presets.values()]
+    rows = [[title] + list(presets)] + [["--" + k.replace("_",
+                                                          "-")]
+                                        + [_cell(p.get(k, "-")) for p in presets.values()]
                                         for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -52,8 +56,10 @@ def finish_parser(p, presets, protocols=None):
     """The help's layout and epilog (the preset tables) and --dry-run, common to every script."""
     p.formatter_class = HelpFormatter
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved run plan as one JSON object and exit (reads no data or weights)")
-    epilog = ["values of --data's presets, used where the command line gives none:", preset_table(presets, "--data")]
+                   help="print the resolved run plan as one JSON object and exit (reads no data or "
+                        "weights)")
+    epilog = ["values of --data's presets, used where the command line gives none:",
+              preset_table(presets, "--data")]
     if protocols:
         epilog += ["", "--protocol presets (on top of --data's; the command line still wins):",
                    preset_table(protocols, "--protocol")]
@@ -61,8 +67,8 @@ def finish_parser(p, presets, protocols=None):
 
 
 def apply_presets(args, preset):
-    """Every setting the command line left at None takes the preset's value; then the checks every script
-    shares (positive counts, --resume's default path)."""
+    """Every setting the command line left at None takes the preset's value; then the checks every
+    script shares (positive counts, --resume's default path)."""
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -104,8 +110,8 @@ def cpus():
 
 
 def cap_workers(args):
-    """DataLoader workers per rank, at most the CPUs this process may use (more only make PyTorch warn and
-    the processes compete); returns the note to print, or None."""
+    """DataLoader workers per rank, at most the CPUs this process may use (more only make PyTorch
+    warn and the processes compete); returns the note to print, or None."""
     n = cpus()
     if getattr(args, "workers", None) is None or args.workers <= n:
         return None
@@ -117,18 +123,20 @@ def cap_workers(args):
 def make_plan(args, *, lr_effective, augmentation, eval=None):
     """The plan: every argparse dest after presets (tuples as lists), then the derived entries."""
     plan = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
-    plan.update(world_size=world_size(), lr_effective=lr_effective, init=init_words(getattr(args, "pretrained", None)),
-                augmentation=augmentation)
+    plan.update(world_size=world_size(), lr_effective=lr_effective,
+                init=init_words(getattr(args, "pretrained", None)), augmentation=augmentation)
     if eval is not None:
         plan["eval"] = eval
     return plan
 
 
 def check_paths(args):
-    """Every file or folder named on the command line exists: a one-line error before any process group
-    starts, so that under torchrun each rank stops at once (rank 0 alone prints it, see run_main)."""
+    """Every file or folder named on the command line exists: a one-line error before any process
+    group starts, so that under torchrun each rank stops at once (rank 0 alone prints it, see
+    run_main)."""
     for key, what in PATH_FLAGS.items():
-        path = resume_path(args) if key == "resume" and hasattr(args, "resume") else getattr(args, key, None)
+        path = (resume_path(args) if key == "resume" and hasattr(args, "resume")
+                else getattr(args, key, None))
         if key == "pretrained" and path in ("torchvision", "none"):
             continue
         if isinstance(path, str) and not os.path.exists(path):
@@ -136,9 +144,10 @@ def check_paths(args):
 
 
 def begin(args, plan_fn):
-    """The start of a script's main(): with --dry-run print the plan and return True (the caller exits);
-    otherwise check the paths, cap the workers and, on rank 0, write OUT/args.json (a training run's: --summary
-    and --eval-only leave the args.json of the run that trained OUT's model as it was)."""
+    """The start of a script's main(): with --dry-run print the plan and return True (the caller
+    exits); otherwise check the paths, cap the workers and, on rank 0, write OUT/args.json (a
+    training run's: --summary and --eval-only leave the args.json of the run that trained OUT's
+    model as it was)."""
     note = cap_workers(args)
     plan = plan_fn(args)
     if args.dry_run:
@@ -155,26 +164,30 @@ def begin(args, plan_fn):
 
 def pose_augmentation(args):
     """The top-down training augmentation (common.datasets.TopDownDataset), its law and factors."""
-    return {"law": "half-body with p half_body_prob (more than 8 labeled joints); scale x N(1, sf) clipped to "
-                   "1 ± sf; with p 0.6 rotation N(0, rf) clipped to ±2rf, else 0; horizontal flip p 0.5",
+    return {"law": "half-body with p half_body_prob (more than 8 labeled joints); scale x N(1, sf) "
+                   "clipped to 1 ± sf; with p 0.6 rotation N(0, rf) clipped to ±2rf, else 0; "
+                   "horizontal flip p 0.5",
             "scale_factor": args.scale_factor, "rot_factor": args.rot_factor, "flip": args.flip,
             "half_body_prob": args.half_body_prob}
 
 
 def moco_v2_views(args):
     """MoCo v2's two views (common.ssl), the law and its one factor."""
-    return {"law": "MoCo v2 aug-plus: random resized crop (scale 0.2-1, ratio 3/4-4/3), colour jitter "
-                   "(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur σ 0.1-2 p 0.5, horizontal flip p 0.5",
+    return {"law": "MoCo v2 aug-plus: random resized crop (scale 0.2-1, ratio 3/4-4/3), colour "
+                   "jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur σ 0.1-2 p "
+                   "0.5, horizontal flip p 0.5",
             "crop_size": args.crop_size}
 
 
 # the evaluation split of each --data without --val-ann (common.topdown.data_paths' layouts)
-DEFAULT_SPLITS = {"coco": "val2017", "demo": "val2017 (generated demo)", "mpii": "valid", "crowdpose": "crowdpose_test"}
+DEFAULT_SPLITS = {"coco": "val2017", "demo": "val2017 (generated demo)", "mpii": "valid",
+                  "crowdpose": "crowdpose_test"}
 
 
 def pose_eval(args):
     """What the evaluation of a pose script will use, from the arguments alone (no file is read)."""
-    boxes = (f"detections {args.det_json} (score >= {args.det_thresh})" if args.det_json else "ground-truth boxes")
-    split = os.path.basename(args.val_ann).removesuffix(".json").removeprefix("person_keypoints_") if args.val_ann \
-        else DEFAULT_SPLITS.get(args.data, args.data)
+    boxes = (f"detections {args.det_json} (score >= {args.det_thresh})" if args.det_json
+             else "ground-truth boxes")
+    split = (os.path.basename(args.val_ann).removesuffix(".json").removeprefix("person_keypoints_")
+             if args.val_ann else DEFAULT_SPLITS.get(args.data, args.data))
     return {"boxes": boxes, "split": split, "flip_test": args.flip_test}

@@ -58,20 +58,23 @@ def plot_skeletons_3d(path, rows, bones, cols=4):
                 ax.plot([x[a], x[b]], [y[a], y[b]], [z[a], z[b]], "-", lw=2, color="tab:blue")
             ax.scatter(x, y, z, s=6, c="red")
             half = max(1e-6, float(abs(joints).max()))
-            ax.set(xlim=(-half, half), ylim=(-half, half), zlim=(-half, half), xticks=[], yticks=[], zticks=[])
+            ax.set(xlim=(-half, half), ylim=(-half, half), zlim=(-half, half), xticks=[], yticks=[],
+                   zticks=[])
             ax.set_title(f"{name} {c + 1}", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
 
 def plot_embeddings(path, points, labels, names, title=""):
-    """2-D points (e.g. a PCA of keypoint embeddings) coloured by class, one legend entry per class."""
+    """2-D points (e.g. a PCA of keypoint embeddings) coloured by class, one legend entry per
+    class."""
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab20")
     for k, name in enumerate(names):
         sel = labels == k
         if sel.any():
-            ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.6, color=cmap(k % 20), label=name)
+            ax.scatter(points[sel, 0], points[sel, 1], s=6, alpha=0.6, color=cmap(k % 20),
+                       label=name)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()

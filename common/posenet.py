@@ -11,8 +11,8 @@ def deconv(cin, cout):
 
 
 def init_pose_weights(modules):
-    """The official pose-network init (SimpleBaseline, HRNet): (transposed) convs N(0, 0.001) with zero bias,
-    BatchNorm weight 1 and bias 0."""
+    """The official pose-network init (SimpleBaseline, HRNet): (transposed) convs N(0, 0.001) with
+    zero bias, BatchNorm weight 1 and bias 0."""
     for m in modules:
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, std=0.001)
@@ -35,20 +35,25 @@ class PoseNet(nn.Module):
 
 
 class SimpleBaseline(PoseNet):
-    """MRPose Fig. 2: three 256-channel deconvs on C5, then a 1x1 conv to k heatmaps at 1/4 resolution."""
+    """MRPose Fig. 2: three 256-channel deconvs on C5, then a 1x1 conv to k heatmaps at 1/4
+    resolution."""
 
-    # official pose_resnet key prefixes -> ours (common.topdown.load_weights; the ResNet keys sit at its top level)
-    OFFICIAL_KEYS = {"deconv_layers.0.": "deconv1.0.", "deconv_layers.1.": "deconv1.1.", "deconv_layers.3.": "deconv2.0.",
-                     "deconv_layers.4.": "deconv2.1.", "deconv_layers.6.": "deconv3.0.", "deconv_layers.7.": "deconv3.1."}
+    # official pose_resnet key prefixes -> ours (common.topdown.load_weights; the ResNet keys sit at
+    # its top level)
+    OFFICIAL_KEYS = {"deconv_layers.0.": "deconv1.0.", "deconv_layers.1.": "deconv1.1.",
+                     "deconv_layers.3.": "deconv2.0.", "deconv_layers.4.": "deconv2.1.",
+                     "deconv_layers.6.": "deconv3.0.", "deconv_layers.7.": "deconv3.1."}
 
     def __init__(self, backbone, k, c=256):
         super().__init__(backbone)
-        self.deconv1, self.deconv2, self.deconv3 = deconv(backbone.channels[3], c), deconv(c, c), deconv(c, c)
+        self.deconv1, self.deconv2, self.deconv3 = (deconv(backbone.channels[3], c), deconv(c, c),
+                                                    deconv(c, c))
         self.final_layer = nn.Conv2d(c, k, 1)
         self.init_head()
 
     def forward(self, x, return_c4=False):
-        """Heatmaps; with `return_c4` also ResNet's C4 (stride 16), the map icon.py's projection head taps."""
+        """Heatmaps; with `return_c4` also ResNet's C4 (stride 16), the map icon.py's projection
+        head taps."""
         c2, c3, c4, c5 = self.backbone(x)
         heatmaps = self.final_layer(self.deconv3(self.deconv2(self.deconv1(c5))))
         return (heatmaps, c4) if return_c4 else heatmaps

@@ -1,15 +1,17 @@
-"""Semi-supervised top-down pose training, shared by the pose scripts (`mrpose.py --semi`, `icon.py --semi`).
+"""Semi-supervised top-down pose training, shared by the pose scripts (`mrpose.py --semi`, `icon.py
+--semi`).
 
-Xie et al., "An Empirical Study of the Collapsing Problem in Semi-Supervised 2D Human Pose Estimation"
-(ICCV 2021; MSCL calls it ESCP, ICON calls it SSPose; official code xierc/Semi_Human_Pose), and the
-pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eqs. (6)-(7)):
+Xie et al., "An Empirical Study of the Collapsing Problem in Semi-Supervised 2D Human Pose
+Estimation" (ICCV 2021; MSCL calls it ESCP, ICON calls it SSPose; official code
+xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eqs. (6)-(7)):
 
 - `PairedDataset`: every item is one labeled and one unlabeled person crop (1:1 per step).
 - `ConsistencyTraining`: two networks (`dual`, the official pose_dual) or one (`cons`, pose_cons).
   Each network predicts the unlabeled easy view without gradient; a random affine (`hard_affine`)
   warps the batch into a hard view, on the training device and batched, and warps the teacher's
   heatmaps with it (`warp_heatmaps`, exact under this project's heatmap convention); optional Joint
-  Cutout (`joint_cutout`). Network i regresses its hard view onto the other network's warped heatmaps.
+  Cutout (`joint_cutout`). Network i regresses its hard view onto the other network's warped
+  heatmaps.
 - `PseudoLabelTraining`: a frozen teacher trained on the labeled set only; its heatmaps on the
   unlabeled crops supervise the joints whose peak reaches γ (`pseudo_label_mask`), weight λu.
 - `collapse_monitor`: mean peak of the teachers' heatmaps on the unlabeled crops; it falls toward 0
@@ -17,22 +19,22 @@ pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eqs. (6)-(7)):
 
 A training script uses it in a few lines (see mrpose.py):
 
-    semi_model = build_semi(args.semi, model, make_net, args, args.teacher)  # wraps the reported `model`
-    train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
+    semi_model = build_semi(args.semi, model, make_net, args, args.teacher) # wraps the reported
+    `model` train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
     ...  # per step, x / xu: normalised labeled / unlabeled crops, target/weight: gaussian_targets
-    out = ddp(semi_model)(x, xu, semi_model.draw_view(np.random.default_rng([seed, rank, it]), len(xu)))
-    loss, parts = semi_model.loss(out, target, weight)
+    out = ddp(semi_model)(x, xu, semi_model.draw_view(np.random.default_rng([seed, rank, it]),
+    len(xu))) loss, parts = semi_model.loss(out, target, weight)
 
 `out` holds per network the labeled heatmaps (`sup`), the unlabeled easy-view heatmaps (`easy`), the
-consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps (`cons`),
-so another method (ICON) can add its own terms on them. `build_semi(..., labeled=...)` runs each
-network's passes with gradient through a module that also returns features (ICON: the network with
-its projection head); they come back as `sup_extra` (labeled crops) and `cons_extra` (hard views /
-the student's unlabeled crops).
+consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps
+(`cons`), so another method (ICON) can add its own terms on them. `build_semi(..., labeled=...)`
+runs each network's passes with gradient through a module that also returns features (ICON: the
+network with its projection head); they come back as `sup_extra` (labeled crops) and `cons_extra`
+(hard views / the student's unlabeled crops).
 
-Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's convention);
-input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates (align_corners=False) put
-pixel i of a size-n axis at (2i + 1)/n - 1.
+Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's
+convention); input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates
+(align_corners=False) put pixel i of a size-n axis at (2i + 1)/n - 1.
 """
 import numpy as np
 import torch
@@ -49,12 +51,13 @@ from common.utils import UserError
 
 
 class PairedDataset(torch.utils.data.Dataset):
-    """Item i = {"labeled": crop, "unlabeled": crop}. An epoch walks the larger set once (the unlabeled
-    one in the papers' settings) and pairs each of its crops with one of the other set drawn uniformly
-    with replacement, redrawn every epoch (official: mix_coco_coco.py's np.random.choice(|L|, |U|)).
-    Each crop's augmentation is drawn from its own key (epoch, pair index i, side), so a person drawn
-    several times in an epoch gets a fresh crop each time, as the official code's fresh draw at every
-    __getitem__, while a run stays deterministic and resumable."""
+    """Item i = {"labeled": crop, "unlabeled": crop}. An epoch walks the larger set once (the
+    unlabeled one in the papers' settings) and pairs each of its crops with one of the other set
+    drawn uniformly with replacement, redrawn every epoch (official: mix_coco_coco.py's
+    np.random.choice(|L|, |U|)). Each crop's augmentation is drawn from its own key (epoch, pair
+    index i, side), so a person drawn several times in an epoch gets a fresh crop each time, as the
+    official code's fresh draw at every __getitem__, while a run stays deterministic and
+    resumable."""
 
     def __init__(self, labeled, unlabeled, seed=0):
         self.labeled, self.unlabeled, self.seed = labeled, unlabeled, seed
@@ -77,8 +80,9 @@ class PairedDataset(torch.utils.data.Dataset):
 
 
 def read_unlabeled(ann_file, image_dir, aspect_ratio):
-    """Person boxes of another set for the unlabeled crops: AI Challenger (MPII + AIC, the papers' only
-    cross-set unlabeled data), its official json or the COCO-style one (common.datasets.read_aic)."""
+    """Person boxes of another set for the unlabeled crops: AI Challenger (MPII + AIC, the papers'
+    only cross-set unlabeled data), its official json or the COCO-style one
+    (common.datasets.read_aic)."""
     if not image_dir:
         raise UserError(f"{ann_file}: --unlabeled-ann needs --unlabeled-images (its image folder)")
     return read_aic(ann_file, image_dir, aspect_ratio)[0]
@@ -86,12 +90,13 @@ def read_unlabeled(ann_file, image_dir, aspect_ratio):
 
 def build_unlabeled(args, train_ds, info):
     """The unlabeled person crops: --unlabeled all (every training person, the official default: the
-    unlabeled set of its subsets includes the labeled persons), rest (the persons outside --labeled),
-    or the persons of --unlabeled-ann (another set, e.g. AI Challenger for MPII+AIC).
+    unlabeled set of its subsets includes the labeled persons), rest (the persons outside
+    --labeled), or the persons of --unlabeled-ann (another set, e.g. AI Challenger for MPII+AIC).
     Keypoints are dropped: nothing of an unlabeled person but its box reaches the training step.
     Same easy-view augmentation as the labeled crops, with their own random draws (seed + 1)."""
-    # person ids ("pid"), as TopDownDataset's: a training person keeps its own (its index in the training
-    # list, labeled persons first, unless the record carries one); another set's persons come after them
+    # person ids ("pid"), as TopDownDataset's: a training person keeps its own (its index in the
+    # training list, labeled persons first, unless the record carries one); another set's persons
+    # come after them
     n, rest = len(train_ds.records), info["unlabeled"]
     if args.unlabeled_ann:
         records = read_unlabeled(args.unlabeled_ann, args.unlabeled_images, train_ds.aspect_ratio)
@@ -99,16 +104,18 @@ def build_unlabeled(args, train_ds, info):
         where = args.unlabeled_ann
     else:
         records = rest if args.unlabeled == "rest" else train_ds.records + rest
-        pids = [r.get("pid", i) for i, r in enumerate(records, n if args.unlabeled == "rest" else 0)]
+        pids = [r.get("pid", i) for i, r in enumerate(records, n if args.unlabeled == "rest"
+                                                      else 0)]
         where = f"--unlabeled {args.unlabeled}"
     if not records:
         raise UserError(f"{where}: no unlabeled person to train on")
     k = args.num_joints
     records = [dict(r, joints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32), pid=p)
                for r, p in zip(records, pids)]
-    return TopDownDataset(records, args.input_size, train_ds.flip_pairs, train_ds.upper_ids, train=True,
-                          scale_factor=train_ds.scale_factor, rot_factor=train_ds.rot_factor, flip=train_ds.flip,
-                          half_body_prob=0.0, seed=train_ds.seed + 1)
+    return TopDownDataset(records, args.input_size, train_ds.flip_pairs, train_ds.upper_ids,
+                          train=True, scale_factor=train_ds.scale_factor,
+                          rot_factor=train_ds.rot_factor, flip=train_ds.flip, half_body_prob=0.0,
+                          seed=train_ds.seed + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,17 +126,19 @@ def hard_affine(rng, n, scale_factor=0.25, rot_factor=30.0, rot_prob=0.8):
     """(n, 2, 3) affine_grid matrices θ = [M | 0] of the official law (pose_dual.py
     get_batch_affine_transform): s ~ N(1, sf) clipped to 1 ± sf; r ~ N(0, rf) clipped to ±2rf with
     probability `rot_prob`, else 0; M = cv2.getRotationMatrix2D((0, 0), r, s), which acts on
-    affine_grid's normalised coordinates (anisotropic in pixels for a non-square input, as official)."""
+    affine_grid's normalised coordinates (anisotropic in pixels for a non-square input, as
+    official)."""
     s = np.clip(rng.standard_normal(n) * scale_factor + 1, 1 - scale_factor, 1 + scale_factor)
-    r = np.where(rng.random(n) <= rot_prob, np.clip(rng.standard_normal(n) * rot_factor, -2 * rot_factor, 2 * rot_factor), 0.0)
+    r = np.where(rng.random(n) <= rot_prob,
+                 np.clip(rng.standard_normal(n) * rot_factor, -2 * rot_factor, 2 * rot_factor), 0.0)
     a, b = s * np.cos(np.radians(r)), s * np.sin(np.radians(r))
     theta = np.stack([np.stack([a, b, 0 * a], -1), np.stack([-b, a, 0 * a], -1)], 1)
     return torch.from_numpy(theta).float()
 
 
 def warp_images(x, theta):
-    """The hard view of a batch: output pixel at normalised u samples the input at θ·(u, 1) (bilinear,
-    zero padding = the mean colour of normalised images, as the official warp)."""
+    """The hard view of a batch: output pixel at normalised u samples the input at θ·(u, 1)
+    (bilinear, zero padding = the mean colour of normalised images, as the official warp)."""
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -138,9 +147,9 @@ def heatmap_theta(theta, input_size, heatmap_size):
     """θ for heatmaps that moves each heatmap point exactly with the image point it stands for.
 
     Heatmap pixel j stands for input pixel stride·j, so in normalised coordinates v = u + d with
-    d = (stride - 1) / W_in per axis. The image warp u_easy = M u_hard + t becomes v_easy = M v_hard +
-    t + (I - M) d. (The official code reuses θ as is, which misplaces the targets by a fraction of a
-    heatmap pixel: up to 0.7 px at 192x256, a quarter of a pixel on average.)"""
+    d = (stride - 1) / W_in per axis. The image warp u_easy = M u_hard + t becomes v_easy = M v_hard
+    + t + (I - M) d. (The official code reuses θ as is, which misplaces the targets by a fraction of
+    a heatmap pixel: up to 0.7 px at 192x256, a quarter of a pixel on average.)"""
     d = theta.new_tensor([(input_size[0] / heatmap_size[0] - 1) / input_size[0],
                           (input_size[1] / heatmap_size[1] - 1) / input_size[1]])
     m = theta[:, :, :2]
@@ -150,14 +159,17 @@ def heatmap_theta(theta, input_size, heatmap_size):
 
 def warp_heatmaps(h, theta, input_size):
     """Heatmaps (B, K, h, w) of the easy view -> the hard view of `warp_images(x, theta)`."""
-    return warp_images(h, heatmap_theta(theta.to(h.device, h.dtype), input_size, (h.shape[-1], h.shape[-2])))
+    return warp_images(h, heatmap_theta(theta.to(h.device, h.dtype), input_size,
+                                        (h.shape[-1], h.shape[-2])))
 
 
 def hard_points(points, theta, size):
     """Where points (B, K, 2) in pixels of an image of `size` (w, h) land in the hard view:
-    A = N⁻¹ θ⁻¹ N, N the pixel -> normalised map. For tests and for methods that need the moved joints."""
+    A = N⁻¹ θ⁻¹ N, N the pixel -> normalised map. For tests and for methods that need the moved
+    joints."""
     w, h = size
-    scale, shift = points.new_tensor([2.0 / w, 2.0 / h]), points.new_tensor([1.0 / w - 1, 1.0 / h - 1])
+    scale, shift = (points.new_tensor([2.0 / w, 2.0 / h]),
+                    points.new_tensor([1.0 / w - 1, 1.0 / h - 1]))
     u = points * scale + shift
     m, t = theta[:, :, :2].to(points), theta[:, :, 2].to(points)
     u = torch.linalg.solve(m, (u - t[:, None]).transpose(1, 2)).transpose(1, 2)
@@ -166,32 +178,33 @@ def hard_points(points, theta, size):
 
 def argmax_joints(heatmaps):
     """Integer argmax (x, y) per channel in heatmap pixels, whatever the peak's value: the official
-    get_max_preds_tensor that Joint Cutout uses (no quarter offset, and unlike HRNet's get_max_preds no
-    zeroing of non-positive peaks)."""
+    get_max_preds_tensor that Joint Cutout uses (no quarter offset, and unlike HRNet's get_max_preds
+    no zeroing of non-positive peaks)."""
     b, k, h, w = heatmaps.shape
     idx = heatmaps.reshape(b, k, -1).argmax(-1)
     return torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
 
 
 def cutout_draw(rng, n, boxes, num_joints, input_height):
-    """Random part of Joint Cutout (pose_dual.py mask_joint): N(0, 10²) px jitter of each joint's centre and
-    half-sizes uniform in {10..19} px per axis, one box per joint, then `boxes` joints per image drawn with
-    replacement (a joint drawn twice is one box, as official). Pixel sizes are the official ones for
-    256-row inputs, scaled with the input height otherwise.
-    Deviation (a fix): the official draws from the 24 channels of its joint union, several of which do
-    not exist for the dataset (their argmax is (0, 0), so those boxes land in the corner); we draw from
-    the dataset's own joints."""
+    """Random part of Joint Cutout (pose_dual.py mask_joint): N(0, 10²) px jitter of each joint's
+    centre and half-sizes uniform in {10..19} px per axis, one box per joint, then `boxes` joints
+    per image drawn with replacement (a joint drawn twice is one box, as official). Pixel sizes are
+    the official ones for 256-row inputs, scaled with the input height otherwise.
+    Deviation (a fix): the official draws from the 24 channels of its joint union, several of which
+    do not exist for the dataset (their argmax is (0, 0), so those boxes land in the corner); we
+    draw from the dataset's own joints."""
     f = input_height / 256
     return {"jitter": torch.from_numpy(rng.standard_normal((n, num_joints, 2)) * 10 * f).float(),
-            "half": torch.from_numpy(np.round(rng.integers(10, 20, (n, num_joints, 2)) * f)).float(),
+            "half": torch.from_numpy(np.round(rng.integers(10, 20,
+                                                           (n, num_joints, 2)) * f)).float(),
             "joint": torch.from_numpy(rng.integers(0, num_joints, (n, boxes)))}
 
 
 def joint_cutout(x, joints, draw):
     """Joint Cutout: zero (the mean colour of normalised images) a box around each drawn joint.
     joints (B, K, 2) in input pixels. Boxes [c - half, c + half) per axis, c the truncated jittered
-    centre (official `.int()`), clipped to the image. Deviation (a fix): the official clamp swaps width
-    and height, so no box reached the bottom rows of a 192x256 crop (y clamped to 192)."""
+    centre (official `.int()`), clipped to the image. Deviation (a fix): the official clamp swaps
+    width and height, so no box reached the bottom rows of a 192x256 crop (y clamped to 192)."""
     b, _, h, w = x.shape
     centre = torch.trunc(joints + draw["jitter"].to(x.device))
     lo, hi = centre - draw["half"].to(x.device), centre + draw["half"].to(x.device)
@@ -205,8 +218,8 @@ def joint_cutout(x, joints, draw):
 
 
 def labeled_forward(nets, labeled, x):
-    """Per network, the heatmaps of the labeled crops and, where `labeled` gives each network a module
-    returning (heatmaps, extra), the extras (else None)."""
+    """Per network, the heatmaps of the labeled crops and, where `labeled` gives each network a
+    module returning (heatmaps, extra), the extras (else None)."""
     if labeled is None:
         return [f(x) for f in nets], None
     heatmaps, extra = zip(*(g(x) for g in labeled))
@@ -225,24 +238,28 @@ def collapse_monitor(heatmaps):
 
 class ConsistencyTraining(nn.Module):
     """Two networks of the same architecture teach each other (`net2` given: dual) or one network
-    teaches itself (`net2` None: the official pose_cons). Every pass is separate (own BatchNorm batch
-    statistics), as official: per network the labeled crops with gradient, the unlabeled easy view
-    without, the hard view with."""
+    teaches itself (`net2` None: the official pose_cons). Every pass is separate (own BatchNorm
+    batch statistics), as official: per network the labeled crops with gradient, the unlabeled easy
+    view without, the hard view with."""
 
-    def __init__(self, net1, net2, input_size, heatmap_size, num_joints, scale_factor=0.25, rot_factor=30.0,
-                 cutout=0, channels_last=False):
+    def __init__(self, net1, net2, input_size, heatmap_size, num_joints, scale_factor=0.25,
+                 rot_factor=30.0, cutout=0, channels_last=False):
         super().__init__()
         self.nets = nn.ModuleList([net1] if net2 is None else [net1, net2])
-        self.input_size, self.heatmap_size, self.num_joints = tuple(input_size), tuple(heatmap_size), num_joints
-        self.scale_factor, self.rot_factor, self.cutout, self.channels_last = scale_factor, rot_factor, cutout, channels_last
+        self.input_size, self.heatmap_size, self.num_joints = (tuple(input_size),
+                                                               tuple(heatmap_size), num_joints)
+        (self.scale_factor, self.rot_factor, self.cutout,
+         self.channels_last) = scale_factor, rot_factor, cutout, channels_last
         self.labeled = None  # build_semi's `labeled` hook
 
     def draw_view(self, rng, n):
         """The random part of a step, drawn on the host so a run is reproducible: θ of the hard view
-        (rotation with probability 0.8, the official law) and, with Joint Cutout, one draw per network."""
+        (rotation with probability 0.8, the official law) and, with Joint Cutout, one draw per
+        network."""
         view = {"theta": hard_affine(rng, n, self.scale_factor, self.rot_factor, rot_prob=0.8)}
         if self.cutout:
-            view["cutout"] = [cutout_draw(rng, n, self.cutout, self.num_joints, self.input_size[1]) for _ in self.nets]
+            view["cutout"] = [cutout_draw(rng, n, self.cutout, self.num_joints, self.input_size[1])
+                              for _ in self.nets]
         return view
 
     def forward(self, x_l, x_u, view):
@@ -250,11 +267,13 @@ class ConsistencyTraining(nn.Module):
         with torch.no_grad():
             easy = [f(x_u).float() for f in self.nets]
         teachers = easy[::-1]  # dual: network i learns from the other one; single: from itself
-        stride = x_u.new_tensor([self.input_size[0] / self.heatmap_size[0], self.input_size[1] / self.heatmap_size[1]])
+        stride = x_u.new_tensor([self.input_size[0] / self.heatmap_size[0],
+                                 self.input_size[1] / self.heatmap_size[1]])
         theta = view["theta"].to(x_u.device)
         with torch.no_grad(), torch.autocast(x_u.device.type, enabled=False):  # the warps in fp32
             targets = [warp_heatmaps(t, theta, self.input_size) for t in teachers]
-            if self.cutout:  # network i's hard view is cut at its teacher's predicted joints, then warped
+            # network i's hard view is cut at its teacher's predicted joints, then warped
+            if self.cutout:
                 hard = [warp_images(joint_cutout(x_u.float(), argmax_joints(t) * stride, d), theta)
                         for t, d in zip(teachers, view["cutout"])]
             else:
@@ -263,15 +282,17 @@ class ConsistencyTraining(nn.Module):
             hard = [h.contiguous(memory_format=torch.channels_last) for h in hard]
         if self.labeled is None:
             cons, cons_extra = [f(h) for f, h in zip(self.nets, hard)], None
-        else:  # the hard views through the `labeled` hook's modules too: their extras (ICON's embeddings)
+        # the hard views through the `labeled` hook's modules too: their extras (ICON's embeddings)
+        else:
             cons, cons_extra = (list(v) for v in zip(*(g(h) for g, h in zip(self.labeled, hard))))
-        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard, "cons": cons,
-                "cons_extra": cons_extra}
+        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard,
+                "cons": cons, "cons_extra": cons_extra}
 
     def loss(self, out, target, weight):
-        """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) + MSE(c2, T2),
-        T_i the other network's warped easy heatmaps (no gradient); every joint of an unlabeled crop
-        counts (weight 1, no confidence threshold). Single network (PoseDisLoss): MSE(sup, G) + MSE(c, T)."""
+        """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) +
+        MSE(c2, T2), T_i the other network's warped easy heatmaps (no gradient); every joint of an
+        unlabeled crop counts (weight 1, no confidence threshold). Single network (PoseDisLoss):
+        MSE(sup, G) + MSE(c, T)."""
         ones = torch.ones_like(weight)
         sup = [joints_mse_loss(s.float(), target, weight) for s in out["sup"]]
         cons = [joints_mse_loss(c.float(), t, ones) for c, t in zip(out["cons"], out["targets"])]
@@ -282,8 +303,10 @@ class ConsistencyTraining(nn.Module):
         return loss, parts
 
     def eval_models(self):
-        """Besides network 1 (the reported model, official): network 2 and the mean of both heatmaps."""
-        return {"net2": self.nets[1], "ensemble": Ensemble(self.nets)} if len(self.nets) == 2 else {}
+        """Besides network 1 (the reported model, official): network 2 and the mean of both
+        heatmaps."""
+        return ({"net2": self.nets[1], "ensemble": Ensemble(self.nets)} if len(self.nets) == 2
+                else {})
 
 
 class Ensemble(nn.Module):
@@ -302,13 +325,15 @@ class Ensemble(nn.Module):
 
 
 def pseudo_label_mask(heatmaps, gamma=0.75):
-    """(B, K) weights: 1 where the teacher's heatmap peak is at least γ (a reliable pseudo-label), else 0."""
+    """(B, K) weights: 1 where the teacher's heatmap peak is at least γ (a reliable pseudo-label),
+    else 0."""
     return (heatmaps.flatten(2).amax(-1) >= gamma).float()
 
 
 class PseudoLabelTraining(nn.Module):
     """A frozen teacher (trained on the labeled set only, kept in eval mode) labels the student's
-    unlabeled crops online; the student's labeled and unlabeled passes are separate, as in the dual step."""
+    unlabeled crops online; the student's labeled and unlabeled passes are separate, as in the dual
+    step."""
 
     def __init__(self, student, teacher, gamma=0.75, lambda_u=0.1):
         super().__init__()
@@ -330,18 +355,18 @@ class PseudoLabelTraining(nn.Module):
             pseudo = self.teacher(x_u).float()
         sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
         cons, cons_extra = labeled_forward(self.nets, self.labeled, x_u)
-        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo], "cons": cons,
-                "cons_extra": cons_extra}
+        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo],
+                "cons": cons, "cons_extra": cons_extra}
 
     def loss(self, out, target, weight):
-        """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints whose
-        teacher peak reaches γ (ICON: γ = 0.75, λu = 0.1)."""
+        """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints
+        whose teacher peak reaches γ (ICON: γ = 0.75, λu = 0.1)."""
         mask = pseudo_label_mask(out["targets"][0], self.gamma)
         sup = joints_mse_loss(out["sup"][0].float(), target, weight)
         unsup = joints_mse_loss(out["cons"][0].float(), out["targets"][0], mask)
         loss = sup + self.lambda_u * unsup  # Eq. (6)
-        return loss, {"sup1": sup.detach(), "cons1": unsup.detach(), "peak1": collapse_monitor(out["easy"][0]),
-                      "pseudo_kept": mask.mean()}
+        return loss, {"sup1": sup.detach(), "cons1": unsup.detach(),
+                      "peak1": collapse_monitor(out["easy"][0]), "pseudo_kept": mask.mean()}
 
     def eval_models(self):
         return {}
@@ -352,19 +377,21 @@ def build_semi(mode, net1, make_net, args, teacher_path=None, labeled=None):
     make_net() builds another network of the same architecture (network 2, or the teacher, whose
     weights come from the checkpoint `teacher_path`). labeled(trained networks) -> one module per
     network for its passes with gradient (labeled crops, and the hard view / the student's unlabeled
-    crop), returning (heatmaps, extra) (optional; ICON's projection heads): `sup_extra`, `cons_extra`.
-    Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor, hard_rot_factor (optional:
-    the hard view's rotation factor; default rot_factor, as the official configs' one ROT_FACTOR for both
-    views), joint_cutout and channels_last."""
+    crop), returning (heatmaps, extra) (optional; ICON's projection heads): `sup_extra`,
+    `cons_extra`. Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor,
+    hard_rot_factor (optional: the hard view's rotation factor; default rot_factor, as the official
+    configs' one ROT_FACTOR for both views), joint_cutout and channels_last."""
     hard_rot = getattr(args, "hard_rot_factor", None)
-    common = dict(input_size=args.input_size, heatmap_size=args.heatmap_size, num_joints=args.num_joints,
-                  scale_factor=args.scale_factor, rot_factor=args.rot_factor if hard_rot is None else hard_rot,
+    common = dict(input_size=args.input_size, heatmap_size=args.heatmap_size,
+                  num_joints=args.num_joints, scale_factor=args.scale_factor,
+                  rot_factor=args.rot_factor if hard_rot is None else hard_rot,
                   cutout=args.joint_cutout, channels_last=args.channels_last)
     if mode in ("dual", "cons"):
         semi = ConsistencyTraining(net1, make_net() if mode == "dual" else None, **common)
     else:
         if not teacher_path:
-            raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled set only)")
+            raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled "
+                            "set only)")
         teacher = make_net()
         load_weights(teacher, teacher_path)
         semi = PseudoLabelTraining(net1, teacher)

@@ -24,7 +24,8 @@ class GaussianBlur:
 
 
 def moco_v2_appearance():
-    """The photometric part, in MoCo v2's order: colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5)."""
+    """The photometric part, in MoCo v2's order: colour jitter (p 0.8), grayscale (p 0.2), blur (p
+    0.5)."""
     return T.Compose([
         T.RandomApply([T.ColorJitter(*JITTER)], p=P_JITTER),
         T.RandomGrayscale(p=P_GRAY),
@@ -33,7 +34,8 @@ def moco_v2_appearance():
 
 
 def moco_v2_augmentation(size):
-    """The whole view: random resized crop (scale 0.2-1), photometric part, flip, normalised tensor."""
+    """The whole view: random resized crop (scale 0.2-1), photometric part, flip, normalised
+    tensor."""
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         moco_v2_appearance(),

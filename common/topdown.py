@@ -1,11 +1,13 @@
 """The top-down pose pipeline that every pose-training script shares: data layout and datasets for
---data demo|coco|mpii|crowdpose, the flip-test prediction loop, COCO results with OKS-NMS, the official metrics,
+--data demo|coco|mpii|crowdpose, the flip-test prediction loop, COCO results with OKS-NMS, the
+  official metrics,
 checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
 
-`args` is the script's argparse namespace; the fields read here are data, data_root, seed, input_size,
-heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma, det_json, det_thresh,
-labeled, labeled_order (optional, default random), augmentation (scale_factor, rot_factor, flip,
-half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where the script has it.
+`args` is the script's argparse namespace; the fields read here are data, data_root, seed,
+input_size, heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma,
+det_json, det_thresh, labeled, labeled_order (optional, default random), augmentation (scale_factor,
+rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where
+the script has it.
 """
 import os
 
@@ -19,7 +21,8 @@ from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPO
                              TopDownDataset, load_coco, load_crowdpose, read_coco, read_mpii)
 from common.devaug import JpegCrops
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
-from common.metrics import coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_nms
+from common.metrics import (coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt,
+                            mpii_pckh, oks_nms)
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
 from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
@@ -49,18 +52,24 @@ def data_paths(args):
         raise UserError(f"{root}: data root not found")
     paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])
     if root and args.data == "mpii":  # the HRNet layout
-        paths.update(train_ann=os.path.join(root, "annot", "train.json"), val_ann=os.path.join(root, "annot", "valid.json"),
-                     train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"),
+        paths.update(train_ann=os.path.join(root, "annot", "train.json"),
+                     val_ann=os.path.join(root, "annot", "valid.json"),
+                     train_images=os.path.join(root, "images"),
+                     val_images=os.path.join(root, "images"),
                      gt_mat=os.path.join(root, "annot", "gt_valid.mat"))
-    elif root and args.data == "crowdpose":  # data/README's layout; trainval to train, test to evaluate (the papers')
+    # data/README's layout; trainval to train, test to evaluate (the papers')
+    elif root and args.data == "crowdpose":
         paths.update(train_ann=os.path.join(root, "annotations", "crowdpose_trainval.json"),
                      val_ann=os.path.join(root, "annotations", "crowdpose_test.json"),
-                     train_images=os.path.join(root, "images"), val_images=os.path.join(root, "images"))
+                     train_images=os.path.join(root, "images"),
+                     val_images=os.path.join(root, "images"))
     elif root:  # the COCO layout, images in ROOT/{split}2017 or ROOT/images/{split}2017
         for split in ("train", "val"):
             images = os.path.join(root, f"{split}2017")
-            paths[f"{split}_ann"] = os.path.join(root, "annotations", f"person_keypoints_{split}2017.json")
-            paths[f"{split}_images"] = images if os.path.isdir(images) else os.path.join(root, "images", f"{split}2017")
+            paths[f"{split}_ann"] = os.path.join(root, "annotations",
+                                                 f"person_keypoints_{split}2017.json")
+            paths[f"{split}_images"] = (images if os.path.isdir(images)
+                                        else os.path.join(root, "images", f"{split}2017"))
     for key, flag in [("train_ann", "ann"), ("train_images", "images"), ("val_ann", "val_ann"),
                       ("val_images", "val_images"), ("gt_mat", "gt_mat")]:
         paths[key] = getattr(args, flag) or paths[key]
@@ -68,36 +77,42 @@ def data_paths(args):
 
 
 def parse_labeled(text):
-    """--labeled: N persons (int), or P% of the training persons (a float fraction; ICON's protocol)."""
+    """--labeled: N persons (int), or P% of the training persons (a float fraction; ICON's
+      protocol)."""
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
-        raise UserError(f"--labeled {text}: expected a number of persons or a percentage (e.g. 1000 or 5%)") from None
+        raise UserError(f"--labeled {text}: expected a number of persons or a percentage (e.g. "
+                        f"1000 or 5%)") from None
     if value <= 0 or (isinstance(value, float) and value > 1):
         raise UserError(f"--labeled {text}: must be a positive count or a percentage up to 100%")
     return value
 
 
 def split_labeled(records, n, seed, order="random"):
-    """Few-label protocols: N persons (or a fraction of them), the first N in the annotation file's order
-    (`first`: the official subsets of Xie et al., no seed) or drawn with a seeded permutation (`random`);
-    or (`images`) every person of N images (or a fraction of them) drawn with a seeded permutation, MSCL's
-    text ("randomly select 1K, 5K, and 10K samples ... as labeled images"). Returns (labeled, the other persons)."""
+    """Few-label protocols: N persons (or a fraction of them), the first N in the annotation file's
+    order (`first`: the official subsets of Xie et al., no seed) or drawn with a seeded permutation
+    (`random`); or (`images`) every person of N images (or a fraction of them) drawn with a seeded
+    permutation, MSCL's text ("randomly select 1K, 5K, and 10K samples ... as labeled images").
+    Returns (labeled, the other persons)."""
     rng = np.random.default_rng(seed)
     if order == "images":  # an image is its file: MPII's records carry one image_id per person
         images = list(dict.fromkeys(r["image"] for r in records))
         n = round(n * len(images)) if isinstance(n, float) else n
         if n > len(images):
-            raise UserError(f"--labeled {n}: only {len(images)} training images have a person with labeled joints")
+            raise UserError(f"--labeled {n}: only {len(images)} training images have a person with "
+                            f"labeled joints")
         chosen = {images[k] for k in rng.permutation(len(images))[:n]}
         labeled = np.array([r["image"] in chosen for r in records], bool)
     else:
         n = round(n * len(records)) if isinstance(n, float) else n
         if n > len(records):
-            raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled joints")
+            raise UserError(f"--labeled {n}: only {len(records)} training persons have labeled "
+                            f"joints")
         labeled = np.zeros(len(records), bool)
         labeled[np.arange(n) if order == "first" else rng.permutation(len(records))[:n]] = True
-    return [r for r, k in zip(records, labeled) if k], [r for r, k in zip(records, labeled) if not k]
+    return ([r for r, k in zip(records, labeled) if k],
+            [r for r, k in zip(records, labeled) if not k])
 
 
 def build_data(args, train):
@@ -107,14 +122,16 @@ def build_data(args, train):
     needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
         (["gt_mat"] if args.data == "mpii" else [])
     if any(paths[k] is None for k in needed):
-        flags = dict(train_ann="--ann", train_images="--images", val_ann="--val-ann", val_images="--val-images",
-                     gt_mat="--gt-mat")
-        raise UserError(f"--data {args.data} needs --data-root (or {'/'.join(flags[k] for k in needed)})")
+        flags = dict(train_ann="--ann", train_images="--images", val_ann="--val-ann",
+                     val_images="--val-images", gt_mat="--gt-mat")
+        raise UserError(f"--data {args.data} needs --data-root (or "
+                        f"{'/'.join(flags[k] for k in needed)})")
     train_records = None
     if args.data == "mpii":
         val_records, _ = read_mpii(paths["val_ann"], paths["val_images"], aspect)
         gt = load_mpii_gt(paths["gt_mat"])
-        # .mat column of each kept person (the reader skips persons without labeled joints; image_id = position)
+        # .mat column of each kept person (the reader skips persons without labeled joints; image_id
+        # = position)
         index = match_mpii_gt(load_json(paths["val_ann"]), gt)[[r["image_id"] for r in val_records]]
         info = dict(kind="mpii", gt=gt, index=index, skeleton=MPII_SKELETON)
         flip_pairs, upper = MPII_FLIP_PAIRS, MPII_UPPER
@@ -122,35 +139,46 @@ def build_data(args, train):
             train_records, skipped = read_mpii(paths["train_ann"], paths["train_images"], aspect)
     elif args.data == "crowdpose":
         coco = load_crowdpose(paths["val_ann"])
-        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
+        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json,
+                                   det_thresh=args.det_thresh)
         info = dict(kind="crowdpose", coco=coco, skeleton=CROWDPOSE_SKELETON,
-                    split=os.path.basename(paths["val_ann"]).removesuffix(".json"))  # crowdpose_val, crowdpose_test
+                    # crowdpose_val, crowdpose_test
+                    split=os.path.basename(paths["val_ann"]).removesuffix(".json"))
         flip_pairs, upper = CROWDPOSE_FLIP_PAIRS, CROWDPOSE_UPPER
         if train:
-            train_records, skipped = read_coco(load_crowdpose(paths["train_ann"]), paths["train_images"], aspect)
+            train_records, skipped = read_coco(load_crowdpose(paths["train_ann"]),
+                                               paths["train_images"], aspect)
     else:
         coco = load_coco(paths["val_ann"], image_info=args.det_json is not None)
-        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json, det_thresh=args.det_thresh)
-        # image_info_test-dev2017.json -> test-dev2017, person_keypoints_val2017.json -> val2017: the results file name
-        split = os.path.basename(paths["val_ann"]).removesuffix(".json").removeprefix("person_keypoints_")
-        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON, split=split.removeprefix("image_info_"))
+        val_records, _ = read_coco(coco, paths["val_images"], aspect, det_json=args.det_json,
+                                   det_thresh=args.det_thresh)
+        # image_info_test-dev2017.json -> test-dev2017, person_keypoints_val2017.json -> val2017:
+        # the results file name
+        split = os.path.basename(paths["val_ann"]).removesuffix(".json").removeprefix(
+            "person_keypoints_")
+        info = dict(kind="coco", coco=coco, skeleton=COCO_SKELETON,
+                    split=split.removeprefix("image_info_"))
         flip_pairs, upper = COCO_FLIP_PAIRS, COCO_UPPER
         if train:
-            coco = load_coco(paths["train_ann"])  # persons in the file's order: `--labeled-order first` takes the first N
+            # persons in the file's order: `--labeled-order first` takes the first N
+            coco = load_coco(paths["train_ann"])
             train_records, skipped = read_coco(coco, paths["train_images"], aspect,
-                                               image_ids=[im["id"] for im in coco.dataset["images"]])
+                                               image_ids=[im["id"]
+                                                          for im in coco.dataset["images"]])
     if train and dist.is_main():
         print(f"train: {len(train_records)} persons from {paths['train_ann']}; skipped {skipped}")
     info["unlabeled"] = []
     if train and args.labeled:
         order = getattr(args, "labeled_order", "random")
-        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed, order)
+        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed,
+                                                         order)
         if dist.is_main():
             images = len({r["image"] for r in train_records})
-            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons of {images} images; "
-                  f"{len(info['unlabeled'])} persons left unlabeled")
+            print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons of {images} "
+                  f"images; {len(info['unlabeled'])} persons left unlabeled")
     if train and not train_records:
-        raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks labeled joints)")
+        raise UserError(f"{paths['train_ann']}: no trainable person (every annotation lacks "
+                        f"labeled joints)")
     if not val_records:
         raise UserError(f"{paths['val_ann']}: no person to evaluate")
     val = TopDownDataset(val_records, args.input_size, flip_pairs, upper)
@@ -171,47 +199,58 @@ def predict(model, dataset, args, device, info, oracle=False):
     """Image-space joints (N, K, 2) and confidences (N, K) for every sample, gathered over ranks."""
     model.eval()
     subset = torch.utils.data.Subset(dataset, dist.shard_indices(len(dataset)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=max(1, args.batch_size // dist.world_size()),
+    loader = torch.utils.data.DataLoader(subset,
+                                         batch_size=max(1, args.batch_size // dist.world_size()),
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     out_index, out_coords, out_conf, shown = [], [], [], None
     for batch in loader:
         x = normalize(batch["image"].to(device, non_blocking=True), bgr=getattr(args, "bgr", False))
         if oracle:  # the ground truth itself through the identical path
-            heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size, args.heatmap_size, args.sigma)
-        else:  # fp32 even when training with --amp: the argmax, quarter offset and rescoring are sensitive to bf16
+            heat, _ = gaussian_targets(batch["joints"], batch["visible"], args.input_size,
+                                       args.heatmap_size, args.sigma)
+        # fp32 even when training with --amp: the argmax, quarter offset and rescoring are sensitive
+        # to bf16
+        else:
             heat = model(to_memory_format(x, args)).float()
             if args.flip_test:
-                flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(), info["flip_pairs"])
+                flipped = flip_back(model(to_memory_format(x.flip(3), args)).float(),
+                                    info["flip_pairs"])
                 # the flipped map is one pixel off (HRNet's shift for the x -> W-1-x mirror)
                 flipped = torch.cat([flipped[..., :1], flipped[..., :-1]], dim=-1)
                 heat = (heat + flipped) * 0.5
         coords, conf = decode_heatmaps(heat.cpu())
         if shown is None:
             shown = (batch["image"][:8], coords[:8] * 4, conf[:8])
-        out_coords.append(heatmap_to_image(coords, batch["center"], batch["scale"], args.heatmap_size))
+        out_coords.append(heatmap_to_image(coords, batch["center"], batch["scale"],
+                                           args.heatmap_size))
         out_conf.append(conf)
         out_index.append(batch["index"])
-    k = args.num_joints  # a rank whose shard is empty (fewer samples than ranks) sends empty tensors
+    # a rank whose shard is empty (fewer samples than ranks) sends empty tensors
+    k = args.num_joints
     parts = dist.gather_objects((torch.cat(out_index + [torch.zeros(0, dtype=torch.long)]),
-                                 torch.cat(out_coords + [torch.zeros(0, k, 2)]), torch.cat(out_conf + [torch.zeros(0, k)])))
+                                 torch.cat(out_coords + [torch.zeros(0, k, 2)]),
+                                 torch.cat(out_conf + [torch.zeros(0, k)])))
     index, coords, conf = (torch.cat([p[i] for p in parts]) for i in range(3))
     order = index.argsort()
     return coords[order].numpy(), conf[order].numpy(), shown
 
 
 def coco_results(records, coords, conf, in_vis_thresh=0.2, oks_thresh=0.9, sigmas=None):
-    """COCO result dicts: pose score = box score x mean confidence above 0.2, OKS-NMS at 0.9 per image."""
+    """COCO result dicts: pose score = box score x mean confidence above 0.2, OKS-NMS at 0.9 per
+    image."""
     per_image = {}
     for r, xy, c in zip(records, coords, conf):
         valid = c > in_vis_thresh
         score = r["score"] * (c[valid].mean() if valid.any() else 0.0)
         per_image.setdefault(r["image_id"], []).append(
-            dict(keypoints=np.concatenate([xy, c[:, None]], 1), score=float(score), area=float(r["scale"].prod())))
+            dict(keypoints=np.concatenate([xy, c[:, None]], 1), score=float(score),
+                 area=float(r["scale"].prod())))
     results = []
     for image_id, people in per_image.items():
         for i in oks_nms(people, oks_thresh, sigmas):
             results.append(dict(image_id=int(image_id), category_id=1, score=people[i]["score"],
-                                keypoints=[round(float(v), 3) for v in people[i]["keypoints"].reshape(-1)]))
+                                keypoints=[round(float(v), 3)
+                                           for v in people[i]["keypoints"].reshape(-1)]))
     return results
 
 
@@ -224,7 +263,8 @@ def evaluate(model, dataset, args, device, info, oracle=False, verbose=True):
         results = coco_results(dataset.records, coords, conf, sigmas=CROWDPOSE_SIGMAS)
         return (crowdpose_eval(info["coco"], results) if dist.is_main() else {}), results, shown
     results = coco_results(dataset.records, coords, conf)
-    if "annotations" not in info["coco"].dataset:  # test-dev: the evaluation server scores the results file
+    # test-dev: the evaluation server scores the results file
+    if "annotations" not in info["coco"].dataset:
         return {}, results, shown
     metrics = coco_keypoint_eval(info["coco"], results, verbose=verbose) if dist.is_main() else {}
     return metrics, results, shown
@@ -241,14 +281,16 @@ RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def from_official_names(model, state):
-    """A state_dict of a released model -> our names, or None if `state` is already in the model's own names.
-    Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
-    `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where their
-    top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its names are ours)."""
+    """A state_dict of a released model -> our names, or None if `state` is already in the model's
+    own names. Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
+    `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where
+    their top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its
+    names are ours)."""
     own = model.state_dict()
     table = getattr(type(model), "OFFICIAL_KEYS", {})
     prefix = getattr(type(model), "OFFICIAL_RESNET_PREFIX", "backbone.")
-    if all(k in own for k in state) or not any(k.startswith("layer1.") for k in state) or (not table and not prefix):
+    if (all(k in own for k in state) or not any(k.startswith("layer1.") for k in state)
+        or (not table and not prefix)):
         return None
     renamed = {}
     for k, v in state.items():
@@ -261,18 +303,22 @@ def from_official_names(model, state):
 
 
 def fill_bn_counters(model, state):
-    """`state` with the BatchNorm counters it lacks taken from `model` (saved by PyTorch < 0.4.1)."""
-    return {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}, **state}
+    """`state` with the BatchNorm counters it lacks taken from `model` (saved by PyTorch <
+    0.4.1)."""
+    return {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
+            **state}
 
 
 def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channels/--data"):
-    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/SimMRPose/HRNet
-    model; `state` if already loaded from `path`); a clear error if they don't fit. Returns True when the names
-    had to be renamed from the official ones: SimpleBaseline/SimMRPose models, trained on BGR input (see --bgr);
-    the released HRNet models load under our names and were trained on RGB (COLOR_RGB in their configs).
-    `flags`: the script's model flags, named in the error."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released
+    SimpleBaseline/SimMRPose/HRNet model; `state` if already loaded from `path`); a clear error if
+    they don't fit. Returns True when the names had to be renamed from the official ones:
+    SimpleBaseline/SimMRPose models, trained on BGR input (see --bgr); the released HRNet models
+    load under our names and were trained on RGB (COLOR_RGB in their configs). `flags`: the script's
+    model flags, named in the error."""
     state = load_checkpoint(path) if state is None else state
-    for key in ("model", "state_dict"):  # ours, the official checkpoint.pth.tar (whose 'model' is a name)
+    # ours, the official checkpoint.pth.tar (whose 'model' is a name)
+    for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
@@ -282,13 +328,14 @@ def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channe
     official = from_official_names(model, state)
     state = fill_bn_counters(model, state if official is None else official)
     own = model.state_dict()
-    wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    wrong = ([k for k in own if k not in state
+              or state[k].shape != own[k].shape] + [k for k in state if k not in own])
     if wrong:
         k = wrong[0]
         expected = tuple(own[k].shape) if k in own else "nothing"
         found = tuple(state[k].shape) if k in state else "nothing"
-        raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: expected "
-                        f"{expected}, found {found}; check {flags})")
+        raise UserError(f"{path}: does not fit this model ({len(wrong)} tensors differ, e.g. {k}: "
+                        f"expected {expected}, found {found}; check {flags})")
     model.load_state_dict(state)
     return official is not None
 
@@ -298,34 +345,40 @@ def main_metric(metrics):
 
 
 def format_metrics(m):
-    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AP_easy", "AP_medium", "AP_hard"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
-                                                                        "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"]
-    return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}" for k in keys if k in m)
+    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AP_easy", "AP_medium",
+            "AP_hard"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
+                                                                        "Hip", "Knee", "Ankle",
+                                          "Mean", "Mean@0.1"]
+    return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}"
+                    for k in keys if k in m)
 
 
 def results_file(args, info):
-    """COCO's results name, person_keypoints_[split]_[alg]_results.json, as the evaluation server wants it;
-    alg is the --out folder's name (the server splits the name at '_')."""
+    """COCO's results name, person_keypoints_[split]_[alg]_results.json, as the evaluation server
+    wants it; alg is the --out folder's name (the server splits the name at '_')."""
     alg = os.path.basename(os.path.normpath(args.out)).replace("_", "-")
     if info["kind"] == "crowdpose":  # no server: the annotation file's name stands for the split
         return os.path.join(args.out, f"{info['split']}_{alg}_results.json")
-    return os.path.join(args.out, f"person_keypoints_{info.get('split', 'val2017')}_{alg}_results.json")
+    return os.path.join(args.out,
+                        f"person_keypoints_{info.get('split', 'val2017')}_{alg}_results.json")
 
 
 def write_eval_outputs(args, metrics, results, shown, info):
     save_json(os.path.join(args.out, "metrics.json"), metrics)
     if info["kind"] == "mpii":
-        # HRNet/SimpleBaseline's pred.mat: 'preds' (persons in valid.json order, 16, 2), 1-based MATLAB pixels;
-        # `python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat` scores it
-        atomic_write(os.path.join(args.out, "pred.mat"), lambda f: scipy.io.savemat(f, {"preds": results + 1.0}))
+        # HRNet/SimpleBaseline's pred.mat: 'preds' (persons in valid.json order, 16, 2), 1-based
+        # MATLAB pixels; `python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat` scores it
+        atomic_write(os.path.join(args.out, "pred.mat"),
+                     lambda f: scipy.io.savemat(f, {"preds": results + 1.0}))
     elif results is not None:
         save_json(results_file(args, info), results)
     if shown is not None:
-        plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(), shown[2].numpy(),
-                         info["skeleton"])
+        plot_predictions(os.path.join(args.out, "predictions.png"), shown[0], shown[1].numpy(),
+                         shown[2].numpy(), info["skeleton"])
     if results is not None and not metrics:
-        print(f"{len(results)} results for {info.get('split')} in {results_file(args, info)}: no annotations to score "
-              f"them here; submit the file to the COCO evaluation server", flush=True)
+        print(f"{len(results)} results for {info.get('split')} in {results_file(args, info)}: no "
+              f"annotations to score them here; submit the file to the COCO evaluation server",
+              flush=True)
         return
     print(("oracle " if args.oracle else "") + "val: " + format_metrics(metrics), flush=True)
 

@@ -38,7 +38,8 @@ def affine_matrix(center, scale, rot, output_size, flip=False, image_width=None)
     r = math.radians(rot)
     cos, sin = math.cos(r) * s, math.sin(r) * s
     a = np.array([[cos, sin], [-sin, cos]], dtype=np.float64)
-    t = np.array([output_size[0] * 0.5, output_size[1] * 0.5]) - a @ np.asarray(center, dtype=np.float64)
+    t = (np.array([output_size[0] * 0.5,
+                   output_size[1] * 0.5]) - a @ np.asarray(center, dtype=np.float64))
     m = np.concatenate([a, t[:, None]], axis=1)
     if flip:
         mirror = np.array([[-1.0, 0.0, image_width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -70,21 +71,24 @@ def warp_image(img, m, output_size):
 
 
 def to_tensor_uint8(img):
-    """PIL RGB -> uint8 CHW tensor. Loaders pass bytes; `normalize` makes floats a batch at a time on
-    the training device (4x less to move between processes, no per-sample float math)."""
+    """PIL RGB -> uint8 CHW tensor. Loaders pass bytes; `normalize` makes floats a batch at a time
+    on the training device (4x less to move between processes, no per-sample float math)."""
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def normalize(x, bgr=False):
-    """uint8 RGB images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets expect).
+    """uint8 RGB images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets
+    expect).
 
-    With `bgr`, the channels are reversed first and normalised with the same per-position mean and std,
-    as the official SimpleBaseline/SimMRPose code feeds cv2's BGR images through the RGB Normalize."""
+    With `bgr`, the channels are reversed first and normalised with the same per-position mean and
+    std, as the official SimpleBaseline/SimMRPose code feeds cv2's BGR images through the RGB
+    Normalize."""
     if bgr:
         x = x.flip(1)
     mean = torch.tensor(IMAGENET_MEAN * 255, device=x.device).view(1, 3, 1, 1)
     inv_std = torch.tensor(1 / (IMAGENET_STD * 255), device=x.device).view(1, 3, 1, 1)
-    return x.to(torch.float32, copy=True).sub_(mean).mul_(inv_std)  # in place: one fresh buffer, not three
+    # in place: one fresh buffer, not three
+    return x.to(torch.float32, copy=True).sub_(mean).mul_(inv_std)
 
 
 def half_body_center_scale(joints, visible, upper_ids, aspect_ratio, rng):

@@ -24,14 +24,15 @@ class UserError(Exception):
 def run_main(main):
     """Run `main()`, turning a UserError into one line on stderr and exit code 2.
 
-    Under torchrun every rank exits 2, but before the process group starts (argument and path checks, the same
-    on every rank) only rank 0 prints: the user reads the line once. Later errors may be one rank's own (a
-    corrupt image in its shard): every rank prints those, with its rank."""
+    Under torchrun every rank exits 2, but before the process group starts (argument and path
+    checks, the same on every rank) only rank 0 prints: the user reads the line once. Later errors
+    may be one rank's own (a corrupt image in its shard): every rank prints those, with its rank."""
     try:
         main()
     except UserError as e:
         import torch.distributed as torch_dist
-        # a DataLoader worker re-raises with the worker's traceback in the message: keep its last line
+        # a DataLoader worker re-raises with the worker's traceback in the message: keep its last
+        # line
         msg = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
         rank = int(os.environ.get("RANK", 0))
         started = torch_dist.is_available() and torch_dist.is_initialized()
@@ -41,8 +42,9 @@ def run_main(main):
 
 
 def _write_error_cause(e, folder):
-    """Why a write failed, in words: the OSError behind it (torch.save wraps one in a RuntimeError that says
-    'unexpected pos ...'), or a full disk; None for any other error (a bug, not the user's to fix)."""
+    """Why a write failed, in words: the OSError behind it (torch.save wraps one in a RuntimeError
+    that says 'unexpected pos ...'), or a full disk; None for any other error (a bug, not the user's
+    to fix)."""
     cause = e
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -55,8 +57,9 @@ def _write_error_cause(e, folder):
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Write through a temp file in the same folder, then rename: readers never see half a file. A write that
-    fails (a full disk) removes the temp file, keeps the previous file and says so in one line."""
+    """Write through a temp file in the same folder, then rename: readers never see half a file. A
+    write that fails (a full disk) removes the temp file, keeps the previous file and says so in one
+    line."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -64,7 +67,8 @@ def atomic_write(path, write_fn, mode="wb"):
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result gets a normal file's permissions
+        # mkstemp makes 0600; the result gets a normal file's permissions
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
@@ -118,7 +122,8 @@ class Progress:
         rate = self.count / max(now - self.last_t, 1e-9)
         eta = (self.total - it - 1) * (now - self.t0) / (it + 1)
         vals = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        print(f"{self.prefix}[{it + 1}/{self.total}] {vals} {rate:.1f} img/s eta {eta / 60:.1f} min", flush=True)
+        print(f"{self.prefix}[{it + 1}/{self.total}] {vals} {rate:.1f} img/s eta {eta / 60:.1f} "
+              f"min", flush=True)
         self.last_t, self.count = now, 0
 
 
@@ -132,18 +137,22 @@ def load_checkpoint(path, what="checkpoint"):
         raise UserError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's advice (weights_only=False) runs the file's code: not ours to give
+    # torch's advice (weights_only=False) runs the file's code: not ours to give
+    except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise UserError(f"{path}: not a readable {what}: it holds Python objects beyond tensors"
                         + (f" ({found.group(1)})" if found else "")
-                        + ", which are not loaded, for safety; save a state_dict of tensors") from None
+                        + ", which are not loaded, for safety; save a state_dict of tensors"
+                        ) from None
     except Exception as e:  # truncated file, not a torch file
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]})") from None
 
 
 def read_state_dict(path, what):
-    """The state_dict in a weights file: bare, or under 'backbone'/'state_dict'/'model', without a 'module.'
-    (DDP) or 'backbone.' prefix common to every key. `what` names the file in errors ("pretrained backbone")."""
+    """The state_dict in a weights file: bare, or under 'backbone'/'state_dict'/'model', without a
+    'module.' (DDP) or 'backbone.' prefix common to every key. `what` names the file in errors
+    ("pretrained backbone")."""
     state = load_checkpoint(path, what=f"{what} file")
     for key in ("backbone", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -161,7 +170,8 @@ def rng_state():
     """Every RNG a run draws from, for exact resumption."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # numpy's key array travels as a tensor: weights_only loading refuses pickled ndarrays
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -188,34 +198,40 @@ def cpu_flags():
 
 @functools.lru_cache(maxsize=None)  # autocast asks every iteration
 def native_bf16(device):
-    """Whether bf16 runs natively on `device`: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX (elsewhere
-    a CPU emulates bf16, slower than fp32). The one place that decides what --amp auto means."""
+    """Whether bf16 runs natively on `device`: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX (elsewhere a CPU emulates bf16, slower than fp32). The one place that decides what --amp
+    auto means."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    # both need torch's AVX-512 kernels (not forced down by ATEN_CPU_CAPABILITY); the flags say which CPU it is
+    # both need torch's AVX-512 kernels (not forced down by ATEN_CPU_CAPABILITY); the flags say
+    # which CPU it is
     capability = torch.backends.cpu.get_cpu_capability()
     return device.type == "cpu" and ("AVX512" in capability or "AMX" in capability) \
         and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def amp_dtype(args, device):
-    """The autocast dtype of --amp on `device`, or None for fp32. `auto` is bf16 where native_bf16; the
-    environment variable POSE_AMP_AUTO=none makes it fp32 everywhere (the tests set it: same results on any CPU)."""
+    """The autocast dtype of --amp on `device`, or None for fp32. `auto` is bf16 where native_bf16;
+    the environment variable POSE_AMP_AUTO=none makes it fp32 everywhere (the tests set it: same
+    results on any CPU)."""
     amp = args.amp
     if amp == "auto":
-        amp = "none" if os.environ.get("POSE_AMP_AUTO") == "none" or not native_bf16(device) else "bf16"
+        amp = ("none" if os.environ.get("POSE_AMP_AUTO") == "none" or not native_bf16(device)
+               else "bf16")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 def autocast(args, device):
-    """--amp: bf16 autocast (`auto`: where the device runs it natively), fp16 (the caller then scales the loss
+    """--amp: bf16 autocast (`auto`: where the device runs it natively), fp16 (the caller then
+      scales the loss
     with a GradScaler), or none (fp32)."""
     dtype = amp_dtype(args, device)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def compile_model(model, enabled):
-    """--compile: torch.compile's default mode (inductor) on `model`'s forward, in place (Module.compile), so
+    """--compile: torch.compile's default mode (inductor) on `model`'s forward, in place
+      (Module.compile), so
     module names, state_dict keys and checkpoints do not change. Returns `model`."""
     if enabled:
         model.compile()
@@ -225,17 +241,20 @@ def compile_model(model, enabled):
 def check_finite(loss, it, ckpt_path):
     """Stop on a NaN/inf loss before anything is written; the last checkpoint stays as it was."""
     if not torch.isfinite(loss).all():
-        raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is {ckpt_path}")
+        raise UserError(f"non-finite loss at iteration {it}; stopped, the last good checkpoint is "
+                        f"{ckpt_path}")
 
 
 def check_resume_args(path, saved, args, keys, negated=()):
-    """--resume continues the saved run: the settings named by `keys` (the model and the schedule) must not
-    change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys in `negated` are
-    store_false flags, named --no-<key> in the message. 'none' and an unset value are the same setting
-    (--amp none is fp32, as no --amp)."""
+    """--resume continues the saved run: the settings named by `keys` (the model and the schedule)
+      must not
+    change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys in
+    `negated` are store_false flags, named --no-<key> in the message. 'none' and an unset value are
+    the same setting (--amp none is fp32, as no --amp)."""
     for k in keys:
         was, now = saved.get(k), getattr(args, k)
-        was, now = (list(v) if isinstance(v, (list, tuple)) else None if v == "none" else v for v in (was, now))
+        was, now = (list(v) if isinstance(v, (list, tuple)) else None if v == "none" else v
+                    for v in (was, now))
         if k in saved and was != now:
             flag = "--" + k.replace("_", "-")
             if k in negated:

@@ -40,7 +40,8 @@ CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
 SPLITS = ("train2017", "val2017")
 
 # Body proportions as fractions of the standing height H (head top to soles ~0.95 H).
-TORSO, NECK = 0.30, 0.115                 # pelvis -> shoulder centre, shoulder centre -> head centre
+# pelvis -> shoulder centre, shoulder centre -> head centre
+TORSO, NECK = 0.30, 0.115
 HEAD_RX, HEAD_RY = 0.055, 0.068           # head ellipse half-axes
 UPPER_ARM, FOREARM, THIGH, SHIN = 0.17, 0.15, 0.24, 0.23
 # Limb half-widths at (proximal, distal) end, before the per-person build factor.
@@ -68,13 +69,15 @@ def demo_root(seed=0):
 # ---------------------------------------------------------------- geometry helpers
 
 def _dir(deg):
-    """Unit vector for an angle in degrees in image coordinates: 0 = down, 90 = image-right, 180 = up."""
+    """Unit vector for an angle in degrees in image coordinates: 0 = down, 90 = image-right, 180 =
+    up."""
     r = math.radians(deg)
     return np.array([math.sin(r), math.cos(r)])
 
 
 def _ellipse_pts(center, rx, ry, up, n=24):
-    """Polygon of an ellipse whose ry axis points along the unit vector `up` (PIL cannot rotate ellipses)."""
+    """Polygon of an ellipse whose ry axis points along the unit vector `up` (PIL cannot rotate
+    ellipses)."""
     right = np.array([-up[1], up[0]])  # perpendicular: image-right when up = (0, -1)
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return center + np.outer(np.cos(t) * rx, right) + np.outer(np.sin(t) * ry, up)
@@ -144,7 +147,8 @@ def _sample_pose(rng):
     yaw = rng.uniform(-0.3, 0.3)
     for k, s in ((0, left_side), (1, -left_side)):
         kp[1 + k] = center + HEAD_RX * (0.4 * s + yaw) * head_right + 0.12 * HEAD_RY * up   # eyes
-        kp[3 + k] = center + HEAD_RX * (0.98 * s - 0.3 * yaw) * head_right + 0.05 * HEAD_RY * up  # ears
+        # ears
+        kp[3 + k] = center + HEAD_RX * (0.98 * s - 0.3 * yaw) * head_right + 0.05 * HEAD_RY * up
     kp[0] = center + HEAD_RX * 1.2 * yaw * head_right - 0.25 * HEAD_RY * up                  # nose
     head = (center, up, head_right)
     return kp, limbs, head, front, (neck, sw, hw, right)
@@ -164,7 +168,8 @@ def _shade(colour, f):
     return tuple(int(min(255, c * f)) for c in colour)
 
 
-SKIN_TONES = [(255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 58, 36)]
+SKIN_TONES = [(255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36),
+              (92, 58, 36)]
 
 
 class _Person:
@@ -199,7 +204,8 @@ class _Person:
 
     def box(self):
         """Image-space placement box (x0, y0, x1, y1) from the body extent."""
-        return np.concatenate([self.extent[:2] * self.H + self.t, self.extent[2:] * self.H + self.t])
+        return np.concatenate([self.extent[:2] * self.H + self.t,
+                               self.extent[2:] * self.H + self.t])
 
     def draw(self, draw, mask):
         """Draw the person on the RGB canvas and its silhouette (255) on the 'L' mask."""
@@ -228,7 +234,8 @@ class _Person:
         for s in sides:
             limb(("thigh", s), c["pants"])
             limb(("shin", s), c["shin"])
-            ankle, shin_dir = self.limbs["shin", s][1], self.limbs["shin", s][1] - self.limbs["shin", s][0]
+            ankle, shin_dir = (self.limbs["shin", s][1],
+                               self.limbs["shin", s][1] - self.limbs["shin", s][0])
             foot = ankle + 0.035 * shin_dir / (np.linalg.norm(shin_dir) + 1e-9)
             disc(foot, 0.028, c["shoe"])
         poly(self.torso, c["shirt"])
@@ -246,13 +253,15 @@ class _Person:
             poly(_ellipse_pts(center, HEAD_RX, HEAD_RY, up), c["skin"])
             # Hair cap over the upper third of the head.
             arc = np.linspace(0.15 * np.pi, 0.85 * np.pi, 12)
-            cap = center + np.outer(np.cos(arc) * HEAD_RX * 1.03, head_right) + np.outer(np.sin(arc) * HEAD_RY * 1.05, up)
+            cap = (center + np.outer(np.cos(arc) * HEAD_RX * 1.03,
+                                     head_right) + np.outer(np.sin(arc) * HEAD_RY * 1.05, up))
             poly(cap, c["hair"], outline=False)
             for k in (1, 2):
                 disc(self.kp[k], 0.009, c["eye"], outline=False)
             disc(self.kp[0], 0.010, c["nose"], outline=False)
         else:
-            poly(_ellipse_pts(center, HEAD_RX, HEAD_RY, up), c["hair"])  # back of the head: all hair
+            # back of the head: all hair
+            poly(_ellipse_pts(center, HEAD_RX, HEAD_RY, up), c["hair"])
 
 
 # ---------------------------------------------------------------- one image
@@ -268,7 +277,8 @@ def _background(rng, size):
     bg = 0.6 * bg + 0.4 * (ramp * rng.uniform(0, 255, 3) + (1 - ramp) * rng.uniform(0, 255, 3))
     if rng.random() < 0.4:
         ang, freq = rng.uniform(0, np.pi), rng.uniform(3, 15)
-        stripes = np.sin(2 * np.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy) + rng.uniform(0, 6.3))
+        stripes = np.sin(2 * np.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy)
+                         + rng.uniform(0, 6.3))
         bg += stripes[..., None] * rng.uniform(-40, 40, 3)
     bg += rng.normal(0, rng.uniform(0, 8), bg.shape)
     im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
@@ -304,7 +314,8 @@ def _place(people, rng, size):
         hi_t = size - ext[2:] + slack * np.array([w, h])
         best = None
         for _ in range(8):  # prefer spots that do not bury earlier people completely
-            t = np.where(hi_t > lo_t, rng.uniform(np.minimum(lo_t, hi_t), np.maximum(lo_t, hi_t)), (lo_t + hi_t) / 2)
+            t = np.where(hi_t > lo_t, rng.uniform(np.minimum(lo_t, hi_t), np.maximum(lo_t, hi_t)),
+                         (lo_t + hi_t) / 2)
             p.t = t
             overlap = max([_iou(p.box(), b) for b in boxes], default=0.0)
             if best is None or overlap < best[0]:
@@ -346,7 +357,8 @@ def render_image(seed, split, index, size):
             v[:3] = 0  # nose and eyes are not visible from behind: unlabeled, as in COCO
         inside = (kp >= 0).all(1) & (kp <= size - 1).all(1)
         v[~inside] = 0
-        cols, rows = np.round(kp[:, 0]).astype(int).clip(0, size - 1), np.round(kp[:, 1]).astype(int).clip(0, size - 1)
+        cols, rows = (np.round(kp[:, 0]).astype(int).clip(0, size - 1),
+                      np.round(kp[:, 1]).astype(int).clip(0, size - 1))
         v[(v == 2) & in_front[rows, cols]] = 1
         kp[v == 0] = 0
 
@@ -359,7 +371,8 @@ def render_image(seed, split, index, size):
         anns.append({
             "category_id": 1, "iscrowd": 0, "num_keypoints": int(lab.sum()),
             "keypoints": [n for (x, y), vis in zip(kp.tolist(), v.tolist()) for n in (x, y, vis)],
-            "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+            "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
+                     round(float(y1 - y0), 2)],
             "area": float(m.sum()),
         })
         in_front |= m
@@ -382,7 +395,8 @@ def _render_to_file(job):
 # ---------------------------------------------------------------- whole dataset
 
 def _config(seed, n_train, n_val, size):
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "size": size}
+    return {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train,
+            "n_val": n_val, "size": size}
 
 
 def _read_done(root):
@@ -401,14 +415,16 @@ def make_demo(root, seed=0, n_train=2000, n_val=200, size=192, workers=None):
     """
     root = os.path.abspath(os.fspath(root))
     if n_train < 1 or n_val < 1 or size < 64:
-        raise UserError(f"demo set needs n_train, n_val >= 1 and size >= 64 (got {n_train}, {n_val}, {size})")
+        raise UserError(f"demo set needs n_train, n_val >= 1 and size >= 64 (got {n_train}, "
+                        f"{n_val}, {size})")
     config = _config(seed, n_train, n_val, size)
     done = _read_done(root)
     if done is not None and done.get("config") == config:
         return root
     # Only ever delete a stale demo set, never a folder the user pointed at by mistake.
     if os.path.exists(root) and done is None and os.listdir(root):
-        raise UserError(f"{root} exists and is not a demo dataset (no DONE.json); refusing to overwrite it")
+        raise UserError(f"{root} exists and is not a demo dataset (no DONE.json); refusing to "
+                        f"overwrite it")
 
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -433,7 +449,8 @@ def make_demo(root, seed=0, n_train=2000, n_val=200, size=192, workers=None):
             images.append({"id": index + 1, "file_name": file_name, "width": size, "height": size})
             for a in anns:
                 annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **a})
-        coco = {"info": {"description": f"synthetic demo people, seed {seed}", "version": str(GENERATOR_VERSION)},
+        coco = {"info": {"description": f"synthetic demo people, seed {seed}",
+                         "version": str(GENERATOR_VERSION)},
                 "images": images, "annotations": annotations, "categories": [CATEGORY]}
         with open(os.path.join(tmp, "annotations", f"person_keypoints_{split}.json"), "w") as f:
             json.dump(coco, f)
@@ -462,15 +479,16 @@ def main():
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=200)
     ap.add_argument("--size", type=int, default=192, help="square image side in pixels")
-    ap.add_argument("--workers", type=int, default=None, help="drawing processes (default: all cores)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="drawing processes (default: all cores)")
     args = ap.parse_args()
     t0 = time.time()
     root = make_demo(args.out or default_demo_root(args.seed), args.seed, args.n_train, args.n_val,
                      args.size, args.workers)
     stats = _read_done(root)["stats"]
     for split, s in stats.items():
-        print(f"{split}: {s['images']} images, {s['persons']} persons, keypoints visible {s['visible']}, "
-              f"occluded {s['occluded']}, unlabeled {s['unlabeled']}")
+        print(f"{split}: {s['images']} images, {s['persons']} persons, keypoints visible "
+              f"{s['visible']}, occluded {s['occluded']}, unlabeled {s['unlabeled']}")
     print(f"wrote {root} in {time.time() - t0:.1f} s")
 
 

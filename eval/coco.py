@@ -10,14 +10,17 @@ from common.utils import run_main, save_json
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gt", required=True, help="COCO keypoint annotation json (ground truth)")
     parser.add_argument("--results", required=True,
-                        help="COCO results json: list of {image_id, category_id, keypoints (3K), score}")
+                        help="COCO results json: list of {image_id, category_id, keypoints (3K), "
+                             "score}")
     parser.add_argument("--out", help="write the metrics dict here as JSON")
     args = parser.parse_args()
 
-    metrics = coco_keypoint_eval(args.gt, args.results, verbose=True)  # verbose prints COCOeval's 10-line table
+    # verbose prints COCOeval's 10-line table
+    metrics = coco_keypoint_eval(args.gt, args.results, verbose=True)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if args.out:
         save_json(args.out, metrics)

@@ -1,14 +1,17 @@
-"""MPII PCKh evaluation (official rule: head size = 0.6 x head-box diagonal, correct when dist <= thr x head size).
+"""MPII PCKh evaluation (official rule: head size = 0.6 x head-box diagonal, correct when dist <=
+thr x head size).
 
-    python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat [--ann valid.json] [--out metrics.json]
+    python -m eval.mpii --preds pred.mat --gt-mat gt_valid.mat [--ann valid.json] [--out
+    metrics.json]
 
 Coordinate conventions of --preds:
-  .mat   key 'preds' (M,16,2[+]) in 1-BASED MATLAB pixels: HRNet/SimpleBaseline's pred.mat (their evaluate() adds 1
-         to the 0-based predictions before saving).
-  .json  list of M per-person 16x2 lists ([x, y], extra columns ignored) in 0-BASED pixels (our own output).
-Joints are in MPII order (r_ankle ... l_wrist). Without --ann the predictions must cover every column of --gt-mat in
-order; with --ann (HRNet valid.json, 1-based joints) person i of the file is matched to its .mat column, so a subset
-of the validation split can be evaluated.
+  .mat   key 'preds' (M,16,2[+]) in 1-BASED MATLAB pixels: HRNet/SimpleBaseline's pred.mat
+         (their evaluate() adds 1 to the 0-based predictions before saving).
+  .json list of M per-person 16x2 lists ([x, y], extra columns ignored) in 0-BASED pixels (our own
+  output).
+Joints are in MPII order (r_ankle ... l_wrist). Without --ann the predictions must cover every
+column of --gt-mat in order; with --ann (HRNet valid.json, 1-based joints) person i of the file is
+matched to its .mat column, so a subset of the validation split can be evaluated.
 """
 import argparse
 import os
@@ -51,15 +54,20 @@ def format_table(metrics):
     widths = [max(len(name), 6) for name in MPII_TABLE]  # 6 = len("100.00")
     header = "| " + " | ".join(f"{name:>{w}}" for name, w in zip(MPII_TABLE, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    row = "| " + " | ".join(f"{metrics[name]:>{w}.2f}" for name, w in zip(MPII_TABLE, widths)) + " |"
+    row = ("| " + " | ".join(f"{metrics[name]:>{w}.2f}" for name,
+                             w in zip(MPII_TABLE, widths)) + " |")
     return "\n".join([header, rule, row])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preds", required=True, help="pred.mat (1-based, key 'preds') or .json (0-based)")
-    parser.add_argument("--gt-mat", required=True, help="gt_valid.mat (pos_gt_src, jnt_missing, headboxes_src)")
-    parser.add_argument("--ann", help="HRNet valid.json listing the persons the predictions belong to")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preds", required=True,
+                        help="pred.mat (1-based, key 'preds') or .json (0-based)")
+    parser.add_argument("--gt-mat", required=True,
+                        help="gt_valid.mat (pos_gt_src, jnt_missing, headboxes_src)")
+    parser.add_argument("--ann", help="HRNet valid.json listing the persons the predictions belong "
+                                      "to")
     parser.add_argument("--out", help="write the metrics dict here as JSON")
     args = parser.parse_args()
 
@@ -73,11 +81,12 @@ def main():
         for i, person in enumerate(annotations):  # the matching reads these two
             check_mpii_person(person, i, args.ann, keys=("joints", "joints_vis"))
         if len(annotations) != len(preds):
-            raise UserError(f"{args.ann}: {len(annotations)} persons but {len(preds)} predictions in {args.preds}")
+            raise UserError(f"{args.ann}: {len(annotations)} persons but {len(preds)} predictions "
+                            f"in {args.preds}")
         index = match_mpii_gt(annotations, gt)
     elif len(preds) != gt["pos_gt_src"].shape[-1]:
-        raise UserError(f"{args.preds}: {len(preds)} predictions but {gt['pos_gt_src'].shape[-1]} persons in "
-                        f"{args.gt_mat} (pass --ann to evaluate a subset)")
+        raise UserError(f"{args.preds}: {len(preds)} predictions but {gt['pos_gt_src'].shape[-1]} "
+                        f"persons in {args.gt_mat} (pass --ann to evaluate a subset)")
 
     metrics = mpii_pckh(preds, gt, index)
     print(f"PCKh@0.5 on {len(preds)} persons")

@@ -22,7 +22,8 @@ def run_script(script, args, expect=0, torchrun=False):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}"] if torchrun else []
     cmd = [sys.executable] + launcher + [script] + [str(a) for a in args]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun
+               else os.environ.get("OMP_NUM_THREADS", "2"))
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p

@@ -1,4 +1,5 @@
-"""AI Challenger reader: the official json and the COCO-style conversion give the same person crops."""
+"""AI Challenger reader: the official json and the COCO-style conversion give the same person
+crops."""
 import json
 from pathlib import Path
 
@@ -16,7 +17,8 @@ COCO_TO_AIC_V = {2: 1, 1: 2, 0: 3}  # COCO visible / occluded / unlabeled -> AIC
 
 
 def official_from_coco_style(coco):
-    """The official layout of the same persons: per image its file stem, [x1, y1, x2, y2] boxes, AIC v flags."""
+    """The official layout of the same persons: per image its file stem, [x1, y1, x2, y2] boxes, AIC
+    v flags."""
     out = []
     for img in coco["images"]:
         anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
@@ -43,7 +45,8 @@ def test_coco_style_sample_boxes():
     records, skipped = read_aic(COCO_STYLE, IMAGES, aspect_ratio=0.75)
     assert len(records) == 9 and skipped == {"bad_box": 0}
     assert all(Path(r["image"]).is_file() and r["joints"].shape == (14, 2) for r in records)
-    # bbox [279, 55, 213, 544]: a tall box keeps its height, the width grows to 0.75 x 544 = 408; both x 1.25
+    # bbox [279, 55, 213, 544]: a tall box keeps its height, the width grows to 0.75 x 544 = 408;
+    # both x 1.25
     r = records[0]
     assert r["center"].tolist() == [279 + 213 / 2, 55 + 544 / 2]
     assert r["scale"] == pytest.approx([408 * 1.25, 544 * 1.25])
@@ -77,8 +80,8 @@ def test_bad_input_one_line_errors(tmp_path):
              "short.json": [{"image_id": "abc", "human_annotations": {"human1": [1, 2, 30, 40]},
                              "keypoint_annotations": {"human1": [1, 2, 1] * 17}}],
              "box.json": [{"image_id": "abc", "human_annotations": {"human1": [1, 2, 30]}}]}
-    needles = {"mpii.json": "not AI Challenger", "dict.json": "not AI Challenger", "short.json": "image abc .* 51",
-               "box.json": "image abc human1"}
+    needles = {"mpii.json": "not AI Challenger", "dict.json": "not AI Challenger",
+               "short.json": "image abc .* 51", "box.json": "image abc human1"}
     for name, content in cases.items():
         (tmp_path / name).write_text(json.dumps(content))
         with pytest.raises(UserError, match=f"{name}: {needles[name]}") as e:

@@ -1,4 +1,5 @@
-"""The benchmark runs end to end and reports every section (it measures; it never asserts a speed)."""
+"""The benchmark runs end to end and reports every section (it measures; it never asserts a
+speed)."""
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def test_bench_quick_prints_and_writes_every_section(tmp_path):
         assert section in p.stdout
     result = json.loads(out.read_text())
     assert result["train"] and all(r["img_per_s"] > 0 for r in result["train"])
-    # the --compile row trains the same model from the same start as the eager fp32 row: the same loss
+    # the --compile row trains the same model from the same start as the eager fp32 row: the same
+    # loss
     rows = {r["mode"]: r for r in result["train"]}
     assert rows["fp32+compile"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=1e-4)
     assert result["eval"] and result["eval"][0]["img_per_s"] > 0

@@ -1,5 +1,5 @@
-"""One line for every bad input and fault a new user meets (issue 15's last section): each test feeds the
-bad input and checks the line names the file and the cause, with no traceback."""
+"""One line for every bad input and fault a new user meets (issue 15's last section): each test
+feeds the bad input and checks the line names the file and the cause, with no traceback."""
 import errno
 import io
 import json
@@ -43,11 +43,14 @@ def test_mpii_json_without_joints_vis_or_scale(tmp_path, monkeypatch):
         ann = tmp_path / f"no_{key}.json"
         ann.write_text(json.dumps([mpii_person(), mpii_person(**{key: None})]))
         with pytest.raises(UserError, match=f"no_{key}.json: person 1 has no '{key}'"):
-            read_mpii(str(ann), str(tmp_path / "images"), 0.75)  # mrpose.py/icon.py --data mpii read it so
+            # mrpose.py/icon.py --data mpii read it so
+            read_mpii(str(ann), str(tmp_path / "images"), 0.75)
     # eval.mpii --ann: the matching reads joints and joints_vis
     import eval.mpii
-    scipy.io.savemat(tmp_path / "gt.mat", {"pos_gt_src": np.full((16, 2, 2), 11.0), "jnt_missing": np.zeros((16, 2)),
-                                           "headboxes_src": np.tile(np.array([[0, 0], [20, 20]], float)[..., None],
+    scipy.io.savemat(tmp_path / "gt.mat",
+                     {"pos_gt_src": np.full((16, 2, 2), 11.0), "jnt_missing": np.zeros((16, 2)),
+                                           "headboxes_src": np.tile(np.array([[0, 0], [20, 20]],
+                                                                             float)[..., None],
                                                                     (1, 1, 2))})
     (tmp_path / "preds.json").write_text(json.dumps([[[10.0, 10.0]] * 16] * 2))
     with pytest.raises(UserError, match="no_joints_vis.json: person 1 has no 'joints_vis'"):
@@ -59,10 +62,12 @@ def test_pretrained_torchvision_without_network(monkeypatch):
     def offline(weights=None):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setitem(backbone_module.RESNETS, "resnet18", offline)
-    with pytest.raises(UserError, match="--pretrained torchvision: cannot fetch the ImageNet resnet18 weights"):
+    with pytest.raises(UserError, match="--pretrained torchvision: cannot fetch the ImageNet "
+                                        "resnet18 weights"):
         icon.build_model(icon.get_args(["--pretrained", "torchvision"]))
     model = liftedcl.LiftedCL("resnet34", 16, 64, 0.99, 0.2, False, False, True, 4, 1)
-    with pytest.raises(UserError, match="--pretrained torchvision: cannot fetch the ImageNet resnet18 weights"):
+    with pytest.raises(UserError, match="--pretrained torchvision: cannot fetch the ImageNet "
+                                        "resnet18 weights"):
         liftedcl.load_pretrained(model, "torchvision", "resnet18")
 
 
@@ -70,13 +75,16 @@ def test_icon_checkpoint_error_names_icons_flags(tmp_path, monkeypatch):
     pose = icon.build_model(icon.get_args(["-a", "resnet34"]))[0]
     torch.save({"model": pose.state_dict()}, tmp_path / "r34.pth")
     with pytest.raises(UserError) as e:
-        run_main_of(icon, ["--eval-only", "--weights", tmp_path / "r34.pth", "--out", tmp_path / "o"], monkeypatch)
-    assert "r34.pth: does not fit" in str(e.value) and "--backbone" in str(e.value) and "--arch" not in str(e.value)
+        run_main_of(icon, ["--eval-only", "--weights", tmp_path / "r34.pth", "--out",
+                           tmp_path / "o"], monkeypatch)
+    assert ("r34.pth: does not fit" in str(e.value) and "--backbone" in str(e.value)
+            and "--arch" not in str(e.value))
 
 
 def test_liftedcl_data_without_root_says_which_flag(monkeypatch):
     for data in ("imagenet", "coco"):
-        with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images DIR$"):
+        with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images "
+                                            f"DIR$"):
             run_main_of(liftedcl, ["--data", data, "--pretrained", "none"], monkeypatch)
 
 
@@ -92,10 +100,12 @@ def test_mscl_batch_messages_give_the_real_reason(tmp_path, monkeypatch):
     from PIL import Image
     for i in range(3):
         Image.new("RGB", (32, 32), (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
-    flags = ["--data", "folder", "--images", tmp_path, "-a", "resnet18", "-j", "0", "--out", tmp_path / "o"]
+    flags = ["--data", "folder", "--images", tmp_path, "-a", "resnet18", "-j", "0", "--out",
+             tmp_path / "o"]
     with pytest.raises(UserError, match="--batch-size 8 is larger than the 3 training images"):
         run_main_of(mscl, flags + ["-b", "8"], monkeypatch)
-    with pytest.raises(UserError, match="--batch-size 1 gives 1 image.* BatchNorm needs at least 2 per rank"):
+    with pytest.raises(UserError, match="--batch-size 1 gives 1 image.* BatchNorm needs at least 2 "
+                                        "per rank"):
         run_main_of(mscl, flags + ["-b", "1"], monkeypatch)
 
 
@@ -109,24 +119,30 @@ def test_non_torch_weights_file_gets_advice_the_user_can_follow(tmp_path):
 
 
 def test_torchrun_prints_a_bad_argument_once(tmp_path):
-    p = run_script("mscl.py", ["--data", "imagenet", "--data-root", tmp_path / "nowhere"], expect=1, torchrun=True)
+    p = run_script("mscl.py", ["--data", "imagenet", "--data-root", tmp_path / "nowhere"], expect=1,
+                   torchrun=True)
     ours = [line for line in p.stderr.splitlines() if line.startswith("error")]
     assert ours == [f"error: {tmp_path / 'nowhere'}: data root not found (--data-root)"], p.stderr
     assert "UserError" not in p.stderr  # no rank's traceback; torchrun's own failure block remains
 
 
 def test_pycocotools_progress_lines_are_silenced(tmp_path, capsys):
-    kpts = np.concatenate([np.stack([np.linspace(50, 110, 17), np.linspace(40, 160, 17)], 1), np.full((17, 1), 2.0)], 1)
+    kpts = np.concatenate([np.stack([np.linspace(50, 110, 17), np.linspace(40, 160, 17)], 1),
+                           np.full((17, 1), 2.0)], 1)
     gt = {"images": [{"id": 1, "width": 400, "height": 300}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 4000.0,
-                           "bbox": [50, 40, 60, 120], "num_keypoints": 17, "keypoints": kpts.ravel().tolist()}],
-          "categories": [{"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(17)], "skeleton": []}]}
+                           "bbox": [50, 40, 60, 120], "num_keypoints": 17,
+                           "keypoints": kpts.ravel().tolist()}],
+          "categories": [{"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(17)],
+                          "skeleton": []}]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     capsys.readouterr()
-    stats = coco_keypoint_eval(str(tmp_path / "gt.json"), [{"image_id": 1, "category_id": 1, "score": 1.0,
+    stats = coco_keypoint_eval(str(tmp_path / "gt.json"),
+                               [{"image_id": 1, "category_id": 1, "score": 1.0,
                                                              "keypoints": kpts.ravel().tolist()}])
     out = capsys.readouterr().out
-    assert stats["AP"] == pytest.approx(1.0) and "Average Precision" in out  # the summary table stays
+    # the summary table stays
+    assert stats["AP"] == pytest.approx(1.0) and "Average Precision" in out
     assert "Loading and preparing" not in out and "index created" not in out and "DONE" not in out
 
 
@@ -147,16 +163,20 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path):
 
     with pytest.raises(UserError) as e:
         atomic_write(path, lambda f: torch.save({"w": torch.zeros(100000)}, FullDisk(f)))
-    assert str(e.value) == f"{path}: cannot write ({os.strerror(errno.ENOSPC)}); the previous file is unchanged"
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+    assert (str(e.value) == f"{path}: cannot write ({os.strerror(errno.ENOSPC)}); the previous "
+                            f"file is unchanged")
+    assert (path.read_bytes() == before
+            and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"])
 
 
 def test_resume_with_larger_iters_continues_inside_an_epoch(tmp_path):
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=24, n_val=4)
-    flags = ["--data", "coco", "--pretrained", "none", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
-             "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
-             "--val-images", f"{root}/val2017", "--no-flip-test", "--out", tmp_path / "run"] + SMALL
-    run_script("mrpose.py", flags + ["--iters", "1"])  # 1 of the epoch's 3 iterations; the epoch counts as done
+    flags = ["--data", "coco", "--pretrained", "none", "--ann",
+             f"{root}/annotations/person_keypoints_train2017.json", "--images", f"{root}/train2017",
+             "--val-ann", f"{root}/annotations/person_keypoints_val2017.json", "--val-images",
+             f"{root}/val2017", "--no-flip-test", "--out", tmp_path / "run"] + SMALL
+    # 1 of the epoch's 3 iterations; the epoch counts as done
+    run_script("mrpose.py", flags + ["--iters", "1"])
     run_script("mrpose.py", flags + ["--iters", "3", "--resume"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in log] == [1, 3]

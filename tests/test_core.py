@@ -1,4 +1,5 @@
-"""Unit tests of the top-down core: targets, decoding, crop geometry, flip test, models, backbone I/O."""
+"""Unit tests of the top-down core: targets, decoding, crop geometry, flip test, models, backbone
+I/O."""
 import math
 import os
 
@@ -13,8 +14,8 @@ import mrpose
 from common.backbone import ResNetFeatures, load_backbone
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
-from common.transforms import (affine_matrix, apply_affine, heatmap_to_image, invert_affine, normalize, to_tensor_uint8,
-                               warp_image)
+from common.transforms import (affine_matrix, apply_affine, heatmap_to_image, invert_affine,
+                               normalize, to_tensor_uint8, warp_image)
 from common.utils import UserError, atomic_write
 
 
@@ -51,7 +52,8 @@ def test_batched_targets_equal_hrnet_loop():
     rng = np.random.default_rng(0)
     joints = rng.uniform(-40, 230, size=(6, 17, 2)).astype(np.float32)  # many off the crop
     vis = (rng.random((6, 17)) > 0.2).astype(np.float32)
-    target, weight = gaussian_targets(torch.from_numpy(joints), torch.from_numpy(vis), (192, 256), (48, 64))
+    target, weight = gaussian_targets(torch.from_numpy(joints), torch.from_numpy(vis), (192, 256),
+                                      (48, 64))
     for b in range(6):
         ref_t, ref_w = hrnet_targets(joints[b], vis[b], (192, 256), (48, 64))
         np.testing.assert_allclose(target[b].numpy(), ref_t, atol=1e-6)
@@ -74,8 +76,10 @@ def test_quarter_offset_decoding_of_subpixel_gaussian():
     # a Gaussian centred between pixels: argmax + quarter shift lands within 0.25 px of the centre
     h, w = 32, 24
     centers = torch.tensor([[10.1, 7.3], [10.4, 20.45], [5.0, 5.0], [12.7, 3.6]])
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    maps = torch.stack([torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 8) for cx, cy in centers])[None]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                            torch.arange(w, dtype=torch.float32), indexing="ij")
+    maps = torch.stack([torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 8) for cx,
+                        cy in centers])[None]
     coords, _ = decode_heatmaps(maps)
     assert (coords[0] - centers).abs().max() <= 0.25 + 1e-6
     plain = maps.reshape(1, 4, -1).argmax(-1)
@@ -95,17 +99,21 @@ def test_affine_matrix_matches_hrnet_three_point_construction():
         r = math.radians(rot)
         src_dir = np.array([-src_w * -0.5 * math.sin(r), src_w * -0.5 * math.cos(r)])
         src = np.array([center, center + src_dir, np.zeros(2)], np.float32)
-        dst = np.array([[dst_w * 0.5, dst_h * 0.5], [dst_w * 0.5, dst_h * 0.5 - dst_w * 0.5], [0, 0]], np.float32)
+        dst = np.array([[dst_w * 0.5, dst_h * 0.5], [dst_w * 0.5, dst_h * 0.5 - dst_w * 0.5],
+                        [0, 0]], np.float32)
         for p in (src, dst):
             d = p[0] - p[1]
             p[2] = p[1] + np.array([-d[1], d[0]])
         a = np.hstack([src, np.ones((3, 1))])
         return np.linalg.solve(a, dst).T
 
-    for center, scale, rot in [((100.0, 80.0), (150.0, 200.0), 0.0), ((50.0, 120.0), (90.0, 120.0), 25.0),
+    for center, scale, rot in [((100.0, 80.0), (150.0, 200.0), 0.0),
+                               ((50.0, 120.0), (90.0, 120.0), 25.0),
                                ((300.5, 10.0), (60.0, 80.0), -40.0)]:
         ours = affine_matrix(np.array(center), np.array(scale), rot, (192, 256))
-        np.testing.assert_allclose(ours, hrnet_affine(np.array(center), np.array(scale), rot, (192, 256)), atol=1e-3)
+        np.testing.assert_allclose(ours,
+                                   hrnet_affine(np.array(center), np.array(scale), rot, (192, 256)),
+                                   atol=1e-3)
 
 
 def _dot_image(points, size=(240, 200), radius=2):
@@ -122,27 +130,31 @@ def _dot_image(points, size=(240, 200), radius=2):
 def test_warp_moves_joints_with_their_pixels(rot, flip):
     pts = np.array([[60.0, 50.0], [150.0, 70.0], [100.0, 120.0], [80.0, 160.0], [170.0, 150.0]])
     img, _ = _dot_image(pts)
-    m = affine_matrix(np.array([115.0, 105.0]), np.array([180.0, 240.0]), rot, (96, 128), flip=flip, image_width=240)
+    m = affine_matrix(np.array([115.0, 105.0]), np.array([180.0, 240.0]), rot, (96, 128), flip=flip,
+                      image_width=240)
     crop = np.asarray(warp_image(img, m, (96, 128))).astype(np.float32).sum(-1)
     moved = apply_affine(pts, m)
     for x, y in moved:
-        # the bright dot is centred on the moved joint: its intensity centroid nearby is within 0.5 px
+        # the bright dot is centred on the moved joint: its intensity centroid nearby is within 0.5
+        # px
         x0, y0 = int(round(x)), int(round(y))
         win = crop[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
         yy, xx = np.mgrid[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
         assert win.sum() > 0
-        assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5
+        assert (abs((win * xx).sum() / win.sum() - x) < 0.5
+                and abs((win * yy).sum() / win.sum() - y) < 0.5)
     np.testing.assert_allclose(apply_affine(moved, invert_affine(m)), pts, atol=1e-6)
 
 
 def test_training_crops_keep_joint_identity_under_flip(tmp_path):
-    # distinct colour per joint: after any augmentation, returned joint j sits on the dot drawn for the
-    # joint that j now stands for (left and right swap under a flip)
+    # distinct colour per joint: after any augmentation, returned joint j sits on the dot drawn for
+    # the joint that j now stands for (left and right swap under a flip)
     rng = np.random.default_rng(0)
     pts = np.stack([rng.uniform(60, 180, 17), rng.uniform(50, 250, 17)], 1)
     img, colours = _dot_image(pts, size=(240, 300), radius=3)
     img.save(tmp_path / "a.png")
-    rec = dict(image=str(tmp_path / "a.png"), image_id=1, center=np.array([120.0, 150.0], np.float32),
+    rec = dict(image=str(tmp_path / "a.png"), image_id=1,
+               center=np.array([120.0, 150.0], np.float32),
                scale=np.array([225.0, 300.0], np.float32), joints=pts.astype(np.float32),
                visible=np.ones(17, np.float32), area=1.0, score=1.0)
     ds = TopDownDataset([rec], (96, 128), COCO_FLIP_PAIRS, COCO_UPPER, train=True, scale_factor=0.2,
@@ -173,16 +185,18 @@ def test_training_crops_keep_joint_identity_under_flip(tmp_path):
 def test_batched_normalize_equals_torchvision_per_sample_transform():
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)) for _ in range(3)]
-    tv = torchvision.transforms.Compose([torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(
+    tv = torchvision.transforms.Compose([torchvision.transforms.ToTensor(),
+                                         torchvision.transforms.Normalize(
         [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     batch = torch.stack([to_tensor_uint8(im) for im in imgs])
     assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 12, 10)
-    torch.testing.assert_close(normalize(batch), torch.stack([tv(im) for im in imgs]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normalize(batch), torch.stack([tv(im) for im in imgs]), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_flip_back_with_shift_reproduces_unflipped_heatmaps():
-    # joints at x = 4m + 1 (input px): the mirrored crop's heatmap, flipped back and shifted one pixel
-    # right as in the flip test, equals the heatmap of the unflipped crop
+    # joints at x = 4m + 1 (input px): the mirrored crop's heatmap, flipped back and shifted one
+    # pixel right as in the flip test, equals the heatmap of the unflipped crop
     w_in, h_in = 96, 128
     joints = torch.tensor([[[4 * m + 1.0, 4 * m + 9.0] for m in range(3, 20)]])
     vis = torch.ones(1, 17)
@@ -204,7 +218,8 @@ def test_heatmap_to_image_inverts_the_test_crop():
     m = affine_matrix(center, scale, 0.0, (48, 64))
     pts = np.array([[250.0, 150.0], [330.0, 280.0]])
     hm = torch.from_numpy(apply_affine(pts, m)).float()[None]
-    back = heatmap_to_image(hm, torch.tensor(center[None]).float(), torch.tensor(scale[None]).float(), (48, 64))
+    back = heatmap_to_image(hm, torch.tensor(center[None]).float(),
+                            torch.tensor(scale[None]).float(), (48, 64))
     np.testing.assert_allclose(back[0].numpy(), pts, atol=1e-3)
 
 
@@ -214,7 +229,8 @@ R50_PARAMS = {"simplebaseline": 33_999_697, "mrheatnet1": 34_017_785, "mrheatnet
 
 @pytest.mark.parametrize("arch", list(R50_PARAMS))
 def test_parameter_counts_match_official_code(arch):
-    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet50", "--pretrained", "none"])
+    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet50",
+                            "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     assert sum(p.numel() for p in model.parameters()) == R50_PARAMS[arch]
 
@@ -222,8 +238,10 @@ def test_parameter_counts_match_official_code(arch):
 @pytest.mark.parametrize("arch", list(R50_PARAMS))
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
 def test_every_arch_trains_on_basic_block_backbones(arch, backbone):
-    # the official MRFeaNet crashes on ResNet-18/34; MRHeatNet1's official in-place add breaks backward
-    args = mrpose.get_args(["--data", "mpii", "--arch", arch, "--backbone", backbone, "--input-size", "64", "96", "--pretrained", "none"])
+    # the official MRFeaNet crashes on ResNet-18/34; MRHeatNet1's official in-place add breaks
+    # backward
+    args = mrpose.get_args(["--data", "mpii", "--arch", arch, "--backbone", backbone,
+                            "--input-size", "64", "96", "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     out = model(torch.randn(2, 3, 96, 64))
     assert out.shape == (2, 16, 24, 16)
@@ -232,7 +250,8 @@ def test_every_arch_trains_on_basic_block_backbones(arch, backbone):
 
 
 def test_head_starts_from_small_gaussian_weights():
-    args = mrpose.get_args(["--data", "coco", "--arch", "mrheatnet1", "--backbone", "resnet18", "--pretrained", "none"])
+    args = mrpose.get_args(["--data", "coco", "--arch", "mrheatnet1", "--backbone", "resnet18",
+                            "--pretrained", "none"])
     model, _ = mrpose.build_model(args)
     head = [m.weight for n, m in model.named_modules() if not n.startswith("backbone")
             and isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
@@ -251,7 +270,8 @@ def test_backbone_loads_torchvision_state_dict_and_reports_fc(tmp_path):
     ref.eval(), feats.eval()
     with torch.no_grad():
         c5 = feats(x)[3]
-        expected = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+        expected = ref.layer4(ref.layer3(ref.layer2(ref.layer1(
+            ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
     assert torch.allclose(c5, expected)
 
 
@@ -262,16 +282,20 @@ def test_backbone_shape_mismatch_is_a_clear_error(tmp_path):
 
 
 def test_backbone_file_that_loads_no_parameter_is_refused(tmp_path):
-    """num_batches_tracked is never reported missing: a file matching only those buffers loads nothing."""
-    buffers_only = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "num_batches" in k}
+    """num_batches_tracked is never reported missing: a file matching only those buffers loads
+    nothing."""
+    buffers_only = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
+                    if "num_batches" in k}
     torch.save(dict(buffers_only, **{"stem.weight": torch.zeros(3)}), tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="wrong.pth: no parameter of a ResNet backbone"):
         load_backbone(ResNetFeatures("resnet18"), str(tmp_path / "wrong.pth"))
 
 
 def test_backbone_loads_the_backbone_of_a_pose_checkpoint(tmp_path):
-    """A pose network saved by this project ('backbone.*' beside the head) gives its ResNet on purpose."""
-    args = mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "32", "--pretrained", "none"])
+    """A pose network saved by this project ('backbone.*' beside the head) gives its ResNet on
+    purpose."""
+    args = mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "32",
+                            "--pretrained", "none"])
     pose, _ = mrpose.build_model(args)
     torch.save(pose.state_dict(), tmp_path / "best.pth")
     feats = ResNetFeatures("resnet18")
@@ -286,7 +310,8 @@ def test_reduced_jpeg_decode_keeps_dots_on_their_joints(tmp_path):
     pts = np.array([[200.0, 300.0], [600.0, 250.0], [400.0, 500.0], [300.0, 700.0], [500.0, 650.0]])
     img, _ = _dot_image(pts, size=(800, 900), radius=12)
     img.save(tmp_path / "big.jpg", quality=95)
-    rec = dict(image=str(tmp_path / "big.jpg"), image_id=1, center=np.array([400.0, 480.0], np.float32),
+    rec = dict(image=str(tmp_path / "big.jpg"), image_id=1,
+               center=np.array([400.0, 480.0], np.float32),
                scale=np.array([600.0, 800.0], np.float32), joints=np.zeros((17, 2), np.float32),
                visible=np.zeros(17, np.float32), area=1.0, score=1.0)
     rec["joints"][:5] = pts
@@ -301,7 +326,8 @@ def test_reduced_jpeg_decode_keeps_dots_on_their_joints(tmp_path):
         x0, y0 = int(round(x)), int(round(y))
         win = np.clip(crop[y0 - 3:y0 + 4, x0 - 3:x0 + 4], 0, None)
         yy, xx = np.mgrid[y0 - 3:y0 + 4, x0 - 3:x0 + 4]
-        assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5
+        assert (abs((win * xx).sum() / win.sum() - x) < 0.5
+                and abs((win * yy).sum() / win.sum() - y) < 0.5)
 
 
 def test_atomic_write_leaves_old_file_on_failure_and_normal_permissions(tmp_path):
@@ -321,7 +347,8 @@ def test_atomic_write_leaves_old_file_on_failure_and_normal_permissions(tmp_path
 
 
 def test_augmentation_draws_follow_the_official_law_and_presets():
-    """SimpleBaseline/SimMRPose JointsDataset: s ~ clip(N(1, sf), 1 ± sf); r ~ clip(N(0, rf), ±2rf) with p 0.6."""
+    """SimpleBaseline/SimMRPose JointsDataset: s ~ clip(N(1, sf), 1 ± sf); r ~ clip(N(0, rf), ±2rf)
+    with p 0.6."""
     from scipy.stats import norm
 
     from common.datasets import draw_scale_rotation
@@ -333,17 +360,20 @@ def test_augmentation_draws_follow_the_official_law_and_presets():
 
     rotated = r[r != 0]
     assert abs(len(rotated) / n - 0.6) < 0.01
-    assert np.abs(rotated).max() <= 2 * rf and (np.abs(rotated) > 1.5 * rf).mean() > 0.1  # N(0, rf/2) would not reach 1.5rf
+    # N(0, rf/2) would not reach 1.5rf
+    assert np.abs(rotated).max() <= 2 * rf and (np.abs(rotated) > 1.5 * rf).mean() > 0.1
     assert abs(rotated.std() / (rf * clipped_std(2)) - 1) < 0.02
     assert s.min() >= 1 - sf and s.max() <= 1 + sf and abs((s == 1 + sf).mean() - norm.sf(1)) < 0.01
     assert abs((s - 1).std() / (sf * clipped_std(1)) - 1) < 0.02
     coco, mpii = mrpose.get_args(["--data", "coco"]), mrpose.get_args(["--data", "mpii"])
-    assert (coco.rot_factor, coco.scale_factor, mpii.rot_factor, mpii.scale_factor) == (40, 0.3, 30, 0.25)
+    assert (coco.rot_factor, coco.scale_factor, mpii.rot_factor,
+            mpii.scale_factor) == (40, 0.3, 30, 0.25)
 
 
 def _official_pose_net(arch, k=17):
-    """The released models' layout, written from the official code (SimpleBaseline pose_resnet.py, SimMRPose
-    mrheat*/mrfea*_pose_resnet.py): ResNet at the top level, their head names, their forward."""
+    """The released models' layout, written from the official code (SimpleBaseline pose_resnet.py,
+    SimMRPose mrheat*/mrfea*_pose_resnet.py): ResNet at the top level, their head names, their
+    forward."""
     def dc(cin, cout, bare=False):
         t = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False)
         return t if bare else nn.Sequential(t, nn.BatchNorm2d(cout), nn.ReLU())
@@ -357,7 +387,8 @@ def _official_pose_net(arch, k=17):
         net.deconv1, net.deconv2, net.deconv3 = dc(512, 32), dc(32, 32), dc(32, 32)
         net.s_conv1 = nn.Sequential(nn.Conv2d(32, k, 1), nn.BatchNorm2d(k), nn.ReLU())
         net.s_conv2 = nn.Sequential(nn.Conv2d(32, k, 1), nn.BatchNorm2d(k), nn.ReLU())
-        net.s_deconv1, net.s_deconv12, net.s_deconv2 = dc(k, k), dc(k, k, bare=True), dc(k, k, bare=True)
+        net.s_deconv1, net.s_deconv12, net.s_deconv2 = (dc(k, k), dc(k, k, bare=True),
+                                                        dc(k, k, bare=True))
         net.final_layer = nn.Conv2d(32, k, 1)
     else:  # mrfeanet2 on ResNet-18: channels halve from each stage down to C2's 64
         net.deconv11, net.deconv12, net.deconv13 = dc(512, 256), dc(256, 128), dc(128, 64)
@@ -375,7 +406,8 @@ def _official_pose_net(arch, k=17):
         if arch == "mrheatnet2":
             d1 = net.deconv1(x4)
             d2 = net.deconv2(d1)
-            return (net.final_layer(net.deconv3(d2)) + net.s_deconv12(net.s_deconv1(net.s_conv1(d1)))
+            return (net.final_layer(net.deconv3(d2))
+                    + net.s_deconv12(net.s_deconv1(net.s_conv1(d1)))
                     + net.s_deconv2(net.s_conv2(d2)))
         return net.final_layer((x1 + net.deconv3(x2) + net.deconv22(net.deconv21(x3))
                                 + net.deconv13(net.deconv12(net.deconv11(x4)))) / 4)
@@ -388,7 +420,8 @@ def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_pat
     from common.topdown import load_weights
     torch.manual_seed(0)
     official = _official_pose_net(arch)
-    for m in official.modules():  # random weights and BatchNorm statistics everywhere: nothing may stay at its init
+    # random weights and BatchNorm statistics everywhere: nothing may stay at its init
+    for m in official.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2)
@@ -396,10 +429,11 @@ def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_pat
             m.bias.data.normal_()
     official.eval()
     # a DataParallel dump of a PyTorch < 0.4.1 run: 'module.' prefix, no BatchNorm counters
-    state = {"module." + k: v for k, v in official.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {"module." + k: v for k, v in official.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "official.pth")
-    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet18", "--head-channels", "32",
-                            "--pretrained", "none"])
+    args = mrpose.get_args(["--data", "coco", "--arch", arch, "--backbone", "resnet18",
+                            "--head-channels", "32", "--pretrained", "none"])
     ours, _ = mrpose.build_model(args)
     assert load_weights(ours, str(tmp_path / "official.pth")) is True
     ours.eval()
@@ -409,13 +443,15 @@ def test_official_checkpoint_names_load_and_give_identical_outputs(arch, tmp_pat
     assert load_weights(ours, str(tmp_path / "official.pth"), {"model": ours.state_dict()}) is False
     backbone = ResNetFeatures("resnet18")  # --pretrained takes the released model's ResNet part
     n = len(list(backbone.parameters()))
-    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(f"loaded {n}/{n} backbone parameters")
+    assert load_backbone(backbone, str(tmp_path / "official.pth")).startswith(
+        f"loaded {n}/{n} backbone parameters")
     for a, b in zip(backbone.state_dict().values(), ours.backbone.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_bgr_normalize_is_the_official_transform_on_cv2_channels():
-    """Official input: ToTensor + Normalize(ImageNet mean/std) on cv2's BGR image, i.e. position-wise statistics."""
+    """Official input: ToTensor + Normalize(ImageNet mean/std) on cv2's BGR image, i.e.
+    position-wise statistics."""
     rgb = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -425,20 +461,23 @@ def test_bgr_normalize_is_the_official_transform_on_cv2_channels():
 
 
 def test_evaluation_runs_in_fp32_under_amp():
-    """--amp trains in bf16; prediction must not: argmax, quarter offset and rescoring move with bf16 rounding."""
+    """--amp trains in bf16; prediction must not: argmax, quarter offset and rescoring move with
+      bf16 rounding."""
     from types import SimpleNamespace
 
     from common.topdown import predict
     from common.utils import autocast
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
-    samples = [dict(image=images[i], center=torch.tensor([24.0, 32.0]), scale=torch.tensor([48.0, 64.0]), index=i)
+    samples = [dict(image=images[i], center=torch.tensor([24.0, 32.0]),
+                    scale=torch.tensor([48.0, 64.0]), index=i)
                for i in range(2)]
-    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18", "--head-channels", "16",
-                                                   "--pretrained", "none"]))
+    model, _ = mrpose.build_model(mrpose.get_args(["--data", "coco", "--backbone", "resnet18",
+                                                   "--head-channels", "16", "--pretrained",
+                                                   "none"]))
     model.eval()
-    args = SimpleNamespace(batch_size=2, workers=0, flip_test=True, channels_last=False, input_size=(48, 64),
-                           heatmap_size=(12, 16), num_joints=17, amp=None)
+    args = SimpleNamespace(batch_size=2, workers=0, flip_test=True, channels_last=False,
+                           input_size=(48, 64), heatmap_size=(12, 16), num_joints=17, amp=None)
     info = dict(flip_pairs=COCO_FLIP_PAIRS)
     fp32 = predict(model, samples, args, torch.device("cpu"), info)
     args.amp = "bf16"

@@ -1,4 +1,5 @@
-"""The synthetic demo set must be a valid, evaluable, deterministic COCO person-keypoints dataset."""
+"""The synthetic demo set must be a valid, evaluable, deterministic COCO person-keypoints
+dataset."""
 import contextlib
 import io
 import json
@@ -34,7 +35,8 @@ def _load(root, split):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("demo") / "d", seed=0, n_train=N_TRAIN, n_val=N_VAL, workers=1)
+    return make_demo(tmp_path_factory.mktemp("demo") / "d", seed=0, n_train=N_TRAIN, n_val=N_VAL,
+                     workers=1)
 
 
 def _keypoints(ann):
@@ -117,7 +119,8 @@ def test_deterministic_and_independent_of_workers(root, tmp_path):
     for split in SPLITS:
         assert _load(root, split) == _load(other, split)
         for name in os.listdir(os.path.join(root, split)):
-            with open(os.path.join(root, split, name), "rb") as f1, open(os.path.join(other, split, name), "rb") as f2:
+            with open(os.path.join(root, split, name),
+                      "rb") as f1, open(os.path.join(other, split, name), "rb") as f2:
                 assert f1.read() == f2.read()
 
 

@@ -40,12 +40,16 @@ def test_parameter_counts_equal_official():
 def test_state_dict_keys_and_shapes_equal_official():
     sd = meta_net().state_dict()
     shapes = {"conv1.weight": (64, 3, 3, 3), "layer1.0.downsample.0.weight": (256, 64, 1, 1),
-              "transition1.0.0.weight": (32, 256, 3, 3), "transition1.1.0.0.weight": (64, 256, 3, 3),
-              "transition2.2.0.0.weight": (128, 64, 3, 3), "transition3.3.0.0.weight": (256, 128, 3, 3),
+              "transition1.0.0.weight": (32, 256, 3, 3),
+              "transition1.1.0.0.weight": (64, 256, 3, 3),
+              "transition2.2.0.0.weight": (128, 64, 3, 3),
+              # 1/4 -> 1/16: two convs
+              "transition3.3.0.0.weight": (256, 128, 3, 3),
               "stage2.0.branches.1.3.conv2.weight": (64, 64, 3, 3),
-              "stage3.3.fuse_layers.2.0.1.0.weight": (128, 32, 3, 3),  # 1/4 -> 1/16: two convs
+              # 1/32 -> 1/4: 1x1 conv + BN
+              "stage3.3.fuse_layers.2.0.1.0.weight": (128, 32, 3, 3),
               "stage4.0.fuse_layers.3.0.2.0.weight": (256, 32, 3, 3),
-              "stage4.2.fuse_layers.0.3.0.weight": (32, 256, 1, 1),  # 1/32 -> 1/4: 1x1 conv + BN
+              "stage4.2.fuse_layers.0.3.0.weight": (32, 256, 1, 1),
               "final_layer.weight": (17, 32, 1, 1), "final_layer.bias": (17,)}
     for k, shape in shapes.items():
         assert tuple(sd[k].shape) == shape, k
@@ -73,7 +77,8 @@ def test_heatmaps_and_stage3_shapes():
     with torch.no_grad():
         heatmaps, stage3 = net(x, return_stage3=True)
         plain = net(x)
-        odd = net(torch.randn(1, 3, 64, 48))  # 48 does not divide by 32: the official Upsample fails
+        # 48 does not divide by 32: the official Upsample fails
+        odd = net(torch.randn(1, 3, 64, 48))
     assert heatmaps.shape == (1, 17, 24, 16) and torch.equal(plain, heatmaps)
     assert torch.isfinite(heatmaps).all() and heatmaps.std() > 0
     assert [tuple(f.shape) for f in stage3] == [(1, 32, 24, 16), (1, 64, 12, 8), (1, 128, 6, 4)]
@@ -88,7 +93,8 @@ def test_train_step_channels_last_autocast():
         heatmaps, stage3 = net(x, return_stage3=True)
         loss = heatmaps.float().pow(2).mean() + sum(f.float().mean() for f in stage3)
     loss.backward()  # fails if an in-place op overwrote a tensor autograd saved
-    assert heatmaps.shape == (2, 16, 8, 8) and heatmaps.is_contiguous(memory_format=torch.channels_last)
+    assert (heatmaps.shape == (2, 16, 8, 8)
+            and heatmaps.is_contiguous(memory_format=torch.channels_last))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     assert net.conv1.weight.grad.abs().sum() > 0
 
@@ -115,12 +121,14 @@ def test_load_classification_checkpoint(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
     report = load_hrnet_pretrained(dst, str(path))
     assert report.startswith(f"loaded 1752/1754 HRNet tensors from {path}")
-    for needle in ("missing: final_layer.weight, final_layer.bias", "another shape not loaded: final_layer.weight",
-                   "ignored 5:", "incre_modules.0.0.conv1.weight", "classifier.weight",
+    for needle in ("missing: final_layer.weight, final_layer.bias",
+                   "another shape not loaded: final_layer.weight", "ignored 5:",
+                   "incre_modules.0.0.conv1.weight", "classifier.weight",
                    "stage4.2.fuse_layers.1.0.0.0.weight", "final_layer.0.weight"):
         assert needle in report, (needle, report)
     want, got = src.state_dict(), dst.state_dict()
-    assert all(torch.equal(got[k], want[k]) for k in state if k in got and not k.startswith("final_layer"))
+    assert all(torch.equal(got[k], want[k]) for k in state if k in got
+               and not k.startswith("final_layer"))
     assert torch.equal(dst.final_layer.weight, head)
 
 
@@ -131,9 +139,11 @@ def test_load_errors(tmp_path):
     state["transition1.0.0.weight"] = torch.ones(48, 256, 3, 3)  # a W48 tensor
     bad = tmp_path / "w48.pth"
     torch.save(state, bad)
-    with pytest.raises(UserError, match=r"w48\.pth: transition1\.0\.0\.weight has shape \(48, 256, 3, 3\)") as e:
+    with pytest.raises(UserError, match=r"w48\.pth: transition1\.0\.0\.weight has shape \(48, 256, "
+                                        r"3, 3\)") as e:
         load_hrnet_pretrained(net, str(bad))
-    assert "\n" not in str(e.value) and torch.equal(net.state_dict()["conv1.weight"], before)  # nothing loaded
+    # nothing loaded
+    assert "\n" not in str(e.value) and torch.equal(net.state_dict()["conv1.weight"], before)
     torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="other.pth: no key matches an HRNet"):
         load_hrnet_pretrained(net, str(tmp_path / "other.pth"))
@@ -145,33 +155,39 @@ def test_load_errors(tmp_path):
 
 
 def test_released_pose_hrnet_names_load_and_give_identical_outputs(tmp_path):
-    """A pose_hrnet_w32_256x192.pth as released: a DataParallel dump in the official names (ours), 'module.'
-    prefix, without BatchNorm counters. It loads whole (no key renamed into a backbone, as a SimpleBaseline's
-    top-level ResNet keys are) and the network computes what the source network computes."""
+    """A pose_hrnet_w32_256x192.pth as released: a DataParallel dump in the official names (ours),
+    'module.' prefix, without BatchNorm counters. It loads whole (no key renamed into a backbone, as
+    a SimpleBaseline's top-level ResNet keys are) and the network computes what the source network
+    computes."""
     src = randomized(PoseHighResolutionNet(32), 3).eval()
-    state = {"module." + k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {"module." + k: v for k, v in src.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "pose_hrnet_w32_256x192.pth")
     dst = PoseHighResolutionNet(32)
-    assert load_weights(dst, str(tmp_path / "pose_hrnet_w32_256x192.pth")) is False  # not renamed: RGB input
+    # not renamed: RGB input
+    assert load_weights(dst, str(tmp_path / "pose_hrnet_w32_256x192.pth")) is False
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         assert torch.equal(dst.eval()(x), src(x))
-    state["module.classifier.weight"] = torch.ones(1000, 2048)  # not a pose network: refused, nothing renamed
+    # not a pose network: refused, nothing renamed
+    state["module.classifier.weight"] = torch.ones(1000, 2048)
     torch.save(state, tmp_path / "other.pth")
-    with pytest.raises(UserError, match=r"other\.pth: does not fit this model \(1 tensors differ, e\.g\. classifier"):
+    with pytest.raises(UserError, match=r"other\.pth: does not fit this model \(1 tensors differ, "
+                                        r"e\.g\. classifier"):
         load_weights(dst, str(tmp_path / "other.pth"))
 
 
 def test_hrnet_run_resumes_and_trains_on(tmp_path):
-    """icon.py --backbone hrnet_w32 saves a checkpoint that --resume reads back (common.topdown.load_weights, the
-    path of --weights, --teacher and --eval-only too), and training goes on from its iteration."""
+    """icon.py --backbone hrnet_w32 saves a checkpoint that --resume reads back
+    (common.topdown.load_weights, the path of --weights, --teacher and --eval-only too), and
+    training goes on from its iteration."""
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=8, n_val=2)
     out = tmp_path / "run"
     flags = ["--data", "demo", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
-             "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
-             "--val-images", f"{root}/val2017", "--backbone", "hrnet_w32", "--input-size", "32", "64",
-             "--batch-size", "4", "--workers", "0", "--no-flip-test", "--lambda-p", "0", "--lr-steps", "9",
-             "--out", out]
+             "--images", f"{root}/train2017", "--val-ann",
+             f"{root}/annotations/person_keypoints_val2017.json", "--val-images", f"{root}/val2017",
+             "--backbone", "hrnet_w32", "--input-size", "32", "64", "--batch-size", "4",
+             "--workers", "0", "--no-flip-test", "--lambda-p", "0", "--lr-steps", "9", "--out", out]
     run_script("icon.py", flags + ["--iters", "2"])
     first = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     p = run_script("icon.py", flags + ["--iters", "4", "--resume"])
@@ -180,4 +196,5 @@ def test_hrnet_run_resumes_and_trains_on(tmp_path):
     assert [e["iteration"] for e in log] == [2, 4]
     last = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert last["iteration"] == 4
-    assert any(not torch.equal(v, first["model"][k]) for k, v in last["model"].items() if v.is_floating_point())
+    assert any(not torch.equal(v, first["model"][k]) for k, v in last["model"].items()
+               if v.is_floating_point())

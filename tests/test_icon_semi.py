@@ -1,5 +1,6 @@
-"""icon.py --semi (ICON Table 4, Eq. (7)): the step is common/semi.py's loss plus λp x each trained network's
-own ICON contrast on its labeled crops; gradients reach no teacher; one run writes, saves and resumes."""
+"""icon.py --semi (ICON Table 4, Eq. (7)): the step is common/semi.py's loss plus λp x each trained
+network's own ICON contrast on its labeled crops; gradients reach no teacher; one run writes, saves
+and resumes."""
 import json
 
 import numpy as np
@@ -14,21 +15,24 @@ from data.demo import make_demo
 from helpers import assert_one_line_error, run_script
 
 CPU = torch.device("cpu")
-SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
-         "--print-freq", "1", "--no-flip-test", "--head-channels", "32", "--embed-dim", "32",
-         "--num-queries", "16", "--num-negatives", "32", "--labeled", "8", "--lr-steps", "9", "--pretrained", "none"]
+SMALL = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers",
+         "0", "--print-freq", "1", "--no-flip-test", "--head-channels", "32", "--embed-dim", "32",
+         "--num-queries", "16", "--num-negatives", "32", "--labeled", "8", "--lr-steps", "9",
+         "--pretrained", "none"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = make_demo(str(tmp_path_factory.mktemp("tiny") / "demo"), seed=1, n_train=24, n_val=8)
     return ["--data", "coco", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
-            "--images", f"{root}/train2017", "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
-            "--val-images", f"{root}/val2017"] + SMALL
+            "--images", f"{root}/train2017", "--val-ann",
+            f"{root}/annotations/person_keypoints_val2017.json", "--val-images",
+            f"{root}/val2017"] + SMALL
 
 
 def setup(argv):
-    """What icon.main builds for --semi: args, the wrapper and one (labeled, unlabeled) batch of 8 pairs."""
+    """What icon.main builds for --semi: args, the wrapper and one (labeled, unlabeled) batch of 8
+    pairs."""
     torch.manual_seed(0)
     args = icon.get_args(argv)
     pose, head, _ = icon.build_model(args)
@@ -44,33 +48,42 @@ def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops
     assert semi.labeled[0].head is not semi.labeled[1].head  # each network its own projection head
     torch.manual_seed(5)
     loss, terms = icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
-    torch.manual_seed(5)  # the same draws: supervised ICON's step (Eq. (5)) of each network on the labeled crops
+    # the same draws: supervised ICON's step (Eq. (5)) of each network on the labeled crops
+    torch.manual_seed(5)
     ref = [icon.icon_losses(g, batch["labeled"], args, CPU)[1] for g in semi.labeled]
     for i, r in enumerate(ref, 1):
         assert torch.allclose(terms[f"sup{i}"], r["mse"])
-        assert torch.equal(terms[f"skcc{i}"], r["skcc"]) and torch.equal(terms[f"prcc{i}"], r["prcc"])
-    dual = 0.5 * (ref[0]["mse"] + ref[1]["mse"]) + terms["cons1"] + terms["cons2"]  # mrpose.py's --semi dual loss
+        assert (torch.equal(terms[f"skcc{i}"], r["skcc"])
+                and torch.equal(terms[f"prcc{i}"], r["prcc"]))
+    # mrpose.py's --semi dual loss
+    dual = 0.5 * (ref[0]["mse"] + ref[1]["mse"]) + terms["cons1"] + terms["cons2"]
     ctr = sum(0.3 * r["skcc"] + 0.7 * r["prcc"] for r in ref)
     assert ctr > 1 and torch.allclose(loss.detach(), dual + args.lambda_p * ctr)  # Eq. (7), λp = 1
     # --lambda-p 0: no projection head, and the step is common/semi.py's dual loss alone
     args0, semi0, batch0 = setup(tiny + ["--semi", "dual", "--lambda-p", "0"])
     assert semi0.labeled is None
     loss0, terms0 = icon.semi_losses(semi0, semi0, batch0, args0, CPU, np.random.default_rng(0))
-    assert torch.allclose(loss0, 0.5 * (terms0["sup1"] + terms0["sup2"]) + terms0["cons1"] + terms0["cons2"])
+    assert torch.allclose(loss0,
+                          0.5 * (terms0["sup1"] + terms0["sup2"]) + terms0["cons1"]
+                          + terms0["cons2"])
     assert not any(k.startswith(("skcc", "prcc")) for k in terms0)
 
 
 @pytest.mark.parametrize("mode", ["dual", "pseudo"])
-def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_path, monkeypatch, mode):
-    """--contrast-crops all (the default): each network's contrast pool is its labeled crops plus its unlabeled
-    crops with gradient (dual: its hard view; pseudo: the student's crop), whose joints are the integer argmax
-    of the map that supervises them, usable where its peak is >= 0.75; --contrast-crops labeled: labeled only."""
+def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_path, monkeypatch,
+                                                                      mode):
+    """--contrast-crops all (the default): each network's contrast pool is its labeled crops plus
+      its unlabeled
+    crops with gradient (dual: its hard view; pseudo: the student's crop), whose joints are the
+    integer argmax of the map that supervises them, usable where its peak is >= 0.75;
+    --contrast-crops labeled: labeled only."""
     teacher = tmp_path / "teacher.pth"
     save_checkpoint(teacher, {"model": icon.build_model(icon.get_args(tiny))[0].state_dict()})
     argv = tiny + ["--semi", mode] + (["--teacher", str(teacher)] if mode == "pseudo" else [])
     args, semi, batch = setup(argv)
     pools, outs = [], []
-    monkeypatch.setattr(icon, "icon_contrast", lambda *a, **kw: (pools.append((a, kw)), (a[1].sum() * 0, {}))[1])
+    monkeypatch.setattr(icon, "icon_contrast", lambda *a,
+                        **kw: (pools.append((a, kw)), (a[1].sum() * 0, {}))[1])
     forward = semi.forward
 
     def confident(*a):  # every supervising map peaks at 1 on joints 0-7 and at 0.5 on the others
@@ -87,13 +100,18 @@ def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_
     for i, (a, kw) in enumerate(pools):
         heatmaps, emb, joints, target, usable = a
         out = outs[0]
-        assert heatmaps.shape[0] == emb.shape[0] == 16  # 8 labeled + 8 unlabeled persons in one pool
-        assert torch.equal(emb[8:], out["cons_extra"][i]) and torch.equal(heatmaps[8:], out["cons"][i].float())
+        # 8 labeled + 8 unlabeled persons in one pool
+        assert heatmaps.shape[0] == emb.shape[0] == 16
+        assert (torch.equal(emb[8:], out["cons_extra"][i])
+                and torch.equal(heatmaps[8:], out["cons"][i].float()))
         assert torch.equal(target[8:], out["targets"][i])  # hardness uses the pseudo target
         assert (joints[8:, :8] == torch.tensor([2.0, 3.0]) * 4).all()  # heatmap (2, 3) at stride 4
-        assert usable[8:, :8].all() and not usable[8:, 8:].any() and torch.equal(kw["claim"][8:], usable[8:])
-        assert torch.equal(emb[:8], out["sup_extra"][i]) and torch.equal(joints[:8], batch["labeled"]["joints"])
-        assert torch.equal(kw["person"], torch.cat([batch["labeled"]["pid"], batch["unlabeled"]["pid"]]))
+        assert (usable[8:, :8].all() and not usable[8:, 8:].any()
+                and torch.equal(kw["claim"][8:], usable[8:]))
+        assert (torch.equal(emb[:8], out["sup_extra"][i])
+                and torch.equal(joints[:8], batch["labeled"]["joints"]))
+        assert torch.equal(kw["person"],
+                           torch.cat([batch["labeled"]["pid"], batch["unlabeled"]["pid"]]))
     if mode == "dual":  # network i's hard view, through network i's own head
         assert torch.equal(outs[0]["cons_extra"][1], semi.labeled[1](outs[0]["hard"][1])[1])
     pools.clear()
@@ -103,14 +121,15 @@ def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_
 
 
 def test_person_ids_follow_the_person_across_labeled_and_unlabeled_items(tiny):
-    """pid: a training person's index, the same on its labeled and unlabeled items (--unlabeled all), disjoint
-    between the labeled persons and the rest (--unlabeled rest)."""
+    """pid: a training person's index, the same on its labeled and unlabeled items (--unlabeled
+    all), disjoint between the labeled persons and the rest (--unlabeled rest)."""
     args = icon.get_args(tiny + ["--semi", "dual", "--unlabeled", "all"])
     train, _, info = build_data(args, train=True)
     unlabeled = build_unlabeled(args, train, info)
     n = len(train)
     assert [int(train[i]["pid"]) for i in range(n)] == list(range(n))
-    assert [int(unlabeled[i]["pid"]) for i in range(len(unlabeled))] == list(range(n + len(info["unlabeled"])))
+    assert ([int(unlabeled[i]["pid"])
+             for i in range(len(unlabeled))] == list(range(n + len(info["unlabeled"]))))
     assert unlabeled[0]["pid"].dtype == torch.int64
     args = icon.get_args(tiny + ["--semi", "dual", "--unlabeled", "rest"])
     rest = build_unlabeled(args, *build_data(args, train=True)[::2])
@@ -122,14 +141,18 @@ def test_gradient_routing(tiny, tmp_path):
     args, semi, batch = setup(tiny + ["--semi", "dual"])
     labeled = batch["labeled"]
     x = icon.normalize(labeled["image"])
-    out = semi(x, icon.normalize(batch["unlabeled"]["image"]), semi.draw_view(np.random.default_rng(0), 8))
-    target, weight = icon.gaussian_targets(labeled["joints"], labeled["visible"], args.input_size, args.heatmap_size)
-    ctr, _ = icon.contrast_loss(out["sup"][0], out["sup_extra"][0], labeled["joints"], target, weight,
-                                labeled["vis_flag"], args)
+    out = semi(x, icon.normalize(batch["unlabeled"]["image"]),
+               semi.draw_view(np.random.default_rng(0), 8))
+    target, weight = icon.gaussian_targets(labeled["joints"], labeled["visible"], args.input_size,
+                                           args.heatmap_size)
+    ctr, _ = icon.contrast_loss(out["sup"][0], out["sup_extra"][0], labeled["joints"], target,
+                                weight, labeled["vis_flag"], args)
     ctr.backward()
     assert all(p.grad is None or not p.grad.any() for p in semi.labeled[1].parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in semi.labeled[0].head.parameters())
-    backbone = semi.nets[0].backbone  # the contrast taps C4: layer3 and below learn from it, layer4 does not
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in semi.labeled[0].head.parameters())
+    # the contrast taps C4: layer3 and below learn from it, layer4 does not
+    backbone = semi.nets[0].backbone
     assert backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in backbone.layer4.parameters())
     # pseudo: the frozen teacher gets nothing from Eq. (7); the student and its head learn
@@ -138,27 +161,35 @@ def test_gradient_routing(tiny, tmp_path):
     args, semi, batch = setup(tiny + ["--semi", "pseudo", "--teacher", str(teacher)])
     loss, terms = icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
     loss.backward()
-    assert {"sup1", "cons1", "skcc1", "prcc1", "pseudo_kept"} <= set(terms) and len(semi.labeled) == 1
+    assert ({"sup1", "cons1", "skcc1", "prcc1", "pseudo_kept"} <= set(terms)
+            and len(semi.labeled) == 1)
     assert all(p.grad is None for p in semi.teacher.parameters()) and not semi.teacher.training
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in semi.labeled[0].head.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in semi.labeled[0].head.parameters())
 
 
 def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
     out = tmp_path / "dual"
-    flags = tiny + ["--semi", "dual", "--batch-size", "16", "--out", out]  # 27 pairs: one iteration per epoch
+    # 27 pairs: one iteration per epoch
+    flags = tiny + ["--semi", "dual", "--batch-size", "16", "--out", out]
     run_script("icon.py", flags + ["--iters", "1"])
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert {"sup1", "sup2", "cons1", "cons2", "skcc1", "prcc2", "peak2", "metrics_net2", "metrics_ensemble"} <= set(log)
+    assert ({"sup1", "sup2", "cons1", "cons2", "skcc1", "prcc2", "peak2", "metrics_net2",
+             "metrics_ensemble"} <= set(log))
     assert all(np.isfinite(log[k]) for k in ("loss", "skcc1", "skcc2", "embed_sep"))
     pose = icon.build_model(icon.get_args(tiny))[0]
     best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"]
-    assert set(best) == set(pose.state_dict())  # the inference model: network 1 alone, no head, no network 2
+    # the inference model: network 1 alone, no head, no network 2
+    assert set(best) == set(pose.state_dict())
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    assert ckpt["model2"].keys() == ckpt["model"].keys() and ckpt["proj2"].keys() == ckpt["proj"].keys()
-    assert any(not torch.equal(v, ckpt["proj2"][k]) for k, v in ckpt["proj"].items() if v.is_floating_point())
+    assert (ckpt["model2"].keys() == ckpt["model"].keys()
+            and ckpt["proj2"].keys() == ckpt["proj"].keys())
+    assert any(not torch.equal(v, ckpt["proj2"][k]) for k, v in ckpt["proj"].items()
+               if v.is_floating_point())
     run_script("icon.py", flags + ["--iters", "2", "--resume"])
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["iteration"] == 2
-    supervised = [f for f in flags if f not in ("--semi", "dual")] + ["--labeled", "16"]  # 16 persons fit batch 16
+    # 16 persons fit batch 16
+    supervised = [f for f in flags if f not in ("--semi", "dual")] + ["--labeled", "16"]
     p = run_script("icon.py", supervised + ["--iters", "3", "--resume"], expect=2)
     assert_one_line_error(p, "--semi dual")
     # Pseudo + ICON with the dual run's network 1 as the teacher
@@ -166,4 +197,5 @@ def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
                                   "--out", tmp_path / "p"])
     log = json.loads((tmp_path / "p" / "log.jsonl").read_text().splitlines()[-1])
     assert {"sup1", "cons1", "skcc1", "pseudo_kept"} <= set(log) and "sup2" not in log
-    assert "model2" not in torch.load(tmp_path / "p" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert "model2" not in torch.load(tmp_path / "p" / "checkpoint.pth", map_location="cpu",
+                                      weights_only=True)

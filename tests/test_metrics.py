@@ -1,4 +1,5 @@
-"""Tests of common/metrics.py and the eval CLIs: hand-computed cases plus the real shared samples when present."""
+"""Tests of common/metrics.py and the eval CLIs: hand-computed cases plus the real shared samples
+when present."""
 import json
 import math
 import subprocess
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from common.metrics import (COCO_SIGMAS, coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh, oks_iou,
-                            oks_nms, pck_torso)
+from common.metrics import (COCO_SIGMAS, coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh,
+                            oks_iou, oks_nms, pck_torso)
 from common.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,26 +27,32 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True)
 
 
-# ---------------------------------------------------------------------------------------------------------- COCO AP
+# --------------------------------------------------------------------------------------------------
+#   COCO AP
 
 def tiny_coco(path, k=17):
-    """3 persons on 2 images, hand-written keypoints spread over a ~100 px tall box, all labelled and visible."""
+    """3 persons on 2 images, hand-written keypoints spread over a ~100 px tall box, all labelled
+    and visible."""
     rng = np.random.default_rng(0)
     anns = []
     for ann_id, (image_id, x0, y0) in enumerate([(1, 50, 40), (1, 250, 60), (2, 120, 30)], start=1):
         xy = np.stack([x0 + rng.uniform(0, 60, k), y0 + rng.uniform(0, 120, k)], 1)
         kpts = np.concatenate([xy, np.full((k, 1), 2.0)], 1).ravel().round(1).tolist()
-        anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "area": 4000.0,
-                     "bbox": [x0, y0, 60, 120], "num_keypoints": k, "keypoints": kpts})
-    gt = {"images": [{"id": 1, "width": 400, "height": 300}, {"id": 2, "width": 400, "height": 300}],
+        anns.append({"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                     "area": 4000.0, "bbox": [x0, y0, 60, 120], "num_keypoints": k,
+                     "keypoints": kpts})
+    gt = {"images": [{"id": 1, "width": 400, "height": 300},
+                     {"id": 2, "width": 400, "height": 300}],
           "annotations": anns,
-          "categories": [{"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(k)], "skeleton": []}]}
+          "categories": [{"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(k)],
+                          "skeleton": []}]}
     path.write_text(json.dumps(gt))
     return gt
 
 
 def gt_as_results(gt, shift=0.0):
-    """Every annotated person as a detection with score 1, every keypoint moved by (shift, shift) pixels."""
+    """Every annotated person as a detection with score 1, every keypoint moved by (shift, shift)
+    pixels."""
     results = []
     for a in gt["annotations"]:
         if a.get("iscrowd", 0) or a["num_keypoints"] == 0:
@@ -53,13 +60,15 @@ def gt_as_results(gt, shift=0.0):
         kpts = np.array(a["keypoints"], dtype=float).reshape(-1, 3)
         kpts[:, :2] += shift
         kpts[:, 2] = 1.0
-        results.append({"image_id": a["image_id"], "category_id": 1, "keypoints": kpts.ravel().tolist(), "score": 1.0})
+        results.append({"image_id": a["image_id"], "category_id": 1,
+                        "keypoints": kpts.ravel().tolist(), "score": 1.0})
     return results
 
 
 def test_coco_ap_self_and_shifts(tmp_path):
     gt = tiny_coco(tmp_path / "gt.json")
-    ap = [coco_keypoint_eval(str(tmp_path / "gt.json"), gt_as_results(gt, s), verbose=False)["AP"] for s in (0, 2, 5)]
+    ap = [coco_keypoint_eval(str(tmp_path / "gt.json"), gt_as_results(gt, s), verbose=False)["AP"]
+          for s in (0, 2, 5)]
     assert ap[0] == pytest.approx(1.0)
     assert ap[0] > ap[1] > ap[2]
 
@@ -68,16 +77,19 @@ def test_coco_results_path_empty_and_caller_list_untouched(tmp_path):
     gt = tiny_coco(tmp_path / "gt.json")
     results = gt_as_results(gt)
     (tmp_path / "res.json").write_text(json.dumps(results))
-    assert coco_keypoint_eval(str(tmp_path / "gt.json"), str(tmp_path / "res.json"), verbose=False)["AP"] == 1.0
+    assert (coco_keypoint_eval(str(tmp_path / "gt.json"), str(tmp_path / "res.json"),
+                               verbose=False)["AP"] == 1.0)
     coco_keypoint_eval(str(tmp_path / "gt.json"), results, verbose=False)
-    assert set(results[0]) == {"image_id", "category_id", "keypoints", "score"}  # loadRes adds keys to its input
+    # loadRes adds keys to its input
+    assert set(results[0]) == {"image_id", "category_id", "keypoints", "score"}
     zeros = coco_keypoint_eval(str(tmp_path / "gt.json"), [], verbose=False)
     assert len(zeros) == 10 and all(v == 0.0 for v in zeros.values())
 
 
 def test_coco_other_keypoint_count_needs_sigmas(tmp_path):
     gt = tiny_coco(tmp_path / "gt14.json", k=14)
-    sigmas = [.079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089, .079, .079]  # CrowdPose
+    # CrowdPose
+    sigmas = [.079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089, .079, .079]
     assert coco_keypoint_eval(str(tmp_path / "gt14.json"), gt_as_results(gt), sigmas=sigmas,
                               verbose=False)["AP"] == pytest.approx(1.0)
     with pytest.raises(UserError, match="expected 51"):
@@ -106,13 +118,15 @@ def test_coco_malformed_results_and_gt_without_area_are_user_errors(tmp_path):
 @needs_shared
 def test_coco_real_gt_self_ap():
     gt = json.loads(COCO_GT.read_text())
-    assert coco_keypoint_eval(str(COCO_GT), gt_as_results(gt), verbose=False)["AP"] == pytest.approx(1.0)
+    assert (coco_keypoint_eval(str(COCO_GT), gt_as_results(gt),
+                               verbose=False)["AP"] == pytest.approx(1.0))
 
 
 @needs_shared
 def test_coco_cli_real_preds(tmp_path):
     out = tmp_path / "metrics.json"
-    proc = run_cli("eval.coco", "--gt", str(COCO_GT), "--results", str(COCO_PREDS), "--out", str(out))
+    proc = run_cli("eval.coco", "--gt", str(COCO_GT), "--results", str(COCO_PREDS), "--out",
+                   str(out))
     assert proc.returncode == 0, proc.stderr
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in proc.stdout
     assert round(json.loads(out.read_text())["AP"], 4) == 0.8609
@@ -122,10 +136,12 @@ def test_coco_cli_missing_gt(tmp_path):
     missing = tmp_path / "missing_gt.json"
     proc = run_cli("eval.coco", "--gt", str(missing), "--results", str(tmp_path / "r.json"))
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and str(missing) in proc.stderr
+    assert (proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+            and str(missing) in proc.stderr)
 
 
-# --------------------------------------------------------------------------------------------------------- OKS NMS
+# --------------------------------------------------------------------------------------------------
+#   OKS NMS
 
 def test_oks_iou_hand_computed():
     sigmas = np.array([0.1, 0.2])
@@ -148,7 +164,8 @@ def test_oks_nms_keeps_distinct_drops_duplicate():
           {"keypoints": near, "score": 0.9, "area": 5000.0},
           {"keypoints": moved, "score": 0.7, "area": 5000.0}]
     assert oks_nms(db, thresh=0.9) == [1, 2]
-    # A moderately shifted pose survives a loose threshold and is suppressed once the threshold drops below its OKS.
+    # A moderately shifted pose survives a loose threshold and is suppressed once the threshold
+    # drops below its OKS.
     mid = base.copy()
     mid[:, :2] += 4.0
     mid_oks = oks_iou(base, mid[None], 5000.0, [5000.0])[0]
@@ -160,18 +177,22 @@ def test_oks_nms_keeps_distinct_drops_duplicate():
     assert len(COCO_SIGMAS) == 17
 
 
-# ------------------------------------------------------------------------------------------------------------ PCKh
+# --------------------------------------------------------------------------------------------------
+#   PCKh
 
 def synthetic_mpii(n=2):
-    """n persons, every joint at (101, 101) 1-based, head box 30x40 -> diagonal 50, head size 0.6*50 = 30 px."""
+    """n persons, every joint at (101, 101) 1-based, head box 30x40 -> diagonal 50, head size 0.6*50
+    = 30 px."""
     return {"pos_gt_src": np.full((16, 2, n), 101.0), "jnt_missing": np.zeros((16, n)),
-            "headboxes_src": np.stack([np.zeros((2, n)), np.stack([np.full(n, 30.0), np.full(n, 40.0)])])}
+            "headboxes_src": np.stack([np.zeros((2, n)),
+                                       np.stack([np.full(n, 30.0), np.full(n, 40.0)])])}
 
 
 def test_pckh_hand_computed():
     gt = synthetic_mpii()
     preds = np.full((2, 16, 2), 100.0)           # 0-based: exactly on the 1-based ground truth
-    preds[0, 0] += [9.0, 12.0]                   # r_ankle: 15 px = 0.5 x 30 exactly -> correct (`<=`)
+    # r_ankle: 15 px = 0.5 x 30 exactly -> correct (`<=`)
+    preds[0, 0] += [9.0, 12.0]
     preds[0, 1] += [15.0 + 1e-9, 0.0]            # r_knee: just beyond the threshold -> wrong
     gt["jnt_missing"][5, 1] = 1                  # l_ankle of person 1 is not annotated ...
     preds[1, 5] += 1000.0                        # ... so its bad prediction is ignored
@@ -189,7 +210,8 @@ def test_pckh_hand_computed():
 
 def test_pckh_index_selects_columns():
     gt = synthetic_mpii(3)
-    gt["pos_gt_src"][:, :, 2] += 50.0            # column 2 elsewhere: only correct if index picks it
+    # column 2 elsewhere: only correct if index picks it
+    gt["pos_gt_src"][:, :, 2] += 50.0
     preds = np.full((1, 16, 2), 150.0)
     assert mpii_pckh(preds, gt, index=[2])["Mean"] == 100.0
     assert mpii_pckh(preds, gt, index=[0])["Mean"] == 0.0
@@ -210,10 +232,12 @@ def test_mpii_real_gt_subset_is_100():
     gt = load_mpii_gt(str(MPII_MAT))
     annotations = json.loads(MPII_ANN.read_text())
     index = match_mpii_gt(annotations, gt)
-    assert index.tolist() == [0, 1, 2]            # PROVENANCE: the sample persons are validation entries 0-2
+    # PROVENANCE: the sample persons are validation entries 0-2
+    assert index.tolist() == [0, 1, 2]
     preds = np.array([a["joints"] for a in annotations]) - 1.0  # our reader's 0-based coordinates
     r = mpii_pckh(preds, gt, index)
-    assert all(r[k] == 100.0 for k in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"))
+    assert all(r[k] == 100.0 for k in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle",
+                                       "Mean"))
     annotations[1]["joints"][3][0] += 40.0        # moved person: no column matches any more
     with pytest.raises(UserError, match="person 1"):
         match_mpii_gt(annotations, gt)
@@ -225,7 +249,8 @@ def test_mpii_real_old_predictions():
     pos_pred_src = scipy.io.loadmat(MPII_MAT)["pos_pred_src"]      # 1-based, (16, 2, 2958)
     r = mpii_pckh(np.transpose(pos_pred_src, (2, 0, 1)) - 1.0, gt)
     assert 50 < r["Mean"] < 100
-    assert round(r["Mean"], 2) == 82.34                              # value recorded in PROVENANCE.md
+    # value recorded in PROVENANCE.md
+    assert round(r["Mean"], 2) == 82.34
 
 
 @needs_shared
@@ -234,11 +259,13 @@ def test_mpii_cli_subset_json(tmp_path):
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps([(np.array(a["joints"]) - 1.0).tolist() for a in annotations]))
     out = tmp_path / "pckh.json"
-    proc = run_cli("eval.mpii", "--preds", str(preds), "--gt-mat", str(MPII_MAT), "--ann", str(MPII_ANN),
-                   "--out", str(out))
+    proc = run_cli("eval.mpii", "--preds", str(preds), "--gt-mat", str(MPII_MAT), "--ann",
+                   str(MPII_ANN), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     header = next(line for line in proc.stdout.splitlines() if "Head" in line)
-    assert header.split("|")[1:-1] == [f" {n:>6} " for n in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee",
+    assert header.split("|")[1:-1] == [f" {n:>6} "
+                                       for n in ("Head", "Shoulder", "Elbow", "Wrist", "Hip",
+                                                 "Knee",
                                                               "Ankle", "Mean", "Mean@0.1")]
     assert json.loads(out.read_text())["Mean"] == 100.0
 
@@ -247,20 +274,24 @@ def test_mpii_cli_missing_gt(tmp_path):
     missing = tmp_path / "missing_gt.mat"
     proc = run_cli("eval.mpii", "--preds", str(tmp_path / "p.json"), "--gt-mat", str(missing))
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and str(missing) in proc.stderr
+    assert (proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+            and str(missing) in proc.stderr)
 
 
-# ------------------------------------------------------------------------------------------------------- PCK torso
+# --------------------------------------------------------------------------------------------------
+#   PCK torso
 
 def test_pck_torso_hand_computed():
-    gt = np.array([[[0.0, 0.0], [3.0, 4.0], [10.0, 10.0]],    # torso = |(0,0)-(3,4)| = 5 -> threshold 0.2*5 = 1 px
+    # torso = |(0,0)-(3,4)| = 5 -> threshold 0.2*5 = 1 px
+    gt = np.array([[[0.0, 0.0], [3.0, 4.0], [10.0, 10.0]],
                    [[0.0, 0.0], [3.0, 4.0], [10.0, 10.0]]])
     pred = gt.copy()
     pred[0, 0] += [0.6, 0.8]                                # exactly 1 px -> correct
     pred[0, 1] += [1.1, 0.0]                                # 1.1 px -> wrong
     pred[0, 2] += [50.0, 0.0]                               # far, but not visible -> ignored
     visible = np.array([[True, True, False],
-                        [False, True, True]])               # sample 1 has no right hip: cannot be normalised
+                        # sample 1 has no right hip: cannot be normalised
+                        [False, True, True]])
     per_joint, mean = pck_torso(pred, gt, visible, thr=0.2, rhip=0, lsho=1)
     assert per_joint[0] == 100.0 and per_joint[1] == 0.0 and np.isnan(per_joint[2])
     assert mean == 50.0

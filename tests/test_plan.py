@@ -1,5 +1,6 @@
-"""The run plan (common/plan.py): every README reproduction command resolves through --dry-run, the plan's
-schema and values, the help that shows them, the flags as the anchors spell them, OUT/args.json."""
+"""The run plan (common/plan.py): every README reproduction command resolves through --dry-run, the
+plan's schema and values, the help that shows them, the flags as the anchors spell them,
+OUT/args.json."""
 import argparse
 import contextlib
 import io
@@ -25,8 +26,9 @@ POSE = ("mrpose.py", "icon.py")
 # The README's commands: extractor and checker
 
 def readme_commands(markdown):
-    """(script, argv, world size, the line as written) of every command in the ```sh blocks whose first line
-    is '# dry-run'; evaluation tools (python -m eval.X) are skipped. A line that is no command fails."""
+    """(script, argv, world size, the line as written) of every command in the ```sh blocks whose
+    first line is '# dry-run'; evaluation tools (python -m eval.X) are skipped. A line that is no
+    command fails."""
     commands, block, lines = [], None, markdown.splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
@@ -75,15 +77,16 @@ def parse_command(line):
 
 
 def dry_run(script, argv, world, monkeypatch):
-    """The script's plan for `argv` with torchrun's WORLD_SIZE, in-process, as --dry-run would print it; an
-    AssertionError with argparse's or the script's own message if the command is refused."""
+    """The script's plan for `argv` with torchrun's WORLD_SIZE, in-process, as --dry-run would print
+    it; an AssertionError with argparse's or the script's own message if the command is refused."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             args = SCRIPTS[script].get_args(list(argv))
     except SystemExit:
-        raise AssertionError(f"{script} {' '.join(argv)}: {err.getvalue().strip().splitlines()[-1]}") from None
+        raise AssertionError(f"{script} {' '.join(argv)}: "
+                             f"{err.getvalue().strip().splitlines()[-1]}") from None
     except UserError as e:
         raise AssertionError(f"{script} {' '.join(argv)}: {e}") from None
     return json.loads(json.dumps(SCRIPTS[script].run_plan(args)))
@@ -131,11 +134,15 @@ def test_extractor_and_checker_on_inline_markdown(monkeypatch):
     assert [(s, a, w) for s, a, w, _ in commands] == [
         ("mrpose.py", ["--data", "coco", "--data-root", "/data/coco", "--arch", "mrfeanet2"], 1),
         ("mscl.py", ["--data", "imagenet", "--data-root", "/data/imagenet", "-b", "512"], 4),
-        ("liftedcl.py", ["--data", "coco", "--data-root", "/data/coco", "--pretrained", "/weights/moco.pth"], 2)]
+        ("liftedcl.py", ["--data", "coco", "--data-root", "/data/coco", "--pretrained",
+                         "/weights/moco.pth"], 2)]
     plans = [dry_run(s, a, w, monkeypatch) for s, a, w, _ in commands]
-    assert plans[0]["arch"] == "mrfeanet2" and plans[0]["epochs"] == 170 and plans[0]["world_size"] == 1
-    assert plans[1]["world_size"] == 4 and plans[1]["lr_effective"] == pytest.approx(0.05 * 512 / 256)
-    assert plans[2]["world_size"] == 2 and plans[2]["bn_groups"] == 2 and plans[2]["init"] == "file /weights/moco.pth"
+    assert (plans[0]["arch"] == "mrfeanet2" and plans[0]["epochs"] == 170
+            and plans[0]["world_size"] == 1)
+    assert (plans[1]["world_size"] == 4
+            and plans[1]["lr_effective"] == pytest.approx(0.05 * 512 / 256))
+    assert (plans[2]["world_size"] == 2 and plans[2]["bn_groups"] == 2
+            and plans[2]["init"] == "file /weights/moco.pth")
     bad = MARKDOWN.replace("--arch mrfeanet2", "--arch mrfeanet2 --no-such-flag")
     with pytest.raises(AssertionError, match="--no-such-flag"):
         [dry_run(s, a, w, monkeypatch) for s, a, w, _ in readme_commands(bad)]
@@ -169,8 +176,10 @@ def test_plan_holds_every_dest_and_the_derived_entries(script, monkeypatch):
     p = dry_run(script, [], 1, monkeypatch)
     missing = parser_dests(SCRIPTS[script], []) - set(p)
     assert not missing
-    assert None not in (p["backbone"], p["epochs"], p["lr"], p["batch_size"], p["workers"])  # presets applied
-    assert {"world_size", "lr_effective", "init", "augmentation"} <= set(p) and "law" in p["augmentation"]
+    # presets applied
+    assert None not in (p["backbone"], p["epochs"], p["lr"], p["batch_size"], p["workers"])
+    assert ({"world_size", "lr_effective", "init", "augmentation"} <= set(p)
+            and "law" in p["augmentation"])
     assert p["init"].startswith("scratch")  # every demo preset starts from scratch
     if script in POSE:
         assert set(p["eval"]) == {"boxes", "split", "flip_test"}
@@ -178,26 +187,35 @@ def test_plan_holds_every_dest_and_the_derived_entries(script, monkeypatch):
 
 def test_plan_values_follow_presets_protocols_and_the_command_line(monkeypatch):
     p = dry_run("mrpose.py", ["--data", "coco", "-b", "32"], 1, monkeypatch)
-    assert (p["batch_size"], p["lr"], p["epochs"], p["lr_steps"], p["input_size"]) == (32, 1e-3, 170, [120, 150], [192, 256])
-    assert p["init"].startswith("torchvision ImageNet") and p["eval"] == {"boxes": "ground-truth boxes",
-                                                                          "split": "val2017", "flip_test": True}
+    assert (p["batch_size"], p["lr"], p["epochs"], p["lr_steps"],
+            p["input_size"]) == (32, 1e-3, 170, [120, 150], [192, 256])
+    assert p["init"].startswith("torchvision ImageNet") and p["eval"] == {"boxes": "ground-truth "
+                                                                                   "boxes",
+                                                                          "split": "val2017",
+                                                                          "flip_test": True}
     assert p["augmentation"]["scale_factor"] == 0.3 and p["augmentation"]["rot_factor"] == 40.0
-    p = dry_run("mrpose.py", ["--protocol", "mscl-coco", "--semi", "none", "--det-json", "d.json"], 1, monkeypatch)
+    p = dry_run("mrpose.py", ["--protocol", "mscl-coco", "--semi", "none", "--det-json", "d.json"],
+                1, monkeypatch)
     assert p["iters"] == 36000 and p["data"] == "coco" and p["eval"]["flip_test"] is False
     assert p["eval"]["boxes"].startswith("detections d.json")
-    p = dry_run("icon.py", ["--data", "crowdpose", "--val-ann", "/c/crowdpose_val.json", "--pretrained", "x.pth"], 1,
+    p = dry_run("icon.py", ["--data", "crowdpose", "--val-ann", "/c/crowdpose_val.json",
+                            "--pretrained", "x.pth"], 1,
                 monkeypatch)
-    assert p["eval"]["split"] == "crowdpose_val" and p["init"] == "file x.pth" and p["epochs"] == 220
+    assert (p["eval"]["split"] == "crowdpose_val" and p["init"] == "file x.pth"
+            and p["epochs"] == 220)
     # the lr after batch scaling, with the batch actually used (mscl rounds it down to the ranks)
-    assert dry_run("mscl.py", ["--data", "imagenet", "-b", "512"], 3, monkeypatch)["lr_effective"] == \
+    assert dry_run("mscl.py", ["--data", "imagenet", "-b", "512"], 3,
+                   monkeypatch)["lr_effective"] == \
         pytest.approx(0.05 * 510 / 256)
-    assert dry_run("liftedcl.py", ["-b", "64"], 1, monkeypatch)["lr_effective"] == pytest.approx(0.12 * 64 / 128)
+    assert (dry_run("liftedcl.py", ["-b", "64"], 1,
+                    monkeypatch)["lr_effective"] == pytest.approx(0.12 * 64 / 128))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_one_json_plan_and_touches_nothing(script, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    argv = [script, "--data", "coco", "--data-root", "/no/such/root", "--out", str(out), "--dry-run"]
+    argv = [script, "--data", "coco", "--data-root", "/no/such/root", "--out", str(out),
+            "--dry-run"]
     if script != "mscl.py":
         argv += ["--pretrained", "/no/such/weights.pth"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -210,18 +228,24 @@ def test_dry_run_prints_one_json_plan_and_touches_nothing(script, tmp_path, monk
 def test_run_start_writes_args_json_and_checks_paths_first(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     out = tmp_path / "run"
-    args = mrpose.get_args(["--data", "coco", "--data-root", str(tmp_path), "--out", str(out), "-j", "0"])
+    args = mrpose.get_args(["--data", "coco", "--data-root", str(tmp_path), "--out", str(out), "-j",
+                            "0"])
     assert plan.begin(args, mrpose.run_plan) is False
-    assert json.loads((out / "args.json").read_text()) == json.loads(json.dumps(mrpose.run_plan(args)))
-    args = mrpose.get_args(["--eval-only", "--data-root", str(tmp_path), "--out", str(tmp_path / "e"), "-j", "0"])
+    assert (json.loads((out / "args.json").read_text())
+            == json.loads(json.dumps(mrpose.run_plan(args))))
+    args = mrpose.get_args(["--eval-only", "--data-root", str(tmp_path), "--out",
+                            str(tmp_path / "e"), "-j", "0"])
     plan.begin(args, mrpose.run_plan)
-    assert not (tmp_path / "e" / "args.json").exists()  # evaluating leaves the trained run's plan alone
-    args = mrpose.get_args(["--data", "coco", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+    # evaluating leaves the trained run's plan alone
+    assert not (tmp_path / "e" / "args.json").exists()
+    args = mrpose.get_args(["--data", "coco", "--data-root", str(tmp_path / "none"), "--out",
+                            str(tmp_path / "x")])
     with pytest.raises(UserError, match="none: data root not found"):
         plan.begin(args, mrpose.run_plan)
     assert not (tmp_path / "x").exists()
     # more workers than CPUs: capped, said once
-    args = mrpose.get_args(["--data-root", str(tmp_path), "--out", str(out), "-j", str(plan.cpus() + 3)])
+    args = mrpose.get_args(["--data-root", str(tmp_path), "--out", str(out), "-j",
+                            str(plan.cpus() + 3)])
     capsys.readouterr()
     plan.begin(args, mrpose.run_plan)
     assert args.workers == plan.cpus()
@@ -237,17 +261,20 @@ def test_help_shows_what_will_run(script, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         SCRIPTS[script].get_args()
     text = capsys.readouterr().out
-    assert "(default: None)" not in text and "(default: True)" not in text.replace("--normalize-lifted", "")
+    assert ("(default: None)" not in text
+            and "(default: True)" not in text.replace("--normalize-lifted", ""))
     for name in SCRIPTS[script].PRESETS:
         assert name in text.split("values of --data's presets")[1]
     actions = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: actions.extend(self._actions) or
+        mp.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a,
+                   **k: actions.extend(self._actions) or
                    (_ for _ in ()).throw(SystemExit(0)))
         with pytest.raises(SystemExit):
             SCRIPTS[script].get_args([])
     assert [a.option_strings for a in actions if not (a.help or "").strip()] == []
-    assert "on by default" in text or script in ("mscl.py", "liftedcl.py")  # --no-flip reads as a switch-off
+    # --no-flip reads as a switch-off
+    assert "on by default" in text or script in ("mscl.py", "liftedcl.py")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
