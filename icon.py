@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
-from common.devaug import DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops, resolve_data_device
+from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
+                           resolve_data_device)
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_augmentation,
@@ -48,8 +49,9 @@ from common.topdown import (build_data, data_paths, evaluate, format_metrics, lo
                             main_metric, parse_labeled, predict, summary, to_memory_format,
                             write_eval_outputs)
 from common.transforms import normalize
-from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args, load_checkpoint, rng_state,
-                          compile_model, run_main, save_checkpoint, save_json, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
+                          load_checkpoint, rng_state, compile_model, run_main, save_checkpoint,
+                          save_json, seed_everything, set_rng_state)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +220,8 @@ def get_args(argv=None):
                    help="torch.compile the trained model (inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available")
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     # evaluation and outputs
     p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
@@ -895,12 +898,14 @@ def main():
     # contrast runs over each rank's own batch (the paper's "batch size is 16", per GPU)
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
-        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and {len(train_ds)} training persons")
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         collate_fn=collate_jpeg if data_device is not None else None)
+        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
+                        f"{len(train_ds)} training persons")
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, collate_fn=collate_jpeg
+                                         if data_device is not None else None)
     iters_per_epoch = len(loader)
     total_iters = args.iters or args.epochs * iters_per_epoch
     epochs = math.ceil(total_iters / iters_per_epoch)

@@ -35,13 +35,16 @@ from torchvision.ops import roi_align
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import list_images, load_coco, read_coco, read_image
-from common.devaug import AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlipPairs, resolve_aug_device
-from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
+from common.devaug import (AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlipPairs,
+                           resolve_aug_device)
+from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path,
+                         world_size)
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite,
+                          check_resume_args, compile_model, load_checkpoint, rng_state, run_main,
+                          save_checkpoint, seed_everything, set_rng_state)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -146,11 +149,15 @@ def get_args(argv=None):
                    help="data loader processes per rank, at most the CPUs available (default: the "
                         "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
-                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None,
+                   choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "
+                        "fp32), none (fp32), bf16 (bare --amp) or fp16 with loss scaling (default: "
+                        "fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model (inductor)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available")
     p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
@@ -813,10 +820,11 @@ def main():
     if aug_device is not None:  # the workers only crop and flip; BatchAppearance does the rest
         train_ds = CropFlipPairs(train_ds.source, len(train_ds), args.crop_size)
     appearance = BatchAppearance(aug_device) if aug_device is not None else None
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True)
     iters_per_epoch = len(loader)
     total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
 
@@ -896,7 +904,8 @@ def main():
             im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
             if appearance is not None:
                 im_q, im_k = appearance(im_q).to(device), appearance(im_k).to(device)
-            geom_q, geom_k = geom_q.to(device, non_blocking=True), geom_k.to(device, non_blocking=True)
+            geom_q, geom_k = (geom_q.to(device, non_blocking=True),
+                              geom_k.to(device, non_blocking=True))
             with autocast(args, device):
                 out = ddp_model(im_q, im_k, geom_q, geom_k)
             loss, l_adv = encoder_loss(out, discriminator, args)  # Eq. (1)

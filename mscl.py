@@ -30,12 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
-from common.devaug import AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlip, resolve_aug_device
-from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path, world_size
+from common.devaug import (AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlip,
+                           resolve_aug_device)
+from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path,
+                         world_size)
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite, check_resume_args,
-                          compile_model, load_checkpoint, rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (Progress, UserError, atomic_write, autocast, check_finite,
+                          check_resume_args, compile_model, load_checkpoint, rng_state, run_main,
+                          save_checkpoint, seed_everything, set_rng_state)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -122,11 +125,15 @@ def get_args(argv=None):
                    help="data loader processes per rank, at most the CPUs available (default: the "
                         "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none (fp32), "
-                        "bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (inductor)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None,
+                   choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "
+                        "fp32), none (fp32), bf16 (bare --amp) or fp16 with loss scaling (default: "
+                        "fp32; the demo preset: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model (inductor)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available")
     p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
     p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
@@ -461,8 +468,10 @@ def main():
     weights = scale_weights(args)
     names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
-    model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBatchNorm under CUDA DDP, as SimSiam
-    train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None else moco_v2_augmentation(args.crop_size))
+    # SyncBatchNorm under CUDA DDP, as SimSiam
+    model = dist.convert_sync_bn(build_model(args), device).to(device)
+    train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None
+                        else moco_v2_augmentation(args.crop_size))
     appearance = BatchAppearance(aug_device) if aug_device is not None else None
     per_rank, batch, init_lr = batch_and_lr(args, world)
     if per_rank < 2:

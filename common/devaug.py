@@ -1,16 +1,18 @@
 """Issue 17: the data path split between loader workers and the training device.
 
-Self-supervised views (MoCo v2's augmentation, common/ssl.py): workers decode, draw the random resized
-crop and the flip, and cut the view (uint8, with its crop box and flip); the photometric part (colour
-jitter in random order, grayscale, blur) then runs a whole batch at a time on --aug-device. The draws
-follow torchvision's laws (common/ssl.py's constants); the ops follow torchvision's tensor functional,
-which agrees with the PIL ops of the per-image path within the tolerances tests/test_devaug.py states.
+Self-supervised views (MoCo v2's augmentation, common/ssl.py): workers decode, draw the random
+resized crop and the flip, and cut the view (uint8, with its crop box and flip); the photometric
+part (colour jitter in random order, grayscale, blur) then runs a whole batch at a time on
+--aug-device. The draws follow torchvision's laws (common/ssl.py's constants); the ops follow
+torchvision's tensor functional, which agrees with the PIL ops of the per-image path within the
+tolerances tests/test_devaug.py states.
 
-Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid + grid_sample from the
-same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels repeated
-inside the image, black outside), so it runs on the CPU or the GPU alike.
+Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid + grid_sample from
+the same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels
+repeated inside the image, black outside), so it runs on the CPU or the GPU alike.
 
---data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg, decode_crops."""
+--data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg and
+decode_crops."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,18 +24,19 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.datasets import TopDownDataset, draw_scale_rotation
 from common.ssl import BLUR_SIGMA, JITTER, P_BLUR, P_GRAY, P_JITTER
-from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, apply_affine, half_body_center_scale,
-                               invert_affine, to_tensor_uint8)
+from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, apply_affine,
+                               half_body_center_scale, invert_affine, to_tensor_uint8)
 from common.utils import UserError
 
 AUG_DEVICES = ["auto", "workers", "cpu", "cuda"]
-AUG_DEVICE_HELP = ("where MoCo v2's colour/grayscale/blur run: workers (per image, PIL: the MoCo v2 code), cpu or "
-                   "cuda (a batch at a time in the training process; workers only crop and flip); auto: the "
-                   "training device on CUDA, workers on the CPU")
+AUG_DEVICE_HELP = ("where MoCo v2's colour/grayscale/blur run: workers (per image, PIL: the MoCo "
+                   "v2 code), cpu or cuda (a batch at a time in the training process; workers only "
+                   "crop and flip); auto: the training device on CUDA, workers on the CPU")
 
 
 def resolve_aug_device(choice, device):
-    """--aug-device -> None (the per-image path in the workers) or the device of the batched photometric part."""
+    """--aug-device -> None (the per-image path in the workers) or the device of the batched
+    photometric part."""
     if choice == "auto":
         return device if device.type == "cuda" else None
     if choice == "workers":
@@ -47,10 +50,10 @@ def resolve_aug_device(choice, device):
 # Worker half: crop and flip, uint8
 
 def crop_flip(img, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """One view's geometry, drawn as torchvision's RandomResizedCrop then RandomHorizontalFlip: (uint8 CHW
-    view, tensor [top, left, height, width, flip]). The flip comes before the colour here, after it in MoCo
-    v2: every photometric op is per pixel or a mirror-symmetric blur with symmetric borders, so the order
-    does not change the view."""
+    """One view's geometry, drawn as torchvision's RandomResizedCrop then RandomHorizontalFlip:
+    (uint8 CHW view, tensor [top, left, height, width, flip]). The flip comes before the colour
+    here, after it in MoCo v2: every photometric op is per pixel or a mirror-symmetric blur with
+    symmetric borders, so the order does not change the view."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=scale, ratio=ratio)
     view = TF.resized_crop(img, top, left, h, w, [size, size])
     flip = bool(torch.rand(1) < 0.5)
@@ -70,7 +73,8 @@ class CropFlip:
 
 
 class CropFlipPairs(torch.utils.data.Dataset):
-    """LiftedCL's two views of `source(i)` (a PIL image), cut in the worker: (view1, view2, geom1, geom2)."""
+    """LiftedCL's two views of `source(i)` (a PIL image), cut in the worker: (view1, view2, geom1,
+    geom2)."""
 
     def __init__(self, source, length, size):
         self.source, self.length, self.size = source, length, size
@@ -115,22 +119,24 @@ def adjust_saturation(x, f):
 
 
 def adjust_hue(x, f):
-    """Rotate the hue by f turns (f in [-0.5, 0.5]), keeping HSV's value and saturation: the closed form
-    c = V - V·S·clamp(min(k, 4 - k), 0, 1), k = (n + 6·H) mod 6, n = 5, 3, 1 for r, g, b."""
+    """Rotate the hue by f turns (f in [-0.5, 0.5]), keeping HSV's value and saturation: the closed
+    form c = V - V·S·clamp(min(k, 4 - k), 0, 1), k = (n + 6·H) mod 6, n = 5, 3, 1 for r, g, b."""
     v = x.amax(dim=1, keepdim=True)
     c = v - x.amin(dim=1, keepdim=True)  # chroma V·S
     safe = torch.where(c > 0, c, torch.ones_like(c))
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(v == r, (g - b) / safe,
+                    torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     h = torch.where(c > 0, h, torch.zeros_like(h))
     h = torch.remainder(h + 6 * _per_image(f, x), 6)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + h, 6)
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device,
+                                     dtype=x.dtype).view(1, 3, 1, 1) + h, 6)
     return v - c * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def gaussian_blur(x, sigma):
-    """Separable Gaussian blur, σ per image (pixels), kernel radius ceil(3σ), edge pixels repeated (as
-    PIL's GaussianBlur, which approximates the Gaussian by three box blurs)."""
+    """Separable Gaussian blur, σ per image (pixels), kernel radius ceil(3σ), edge pixels repeated
+    (as PIL's GaussianBlur, which approximates the Gaussian by three box blurs)."""
     b, c, hgt, wid = x.shape
     radius = int(np.ceil(3 * float(sigma.max())))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -143,18 +149,22 @@ def gaussian_blur(x, sigma):
     return y.view(b, c, hgt, wid)
 
 
-JITTER_OPS = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]  # torchvision's fn_idx order
+# torchvision's fn_idx order
+JITTER_OPS = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
 
 
 def draw_appearance(n, generator=None):
-    """The per-image draws of MoCo v2's photometric part for n images, on the CPU (the same stream whatever
-    --aug-device): torchvision's laws, U(1 ± 0.4) for brightness, contrast and saturation, U(±0.1) for hue,
+    """The per-image draws of MoCo v2's photometric part for n images, on the CPU (the same stream
+    whatever
+    --aug-device): torchvision's laws, U(1 ± 0.4) for brightness, contrast and saturation, U(±0.1)
+      for hue,
     a uniform random order of the four, σ ~ U(0.1, 2)."""
     u = lambda lo, hi: torch.empty(n).uniform_(lo, hi, generator=generator)
     b, c, s, h = JITTER
     return dict(jitter=torch.rand(n, generator=generator) < P_JITTER,
                 order=torch.rand(n, 4, generator=generator).argsort(1),
-                factors=torch.stack([u(1 - b, 1 + b), u(1 - c, 1 + c), u(1 - s, 1 + s), u(-h, h)], 1),
+                factors=torch.stack([u(1 - b, 1 + b), u(1 - c, 1 + c), u(1 - s, 1 + s), u(-h, h)],
+                                    1),
                 gray=torch.rand(n, generator=generator) < P_GRAY,
                 blur=torch.rand(n, generator=generator) < P_BLUR,
                 sigma=u(*BLUR_SIGMA))
@@ -168,8 +178,8 @@ def _apply_to(x, mask, op, *per_image):
 
 
 def apply_appearance(x, draws):
-    """Float images (B, 3, H, W) in [0, 1] through the drawn jitter (each image its own order), grayscale
-    and blur, in MoCo v2's order."""
+    """Float images (B, 3, H, W) in [0, 1] through the drawn jitter (each image its own order),
+    grayscale and blur, in MoCo v2's order."""
     x = x.clone()
     for position in range(4):
         for op_id, op in enumerate(JITTER_OPS):
@@ -180,7 +190,8 @@ def apply_appearance(x, draws):
 
 
 class BatchAppearance:
-    """The photometric half on `device`: uint8 views (B, 3, H, W) -> ImageNet-normalised float32 views."""
+    """The photometric half on `device`: uint8 views (B, 3, H, W) -> ImageNet-normalised float32
+    views."""
 
     def __init__(self, device):
         self.device = device
@@ -198,20 +209,24 @@ class BatchAppearance:
 
 def warp_crops(images, matrices, output_size):
     """Person crops of a batch: images a list of uint8 (3, H, W) tensors (any sizes, one device),
-    matrices (B, 2, 3) image -> output pixels (common/transforms.affine_matrix, cv2's pixel centres at
-    integers), output_size (w, h). Returns float (B, 3, h, w) in [0, 255], sampled as PIL's bilinear
-    Image.transform: a point inside an image (within half a pixel of its edge pixels' centres) is
-    interpolated with the edge pixels repeated, a point outside it is black."""
+    matrices (B, 2, 3) image -> output pixels (common/transforms.affine_matrix, cv2's pixel centres
+    at integers), output_size (w, h). Returns float (B, 3, h, w) in [0, 255], sampled as PIL's
+    bilinear Image.transform: a point inside an image (within half a pixel of its edge pixels'
+    centres) is interpolated with the edge pixels repeated, a point outside it is black."""
     w_out, h_out = output_size
     hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    # one batch: each image padded to the largest by repeating its edges, which the mask below black-fills
+    # one batch: each image padded to the largest by repeating its edges, which the mask below
+    # black-fills
     batch = torch.stack([F.pad(im[None].float(), (0, wmax - im.shape[2], 0, hmax - im.shape[1]),
                                mode="replicate")[0] for im in images])
-    inv = torch.stack([torch.as_tensor(np.vstack([invert_affine(np.asarray(m, np.float64)), [0, 0, 1]]))
+    inv = torch.stack([torch.as_tensor(np.vstack([invert_affine(np.asarray(m, np.float64)),
+                                                  [0, 0, 1]]))
                        for m in matrices])
     # align_corners=False normalisation: pixel centre i -> (2i + 1) / n - 1
-    norm_in = torch.tensor([[2 / wmax, 0, 1 / wmax - 1], [0, 2 / hmax, 1 / hmax - 1], [0, 0, 1]], dtype=torch.float64)
-    norm_out = torch.tensor([[2 / w_out, 0, 1 / w_out - 1], [0, 2 / h_out, 1 / h_out - 1], [0, 0, 1]],
+    norm_in = torch.tensor([[2 / wmax, 0, 1 / wmax - 1], [0, 2 / hmax, 1 / hmax - 1], [0, 0, 1]],
+                           dtype=torch.float64)
+    norm_out = torch.tensor([[2 / w_out, 0, 1 / w_out - 1], [0, 2 / h_out, 1 / h_out - 1],
+                             [0, 0, 1]],
                             dtype=torch.float64)
     theta = (norm_in @ inv @ torch.linalg.inv(norm_out))[:, :2].to(batch.device, torch.float32)
     grid = F.affine_grid(theta, [len(images), 3, h_out, w_out], align_corners=False)
@@ -219,19 +234,22 @@ def warp_crops(images, matrices, output_size):
     # back to each image's pixels (cv2 centres): inside means [-0.5, size - 0.5) on both axes
     px = (grid[..., 0] + 1) * (wmax / 2) - 0.5
     py = (grid[..., 1] + 1) * (hmax / 2) - 0.5
-    sizes = torch.tensor([[im.shape[2], im.shape[1]] for im in images], device=batch.device, dtype=grid.dtype)
+    sizes = torch.tensor([[im.shape[2], im.shape[1]] for im in images], device=batch.device,
+                         dtype=grid.dtype)
     inside = ((px >= -0.5) & (px < sizes[:, 0, None, None] - 0.5) & (py >= -0.5)
               & (py < sizes[:, 1, None, None] - 0.5))
     return out * inside[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
-# --data-device: the top-down scripts' workers read JPEG bytes; decode and crop run a batch at a time
+# --data-device: the top-down scripts' workers read JPEG bytes; decode and crop run a batch at a
+#   time
 
 DATA_DEVICES = ["workers", "cpu", "cuda"]
-DATA_DEVICE_HELP = ("where training crops are decoded and cut: workers (per image, PIL, with the reduced-size JPEG "
-                    "decode), cpu or cuda (a batch at a time in the training process, torchvision.io.decode_jpeg at "
-                    "full size and affine_grid + grid_sample; the workers only read bytes and draw the geometry)")
+DATA_DEVICE_HELP = ("where training crops are decoded and cut: workers (per image, PIL, with the "
+                    "reduced-size JPEG decode), cpu or cuda (a batch at a time in the training "
+                    "process, torchvision.io.decode_jpeg at full size and affine_grid + "
+                    "grid_sample; the workers only read bytes and draw the geometry)")
 
 
 def resolve_data_device(choice):
@@ -239,14 +257,15 @@ def resolve_data_device(choice):
     if choice == "workers":
         return None
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--data-device cuda: no CUDA device here (use --data-device cpu or workers)")
+        raise UserError("--data-device cuda: no CUDA device here (use --data-device cpu or "
+                        "workers)")
     return torch.device(choice)
 
 
 class JpegCrops(TopDownDataset):
-    """TopDownDataset's training items with "jpeg" (the file's bytes) and "matrix" (image -> crop, at the
-    file's full size) in place of "image": the same draws, seeded by (seed, epoch, i), so the joints, flags,
-    centres and scales are identical; decode_crops makes the image."""
+    """TopDownDataset's training items with "jpeg" (the file's bytes) and "matrix" (image -> crop,
+    at the file's full size) in place of "image": the same draws, seeded by (seed, epoch, i), so the
+    joints, flags, centres and scales are identical; decode_crops makes the image."""
 
     def __getitem__(self, i):
         r = self.records[i]
@@ -255,8 +274,10 @@ class JpegCrops(TopDownDataset):
         vis_flag = r.get("vis_flag", 2 * visible)
         if self.train:  # TopDownDataset.__getitem__'s draws, in its order
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            if (visible > 0).sum() > self.half_body_min_joints and rng.random() < self.half_body_prob:
-                half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio, rng)
+            if ((visible > 0).sum() > self.half_body_min_joints
+                and rng.random() < self.half_body_prob):
+                half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio,
+                                              rng)
                 if half is not None:
                     center, scale = half
             factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
@@ -266,7 +287,8 @@ class JpegCrops(TopDownDataset):
         m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)
         joints = apply_affine(joints, m).astype(np.float32)
         if flip:
-            joints, visible, vis_flag = joints[self.flip_perm], visible[self.flip_perm], vis_flag[self.flip_perm]
+            joints, visible, vis_flag = (joints[self.flip_perm], visible[self.flip_perm],
+                                         vis_flag[self.flip_perm])
         return {"jpeg": data, "matrix": torch.from_numpy(m), "joints": torch.from_numpy(joints),
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
                 "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
@@ -285,7 +307,8 @@ def read_jpeg(path):
     except (OSError, RuntimeError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: unreadable image ({e})") from None
     if fmt != "JPEG":
-        raise UserError(f"{path}: {fmt} image; --data-device decodes JPEGs only (use --data-device workers)")
+        raise UserError(f"{path}: {fmt} image; --data-device decodes JPEGs only (use --data-device "
+                        f"workers)")
     return data, width
 
 
@@ -298,8 +321,8 @@ def collate_jpeg(items):
 
 
 def decode_crops(batch, device, output_size):
-    """A batch of JpegCrops items (at any depth of nested dicts) -> its uint8 "image" crops on `device`:
-    decode_jpeg (nvJPEG on CUDA, batched), then warp_crops with the items' matrices."""
+    """A batch of JpegCrops items (at any depth of nested dicts) -> its uint8 "image" crops on
+    `device`: decode_jpeg (nvJPEG on CUDA, batched), then warp_crops with the items' matrices."""
     if "jpeg" in batch:
         images = decode_jpeg(batch.pop("jpeg"), mode=ImageReadMode.RGB, device=device)
         crops = warp_crops(images, batch.pop("matrix"), output_size)

@@ -16,9 +16,10 @@ import scipy.io
 import torch
 
 from common import dist
-from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS,
-                             CROWDPOSE_SKELETON, CROWDPOSE_UPPER, MPII_FLIP_PAIRS, MPII_SKELETON, MPII_UPPER,
-                             TopDownDataset, load_coco, load_crowdpose, read_coco, read_mpii)
+from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPOSE_FLIP_PAIRS,
+                             CROWDPOSE_SIGMAS, CROWDPOSE_SKELETON, CROWDPOSE_UPPER, MPII_FLIP_PAIRS,
+                             MPII_SKELETON, MPII_UPPER, TopDownDataset, load_coco, load_crowdpose,
+                             read_coco, read_mpii)
 from common.devaug import JpegCrops
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import (coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt,
@@ -47,7 +48,8 @@ def summary(model, input_size):
 def data_paths(args):
     """Annotation files and image folders of --data under --data-root; --ann/--images/--val-ann/
     --val-images/--gt-mat override any of them."""
-    root = args.data_root  # --data demo: the generated root the script puts here (data.demo.demo_root)
+    # --data demo: the generated root the script puts here (data.demo.demo_root)
+    root = args.data_root
     if root is not None and not os.path.isdir(root):
         raise UserError(f"{root}: data root not found")
     paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])

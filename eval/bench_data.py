@@ -1,14 +1,17 @@
 """Views per second per CPU core of MoCo v2's augmentation (issue 17), before and after the split of
-common/devaug.py, side by side in one process on one thread: the stages alternate in rounds, so a load that
-comes and goes weighs on all of them alike.
+common/devaug.py, side by side in one process on one thread: the stages alternate in rounds, so a
+load that comes and goes weighs on all of them alike.
 
     python -m eval.bench_data [--images DIR] [--size 224] [--rounds 5] [--batch 64] [--device cuda]
 
-Rows: the JPEG decode (per image, shared by both paths); before, the per-image pipeline a loader worker runs
-today (random resized crop, colour jitter, grayscale, blur, flip, normalised float tensor); after, the
-worker's half (crop, flip, uint8) and, for --aug-device cpu, the batched photometric half on this CPU. With
---aug-device cuda a worker's core pays only the decode and the crop. --device times the batched halves on that
-device too (on the CPU, still one thread): the photometric part per view, and --data-device's decode + crop per image."""
+Rows: the JPEG decode (per image, shared by both paths); before, the per-image pipeline a loader
+worker runs today (random resized crop, colour jitter, grayscale, blur, flip, normalised float
+tensor); after, the worker's half (crop, flip, uint8) and, for --aug-device cpu, the batched
+photometric half on this CPU. With
+--aug-device cuda a worker's core pays only the decode and the crop. --device times the batched
+  halves on that
+device too (on the CPU, still one thread): the photometric part per view, and --data-device's decode
++ crop per image."""
 import argparse
 import time
 from pathlib import Path
@@ -21,18 +24,25 @@ from common.transforms import affine_matrix
 from common.ssl import moco_v2_augmentation
 from common.utils import run_main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # the sample next to the checkout (tests/helpers.py)
+# the sample next to the checkout (tests/helpers.py)
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=str(SHARED / "coco_mini" / "train2017"), help="JPEG folder (default: the "
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=str(SHARED / "coco_mini" / "train2017"),
+                   help="JPEG folder (default: the "
                    "shared COCO train2017 sample)")
     p.add_argument("--size", type=int, default=224, help="view size (MoCo v2, SimSiam: 224)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds; each times every stage once on every image")
-    p.add_argument("--batch", type=int, default=64, help="views per call of the batched photometric half")
-    p.add_argument("--device", default=None, help="also time the batched halves on this device (cpu, cuda)")
-    p.add_argument("--device-batch", type=int, default=256, help="views or images per batch with --device")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds; each times every stage once on every image")
+    p.add_argument("--batch", type=int, default=64,
+                   help="views per call of the batched photometric half")
+    p.add_argument("--device", default=None, help="also time the batched halves on this device "
+                                                  "(cpu, cuda)")
+    p.add_argument("--device-batch", type=int, default=256,
+                   help="views or images per batch with --device")
     return p.parse_args(argv)
 
 
@@ -48,15 +58,19 @@ def main():
     files = list_images(args.images)
     torch.manual_seed(0)
     images = [read_image(f) for f in files]
-    before, worker, batched = moco_v2_augmentation(args.size), CropFlip(args.size), BatchAppearance(torch.device("cpu"))
+    before, worker, batched = (moco_v2_augmentation(args.size), CropFlip(args.size),
+                               BatchAppearance(torch.device("cpu")))
     views = torch.stack([worker(images[i % len(images)]) for i in range(args.batch)])
     stages = {"decode (per image)": lambda: [read_image(f) for f in files],
               "before: per-image PIL view": lambda: [before(im) for im in images],
               "after: worker crop + flip (uint8)": lambda: [worker(im) for im in images],
-              "after: batched colour/gray/blur, CPU": lambda: [batched(views) for _ in range(max(1, len(images) // args.batch))]}
+              "after: batched colour/gray/blur, CPU": lambda: [batched(views)
+                                                               for _ in range(max(1, len(images)
+                                                                                  // args.batch))]}
     counts = {"decode (per image)": len(files), "before: per-image PIL view": len(images),
               "after: worker crop + flip (uint8)": len(images),
-              "after: batched colour/gray/blur, CPU": max(1, len(images) // args.batch) * args.batch}
+              "after: batched colour/gray/blur, CPU": max(1,
+                                                          len(images) // args.batch) * args.batch}
     for fn in stages.values():  # warm-up
         fn()
     seconds = dict.fromkeys(stages, 0.0)
@@ -64,13 +78,15 @@ def main():
         for name, fn in stages.items():
             seconds[name] += timed(fn)
     ms = {k: 1000 * seconds[k] / (counts[k] * args.rounds) for k in stages}
-    print(f"{len(files)} JPEGs from {args.images}, {args.size} px views, 1 thread, {args.rounds} interleaved rounds")
+    print(f"{len(files)} JPEGs from {args.images}, {args.size} px views, 1 thread, {args.rounds} "
+          f"interleaved rounds")
     print(f"{'stage':40s} {'ms/view':>8s} {'views/s/core':>13s}")
     for k in stages:
         print(f"{k:40s} {ms[k]:8.3f} {1000 / ms[k]:13.0f}")
     dec, b, w, c = ms.values()
     print("pairs/s per core, decode included (one decode, two views):")
-    for name, per_pair in [("before (per-image PIL)", dec + 2 * b), ("after, --aug-device cuda (worker side)", dec + 2 * w),
+    for name, per_pair in [("before (per-image PIL)", dec + 2 * b),
+                           ("after, --aug-device cuda (worker side)", dec + 2 * w),
                            ("after, --aug-device cpu (worker + batched)", dec + 2 * (w + c))]:
         print(f"  {name:44s} {1000 / per_pair:7.0f}")
 
@@ -79,8 +95,9 @@ def main():
 
 
 def device_figures(files, args):
-    """Throughput of the batched halves on --device: BatchAppearance on uint8 views, and decode_crops
-    (decode_jpeg + affine_grid crops at 192x256, a centred crop of 90 % of each image) on JPEG bytes."""
+    """Throughput of the batched halves on --device: BatchAppearance on uint8 views, and
+    decode_crops (decode_jpeg + affine_grid crops at 192x256, a centred crop of 90 % of each image)
+    on JPEG bytes."""
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = args.device_batch

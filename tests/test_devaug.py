@@ -1,6 +1,7 @@
-"""Tests of common/devaug.py (issue 17): the batched photometric ops against the per-image PIL ones, the laws
-of their draws against MoCo v2's torchvision pipeline, the worker half's crops, the scripts' --aug-device,
-and the affine_grid top-down crops against common/transforms.warp_image on real COCO images."""
+"""Tests of common/devaug.py (issue 17): the batched photometric ops against the per-image PIL ones,
+the laws of their draws against MoCo v2's torchvision pipeline, the worker half's crops, the
+scripts' --aug-device, and the affine_grid top-down crops against common/transforms.warp_image on
+real COCO images."""
 import json
 import math
 
@@ -19,12 +20,14 @@ from common.utils import UserError
 from helpers import SHARED, run_script
 
 COCO_MINI = SHARED / "coco_mini"
-need_coco = pytest.mark.skipif(not (COCO_MINI / "train2017").is_dir(), reason="shared COCO sample not here")
+need_coco = pytest.mark.skipif(not (COCO_MINI / "train2017").is_dir(),
+                               reason="shared COCO sample not here")
 
 
 @pytest.fixture(scope="module")
 def crops():
-    """Six 96 px crops of real photographs (colour, edges, flat areas), as PIL images and a [0, 1] batch."""
+    """Six 96 px crops of real photographs (colour, edges, flat areas), as PIL images and a [0, 1]
+    batch."""
     if not (COCO_MINI / "train2017").is_dir():
         pytest.skip("shared COCO sample not here")
     files = sorted((COCO_MINI / "train2017").glob("*.jpg"))[:6]
@@ -37,13 +40,17 @@ def error(batch, pil_images):
     return (batch * 255 - torch.stack([to_tensor_uint8(p) for p in pil_images]).float()).abs()
 
 
-# ---------------------------------------------------------------------------------------------- each op, fixed factors
+# ----------------------------------------------------------------------------------------------
+#   each op, fixed factors
 
 # PIL rounds to 8 bits after each op (its blend truncates): within 1.5 levels of the float result
 @need_coco
-@pytest.mark.parametrize("name,op,pil_op", [("brightness", devaug.adjust_brightness, TF.adjust_brightness),
-                                            ("contrast", devaug.adjust_contrast, TF.adjust_contrast),
-                                            ("saturation", devaug.adjust_saturation, TF.adjust_saturation)])
+@pytest.mark.parametrize("name,op,pil_op",
+                         [("brightness", devaug.adjust_brightness, TF.adjust_brightness),
+                                            ("contrast", devaug.adjust_contrast,
+                                             TF.adjust_contrast),
+                                            ("saturation", devaug.adjust_saturation,
+                                             TF.adjust_saturation)])
 def test_blend_ops_match_pil_within_rounding(crops, name, op, pil_op):
     imgs, x = crops
     for f in (0.6, 0.83, 1.17, 1.4):
@@ -62,8 +69,8 @@ def test_grayscale_matches_pil_within_rounding(crops):
 
 @need_coco
 def test_hue_is_torchvisions_and_near_pils(crops):
-    """Exactly torchvision's tensor adjust_hue (HSV round trip); PIL's goes through 8-bit HSV (hue in 1/256
-    turns), so single pixels differ by up to ~10 levels, the mean by under half a level."""
+    """Exactly torchvision's tensor adjust_hue (HSV round trip); PIL's goes through 8-bit HSV (hue
+    in 1/256 turns), so single pixels differ by up to ~10 levels, the mean by under half a level."""
     imgs, x = crops
     for h in (-0.1, -0.04, 0.02, 0.1):
         out = devaug.adjust_hue(x, torch.full((len(x),), h))
@@ -75,11 +82,13 @@ def test_hue_is_torchvisions_and_near_pils(crops):
 
 @need_coco
 def test_blur_near_pils_gaussian_blur(crops):
-    """A true Gaussian (radius 3σ, edges repeated) vs PIL's three box blurs: mean under 0.75 levels, 99 % of
-    pixels within 2.5 levels (the box approximation's worst pixels, on sharp edges, reach ~16 at σ 2)."""
+    """A true Gaussian (radius 3σ, edges repeated) vs PIL's three box blurs: mean under 0.75 levels,
+    99 % of pixels within 2.5 levels (the box approximation's worst pixels, on sharp edges, reach
+    ~16 at σ 2)."""
     imgs, x = crops
     for s in (0.1, 0.5, 1.0, 1.5, 2.0):
-        err = error(devaug.gaussian_blur(x, torch.full((len(x),), s)), [i.filter(ImageFilter.GaussianBlur(s))
+        err = error(devaug.gaussian_blur(x, torch.full((len(x),), s)),
+                    [i.filter(ImageFilter.GaussianBlur(s))
                                                                           for i in imgs])
         assert err.mean() < 0.75 and err.flatten().quantile(0.99) <= 2.5, (s, err.mean())
     sig = torch.tensor([0.1, 2.0, 0.1, 2.0, 0.1, 2.0])  # per image: sharp images stay sharp
@@ -90,7 +99,8 @@ def test_blur_near_pils_gaussian_blur(crops):
 
 @need_coco
 def test_jitter_order_is_per_image(crops):
-    """Brightness then contrast differs from contrast then brightness (clipping); each image takes its own."""
+    """Brightness then contrast differs from contrast then brightness (clipping); each image takes
+    its own."""
     imgs, x = crops
     n = len(x)
     draws = dict(jitter=torch.ones(n, dtype=torch.bool), gray=torch.zeros(n, dtype=torch.bool),
@@ -104,25 +114,27 @@ def test_jitter_order_is_per_image(crops):
         for op_id in draws["order"][k].tolist():
             f = float(draws["factors"][k, op_id])
             ref, exact = ops[op_id](ref, f), ops[op_id](exact, f)
-        # torchvision's tensor chain to float precision; PIL's, rounded after each of four ops, within 1.75
-        # levels on average (the other order is 2.2 to 8 levels away)
+        # torchvision's tensor chain to float precision; PIL's, rounded after each of four ops,
+        # within 1.75 levels on average (the other order is 2.2 to 8 levels away)
         assert (out[k] - exact).abs().max() * 255 < 0.01, k
         assert error(out[k:k + 1], [ref]).mean() < 1.75, k
 
 
-# ---------------------------------------------------------------------------------------------- the laws of the draws
+# ---------------------------------------------------------------------------------------------- the
+#   laws of the draws
 
 def test_draws_follow_moco_v2s_torchvision_pipeline():
-    """Probabilities, ranges and orders of 40,000 draws (fixed seed) against the objects of the per-image
-    pipeline: the probabilities within 4.5 binomial standard deviations, factors uniform over the same
-    intervals, the 24 jitter orders equally likely."""
+    """Probabilities, ranges and orders of 40,000 draws (fixed seed) against the objects of the
+    per-image pipeline: the probabilities within 4.5 binomial standard deviations, factors uniform
+    over the same intervals, the 24 jitter orders equally likely."""
     jitter_apply, gray, blur_apply = moco_v2_appearance().transforms
     cj, blur = jitter_apply.transforms[0], blur_apply.transforms[0]
     assert isinstance(cj, T.ColorJitter) and isinstance(blur, GaussianBlur)
     n = 40000
     d = devaug.draw_appearance(n, torch.Generator().manual_seed(0))
     for drawn, p in [(d["jitter"], jitter_apply.p), (d["gray"], gray.p), (d["blur"], blur_apply.p)]:
-        assert abs(drawn.float().mean() - p) < 4.5 * math.sqrt(p * (1 - p) / n), (drawn.float().mean(), p)
+        assert (abs(drawn.float().mean() - p) < 4.5
+                * math.sqrt(p * (1 - p) / n)), (drawn.float().mean(), p)
     ranges = [cj.brightness, cj.contrast, cj.saturation, cj.hue, blur.sigma]
     values = list(d["factors"].T) + [d["sigma"]]
     for v, (lo, hi) in zip(values, ranges):
@@ -140,19 +152,24 @@ def test_draws_follow_moco_v2s_torchvision_pipeline():
 
 
 def test_views_have_the_per_image_paths_law():
-    """End to end on one small real-looking crop, 600 views each way: the share of gray views (p 0.2, no
-    other op makes R = G = B exactly) and the spread of mean brightness agree between the per-image PIL
-    path and worker crop + BatchAppearance (same seed, different streams: a law check, not equality)."""
+    """End to end on one small real-looking crop, 600 views each way: the share of gray views (p
+    0.2, no other op makes R = G = B exactly) and the spread of mean brightness agree between the
+    per-image PIL path and worker crop + BatchAppearance (same seed, different streams: a law check,
+    not equality)."""
     g = torch.Generator().manual_seed(3)
     base = (torch.rand(3, 8, 8, generator=g) * 200 + 20).to(torch.uint8)
-    base = torch.nn.functional.interpolate(base[None].float(), size=48, mode="bilinear")[0].to(torch.uint8)
+    base = torch.nn.functional.interpolate(base[None].float(), size=48,
+                                           mode="bilinear")[0].to(torch.uint8)
     img = TF.to_pil_image(base)
     torch.manual_seed(0)
     n, per_image = 600, moco_v2_appearance()
     ref = torch.stack([to_tensor_uint8(per_image(img)) for _ in range(n)]).float() / 255
-    views = torch.stack([devaug.crop_flip(img, 48, scale=(1.0, 1.0), ratio=(1.0, 1.0))[0] for _ in range(n)])
+    views = torch.stack([devaug.crop_flip(img, 48, scale=(1.0, 1.0), ratio=(1.0, 1.0))[0]
+                         for _ in range(n)])
     out = devaug.BatchAppearance(torch.device("cpu"))(views)
-    out = out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    out = (out * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1,
+                                                          1)
+           + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
     share_gray = lambda v: ((v[:, 0] - v[:, 1]).abs().amax((1, 2)) < 1e-3).float().mean()
     assert abs(share_gray(ref) - share_gray(out)) < 0.07, (share_gray(ref), share_gray(out))
     assert abs(share_gray(out) - 0.2) < 0.05
@@ -160,12 +177,15 @@ def test_views_have_the_per_image_paths_law():
     assert abs(m_ref.mean() - m_out.mean()) < 0.02 and abs(m_ref.std() / m_out.std() - 1) < 0.15
 
 
-# ---------------------------------------------------------------------------------------------- worker half
+# ----------------------------------------------------------------------------------------------
+#   worker half
 
 def test_crop_flip_is_torchvisions_crop_and_flip():
-    """The same draws as RandomResizedCrop(scale 0.2-1) + RandomHorizontalFlip, the same pixels, and the
-    geometry [top, left, h, w, flip] LiftedCL inverts."""
-    img = TF.to_pil_image((torch.rand(3, 60, 80, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8))
+    """The same draws as RandomResizedCrop(scale 0.2-1) + RandomHorizontalFlip, the same pixels, and
+    the geometry [top, left, h, w, flip] LiftedCL inverts."""
+    img = TF.to_pil_image((torch.rand(3, 60, 80,
+                                      generator=torch.Generator().manual_seed(1))
+                           * 255).to(torch.uint8))
     flips = 0
     for seed in range(8):
         torch.manual_seed(seed)
@@ -190,10 +210,12 @@ def test_resolve_aug_device():
             devaug.resolve_aug_device("cuda", cpu)
 
 
-@pytest.mark.parametrize("script,extra", [("mscl", []), ("liftedcl", ["--moco-k", "16", "--prior-size", "200"])])
+@pytest.mark.parametrize("script,extra",
+                         [("mscl", []), ("liftedcl", ["--moco-k", "16", "--prior-size", "200"])])
 def test_scripts_train_with_aug_device_cpu(tmp_path, monkeypatch, script, extra):
-    """Two iterations with the batched photometric part on the CPU, in process: the workers hand over uint8
-    crops, each view of each batch goes through BatchAppearance once, and the loss is finite."""
+    """Two iterations with the batched photometric part on the CPU, in process: the workers hand
+    over uint8 crops, each view of each batch goes through BatchAppearance once, and the loss is
+    finite."""
     import importlib
     import sys
     from data.demo import make_demo
@@ -208,9 +230,10 @@ def test_scripts_train_with_aug_device_cpu(tmp_path, monkeypatch, script, extra)
     monkeypatch.setattr(module, "BatchAppearance", Recording)
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=16, n_val=2)
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--data", "folder", "--images", f"{root}/train2017", "--backbone",
-                                      "resnet18", "--crop-size", "32", "--batch-size", "8", "--workers", "0",
-                                      "--iters", "2", "--epochs", "1", "--device", "cpu", "--aug-device", "cpu",
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--data", "folder", "--images",
+                                      f"{root}/train2017", "--backbone", "resnet18", "--crop-size",
+                                      "32", "--batch-size", "8", "--workers", "0", "--iters", "2",
+                                      "--epochs", "1", "--device", "cpu", "--aug-device", "cpu",
                                       "--out", str(out)] + extra)
     module.main()
     assert calls == [(torch.uint8, (8, 3, 32, 32))] * 4
@@ -218,14 +241,17 @@ def test_scripts_train_with_aug_device_cpu(tmp_path, monkeypatch, script, extra)
     assert math.isfinite(log[-1]["loss"])
 
 
-# ---------------------------------------------------------------------------------------------- top-down crops
+# ----------------------------------------------------------------------------------------------
+#   top-down crops
 
 @need_coco
 def test_warp_crops_match_pil_warp_on_coco():
-    """Real COCO persons at full-size decode, with rotation, flip and scale as in training: the affine_grid
-    crops (float) equal warp_image's within PIL's 8-bit rounding of the bilinear blend (one level at most), and
-    pixels move with the joints (the same matrices give the joints, see test_jpeg_crops_match_topdown_dataset)."""
-    records, _ = read_coco(load_coco(str(COCO_MINI / "annotations" / "person_keypoints_train2017.json")),
+    """Real COCO persons at full-size decode, with rotation, flip and scale as in training: the
+    affine_grid crops (float) equal warp_image's within PIL's 8-bit rounding of the bilinear blend
+    (one level at most), and pixels move with the joints (the same matrices give the joints, see
+    test_jpeg_crops_match_topdown_dataset)."""
+    records, _ = read_coco(load_coco(str(COCO_MINI / "annotations"
+                                         / "person_keypoints_train2017.json")),
                            str(COCO_MINI / "train2017"), 192 / 256)
     rng = np.random.default_rng(0)
     size = (192, 256)
@@ -233,8 +259,8 @@ def test_warp_crops_match_pil_warp_on_coco():
     for r in records[:8]:
         img = read_image(r["image"])
         flip = bool(rng.random() < 0.5)
-        m = affine_matrix(r["center"], r["scale"] * rng.uniform(0.7, 1.3), rng.uniform(-40, 40), size, flip=flip,
-                          image_width=img.width)
+        m = affine_matrix(r["center"], r["scale"] * rng.uniform(0.7, 1.3), rng.uniform(-40, 40),
+                          size, flip=flip, image_width=img.width)
         images.append(to_tensor_uint8(img))
         mats.append(m)
         ref.append(to_tensor_uint8(warp_image(img, m, size)))
@@ -242,9 +268,10 @@ def test_warp_crops_match_pil_warp_on_coco():
     out = devaug.warp_crops(images, np.stack(mats), size)
     err = (out - torch.stack(ref).float()).abs()
     assert out.shape == (len(images), 3, 256, 192)
-    assert err.mean() < 0.6 and err.max() < 1.01, (err.mean(), err.max())  # measured: 0.44 and 1.002
-    # pixels and joints move together: a 9x9 square drawn around each labeled joint has its centroid where
-    # apply_affine puts the joint
+    # measured: 0.44 and 1.002
+    assert err.mean() < 0.6 and err.max() < 1.01, (err.mean(), err.max())
+    # pixels and joints move together: a 9x9 square drawn around each labeled joint has its centroid
+    # where apply_affine puts the joint
     checked = 0
     for r, m, im in zip(records, mats, images):
         for (x, y), v in zip(np.round(r["joints"]), r["visible"]):
@@ -263,15 +290,17 @@ def test_warp_crops_match_pil_warp_on_coco():
 
 @need_coco
 def test_jpeg_crops_match_topdown_dataset(monkeypatch):
-    """--data-device's path (bytes and geometry in the worker, decode_jpeg + warp_crops on the batch) against
-    TopDownDataset with the reduced-size JPEG decode switched off, training draws on (half body, scale,
-    rotation, flip) over two epochs: joints, flags, centres and scales identical, crops within one level
-    (the same libjpeg decode on the CPU; nvJPEG on a GPU is not held to this)."""
+    """--data-device's path (bytes and geometry in the worker, decode_jpeg + warp_crops on the
+      batch) against
+    TopDownDataset with the reduced-size JPEG decode switched off, training draws on (half body,
+    scale, rotation, flip) over two epochs: joints, flags, centres and scales identical, crops
+    within one level (the same libjpeg decode on the CPU; nvJPEG on a GPU is not held to this)."""
     from common import datasets
     from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER
     full = datasets.load_image
     monkeypatch.setattr(datasets, "load_image", lambda path, scale=1.0: full(path))
-    records, _ = read_coco(load_coco(str(COCO_MINI / "annotations" / "person_keypoints_train2017.json")),
+    records, _ = read_coco(load_coco(str(COCO_MINI / "annotations"
+                                         / "person_keypoints_train2017.json")),
                            str(COCO_MINI / "train2017"), 192 / 256)
     kw = dict(train=True, half_body_prob=0.3, half_body_min_joints=3, seed=5)
     ref_ds = datasets.TopDownDataset(records[:12], (192, 256), COCO_FLIP_PAIRS, COCO_UPPER, **kw)
@@ -280,7 +309,8 @@ def test_jpeg_crops_match_topdown_dataset(monkeypatch):
         ref_ds.set_epoch(epoch)
         ds.set_epoch(epoch)
         ref = torch.utils.data.default_collate([ref_ds[i] for i in range(len(ds))])
-        batch = devaug.decode_crops({"labeled": devaug.collate_jpeg([ds[i] for i in range(len(ds))])},
+        batch = devaug.decode_crops({"labeled": devaug.collate_jpeg([ds[i]
+                                                                     for i in range(len(ds))])},
                                     torch.device("cpu"), (192, 256))["labeled"]
         for k in ("joints", "visible", "vis_flag", "center", "scale", "index"):
             assert torch.equal(batch[k], ref[k]), k
@@ -298,8 +328,8 @@ def test_jpeg_crops_refuse_other_formats(tmp_path):
 
 @pytest.mark.parametrize("script", ["mrpose", "icon"])
 def test_topdown_scripts_train_with_data_device_cpu(tmp_path, monkeypatch, script):
-    """Two iterations with --data-device cpu, in process: every training batch reaches decode_crops as JPEG
-    bytes and leaves it as uint8 crops of the input size; the loss is finite."""
+    """Two iterations with --data-device cpu, in process: every training batch reaches decode_crops
+    as JPEG bytes and leaves it as uint8 crops of the input size; the loss is finite."""
     import importlib
     import sys
     from data.demo import make_demo
@@ -309,19 +339,22 @@ def test_topdown_scripts_train_with_data_device_cpu(tmp_path, monkeypatch, scrip
     def recording(batch, device, output_size):
         seen.append(len(batch["jpeg"]))
         out = devaug.decode_crops(batch, device, output_size)
-        assert out["image"].dtype == torch.uint8 and out["image"].shape == (len(out["joints"]), 3, 96, 64)
+        assert (out["image"].dtype == torch.uint8
+                and out["image"].shape == (len(out["joints"]), 3, 96, 64))
         return out
 
     monkeypatch.setattr(module, "decode_crops", recording)
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=16, n_val=4)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--data", "coco", "--pretrained", "none",
-                                      "--ann", f"{root}/annotations/person_keypoints_train2017.json",
-                                      "--images", f"{root}/train2017",
-                                      "--val-ann", f"{root}/annotations/person_keypoints_val2017.json",
-                                      "--val-images", f"{root}/val2017", "--backbone", "resnet18", "--input-size",
-                                      "64", "96", "--batch-size", "8", "--workers", "0", "--iters", "2",
-                                      "--device", "cpu", "--data-device", "cpu", "--out", str(out)])
+                                      "--ann",
+                                      f"{root}/annotations/person_keypoints_train2017.json",
+                                      "--images", f"{root}/train2017", "--val-ann",
+                                      f"{root}/annotations/person_keypoints_val2017.json",
+                                      "--val-images", f"{root}/val2017", "--backbone", "resnet18",
+                                      "--input-size", "64", "96", "--batch-size", "8", "--workers",
+                                      "0", "--iters", "2", "--device", "cpu", "--data-device",
+                                      "cpu", "--out", str(out)])
     module.main()
     assert seen == [8, 8]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -329,12 +362,13 @@ def test_topdown_scripts_train_with_data_device_cpu(tmp_path, monkeypatch, scrip
 
 
 def test_warp_crops_edges_as_pil():
-    """A crop hanging over the image's edges: inside the image the edge pixels repeat up to the boundary,
-    outside it is black, as PIL's transform (not grid_sample's zero padding, which darkens the last
-    half pixel)."""
+    """A crop hanging over the image's edges: inside the image the edge pixels repeat up to the
+    boundary, outside it is black, as PIL's transform (not grid_sample's zero padding, which darkens
+    the last half pixel)."""
     from PIL import Image
     img = Image.new("RGB", (40, 30), (200, 120, 40))
-    m = affine_matrix(np.array([35.3, 5.6]), np.array([40.0, 53.3]), 0.0, (48, 64))  # zoom 1.2, off the grid
+    # zoom 1.2, off the grid
+    m = affine_matrix(np.array([35.3, 5.6]), np.array([40.0, 53.3]), 0.0, (48, 64))
     ref = to_tensor_uint8(warp_image(img, m, (48, 64))).float()
     out = devaug.warp_crops([to_tensor_uint8(img)], m[None], (48, 64))[0]
     assert (ref == 0).any() and (ref == 200).any()
@@ -343,27 +377,33 @@ def test_warp_crops_edges_as_pil():
 
 @need_coco
 def test_bench_data_prints_every_stage(capsys, monkeypatch):
-    """python -m eval.bench_data on the 4 shared COCO val images, one round: every stage and pair rate
-    is printed with a positive rate, and --device cpu adds the batched halves."""
+    """python -m eval.bench_data on the 4 shared COCO val images, one round: every stage and pair
+    rate is printed with a positive rate, and --device cpu adds the batched halves."""
     import sys
     from eval import bench_data
-    monkeypatch.setattr(sys, "argv", ["bench_data", "--images", str(SHARED / "coco" / "images"), "--rounds", "1",
-                                      "--size", "64", "--batch", "4", "--device", "cpu", "--device-batch", "4"])
+    monkeypatch.setattr(sys, "argv", ["bench_data", "--images", str(SHARED / "coco" / "images"),
+                                      "--rounds", "1", "--size", "64", "--batch", "4", "--device",
+                                      "cpu", "--device-batch", "4"])
     bench_data.main()
     out = capsys.readouterr().out
-    for row in ["decode (per image)", "before: per-image PIL view", "after: worker crop + flip (uint8)",
-                "after: batched colour/gray/blur, CPU", "before (per-image PIL)", "after, --aug-device cuda",
-                "after, --aug-device cpu", "cpu: BatchAppearance", "cpu: decode_crops"]:
+    for row in ["decode (per image)", "before: per-image PIL view",
+                "after: worker crop + flip (uint8)", "after: batched colour/gray/blur, CPU",
+                "before (per-image PIL)", "after, --aug-device cuda", "after, --aug-device cpu",
+                "cpu: BatchAppearance", "cpu: decode_crops"]:
         line = next(ln for ln in out.splitlines() if row in ln)
-        assert float(line.split()[-1] if "/s" not in line else line.split("/s")[0].split()[-1]) > 0, line
+        assert (float(line.split()[-1] if "/s" not in line
+                      else line.split("/s")[0].split()[-1]) > 0), line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("script,flag", [("mscl.py", "--aug-device"), ("liftedcl.py", "--aug-device"),
-                                         ("mrpose.py", "--data-device"), ("icon.py", "--data-device")])
+@pytest.mark.parametrize("script,flag", [("mscl.py", "--aug-device"),
+                                         ("liftedcl.py", "--aug-device"),
+                                         ("mrpose.py", "--data-device"),
+                                         ("icon.py", "--data-device")])
 def test_cuda_paths_without_cuda_are_one_line_errors(tmp_path, script, flag):
     """Refused before any data is read (the empty data root would be the error otherwise)."""
     from helpers import assert_one_line_error
-    p = run_script(script, ["--data", "coco", "--data-root", tmp_path, flag, "cuda", "--device", "cpu"],
+    p = run_script(script, ["--data", "coco", "--data-root", tmp_path, flag, "cuda", "--device",
+                            "cpu"],
                    expect=2)
     assert_one_line_error(p, f"{flag} cuda: no CUDA device")

@@ -383,9 +383,10 @@ def unsorted_json(tmp_path):
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
         {"id": 1, "name": "person", "keypoints": [str(k) for k in range(17)], "skeleton": []}]}))
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "10.jpg").write_bytes(b"")  # the records are read, never an image; an empty folder is refused
-    return ["--data", "coco", "--ann", path, "--images", tmp_path / "img", "--val-ann", path, "--val-images",
-            tmp_path / "img", "--input-size", "64", "96"]
+    # the records are read, never an image; an empty folder is refused
+    (tmp_path / "img" / "10.jpg").write_bytes(b"")
+    return ["--data", "coco", "--ann", path, "--images", tmp_path / "img", "--val-ann", path,
+            "--val-images", tmp_path / "img", "--input-size", "64", "96"]
 
 
 def annotation_keys(records):

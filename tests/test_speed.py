@@ -58,8 +58,10 @@ def test_amp_choices_and_the_test_pin(cpu, monkeypatch):
     assert utils.amp_dtype(SimpleNamespace(amp="bf16"), CPU) == torch.bfloat16
 
 
-@pytest.mark.parametrize("script, paper", [(mrpose, ["coco", "--pretrained", "none"]), (icon, ["mpii"]),
-                                           (mscl, ["imagenet"]), (liftedcl, ["coco", "--pretrained", "none"])])
+@pytest.mark.parametrize("script, paper",
+                         [(mrpose, ["coco", "--pretrained", "none"]), (icon, ["mpii"]),
+                                           (mscl, ["imagenet"]),
+                          (liftedcl, ["coco", "--pretrained", "none"])])
 def test_auto_is_the_demo_default_only(script, paper):
     assert script.get_args(["--data", "demo"]).amp == "auto"
     assert script.get_args(["--data"] + paper).amp is None  # paper presets: fp32 unless asked
