@@ -11,7 +11,7 @@ Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid +
 the same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels
 repeated inside the image, black outside), so it runs on the CPU or the GPU alike.
 
---data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg and
+--data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg,
 decode_crops."""
 import numpy as np
 import torch
