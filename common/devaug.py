@@ -268,12 +268,13 @@ class JpegCrops(TopDownDataset):
     joints, flags, centres and scales are identical; decode_crops makes the image."""
 
     def __getitem__(self, i):
+        i, key = i if isinstance(i, tuple) else (i, (i,))  # as TopDownDataset: PairedDataset's key
         r = self.records[i]
         center, scale, rot, flip = r["center"], r["scale"], 0.0, False
         joints, visible = r["joints"], r["visible"]
         vis_flag = r.get("vis_flag", 2 * visible)
         if self.train:  # TopDownDataset.__getitem__'s draws, in its order
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, self.epoch, *key])
             if ((visible > 0).sum() > self.half_body_min_joints
                 and rng.random() < self.half_body_prob):
                 half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio,
@@ -293,7 +294,8 @@ class JpegCrops(TopDownDataset):
                 "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
                 "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
                 "center": torch.from_numpy(np.asarray(center, np.float32)),
-                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i}
+                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i,
+                "pid": torch.tensor(r.get("pid", i), dtype=torch.int64)}
 
 
 def read_jpeg(path):

@@ -291,10 +291,10 @@ def test_warp_crops_match_pil_warp_on_coco():
 @need_coco
 def test_jpeg_crops_match_topdown_dataset(monkeypatch):
     """--data-device's path (bytes and geometry in the worker, decode_jpeg + warp_crops on the
-      batch) against
-    TopDownDataset with the reduced-size JPEG decode switched off, training draws on (half body,
-    scale, rotation, flip) over two epochs: joints, flags, centres and scales identical, crops
-    within one level (the same libjpeg decode on the CPU; nvJPEG on a GPU is not held to this)."""
+    batch) against TopDownDataset with the reduced-size JPEG decode switched off, training draws
+    on (half body, scale, rotation, flip) over two epochs, the second with --semi's per-item keys:
+    joints, flags, centres, scales and person ids identical, crops within one level (the same
+    libjpeg decode on the CPU; nvJPEG on a GPU is not held to this)."""
     from common import datasets
     from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER
     full = datasets.load_image
@@ -305,14 +305,13 @@ def test_jpeg_crops_match_topdown_dataset(monkeypatch):
     kw = dict(train=True, half_body_prob=0.3, half_body_min_joints=3, seed=5)
     ref_ds = datasets.TopDownDataset(records[:12], (192, 256), COCO_FLIP_PAIRS, COCO_UPPER, **kw)
     ds = devaug.JpegCrops(records[:12], (192, 256), COCO_FLIP_PAIRS, COCO_UPPER, **kw)
-    for epoch in (0, 1):
+    for epoch, keys in ((0, range(len(ds))), (1, [(i, (i + 7, 1)) for i in range(len(ds))])):
         ref_ds.set_epoch(epoch)
         ds.set_epoch(epoch)
-        ref = torch.utils.data.default_collate([ref_ds[i] for i in range(len(ds))])
-        batch = devaug.decode_crops({"labeled": devaug.collate_jpeg([ds[i]
-                                                                     for i in range(len(ds))])},
+        ref = torch.utils.data.default_collate([ref_ds[k] for k in keys])
+        batch = devaug.decode_crops({"labeled": devaug.collate_jpeg([ds[k] for k in keys])},
                                     torch.device("cpu"), (192, 256))["labeled"]
-        for k in ("joints", "visible", "vis_flag", "center", "scale", "index"):
+        for k in ("joints", "visible", "vis_flag", "center", "scale", "index", "pid"):
             assert torch.equal(batch[k], ref[k]), k
         err = (batch["image"].float() - ref["image"].float()).abs()
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape == ref["image"].shape
@@ -403,7 +402,7 @@ def test_bench_data_prints_every_stage(capsys, monkeypatch):
 def test_cuda_paths_without_cuda_are_one_line_errors(tmp_path, script, flag):
     """Refused before any data is read (the empty data root would be the error otherwise)."""
     from helpers import assert_one_line_error
+    init = [] if script == "mscl.py" else ["--pretrained", "none"]  # mscl.py always starts fresh
     p = run_script(script, ["--data", "coco", "--data-root", tmp_path, flag, "cuda", "--device",
-                            "cpu"],
-                   expect=2)
+                            "cpu"] + init, expect=2)
     assert_one_line_error(p, f"{flag} cuda: no CUDA device")
