@@ -242,27 +242,49 @@ class TopDownDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
-        # i, or (i, key): the draws come from (seed, epoch, key), key = i by default (PairedDataset
-        # gives its own)
-        i, key = i if isinstance(i, tuple) else (i, (i,))
-        r = self.records[i]
+    def draw(self, r, key):
+        """The crop of record `r`: (center, scale, rotation, flip), drawn from (seed, epoch, key)
+        when training (HRNet's order: half body, scale and rotation, flip), else the box itself."""
         center, scale, rot, flip = r["center"], r["scale"], 0.0, False
-        joints, visible = r["joints"], r["visible"]
-        # the raw COCO flag (2 visible, 1 occluded, 0 unlabeled); readers without one: labeled =
-        # visible
-        vis_flag = r.get("vis_flag", 2 * visible)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, *key])
+            visible = r["visible"]
             if ((visible > 0).sum() > self.half_body_min_joints
                 and rng.random() < self.half_body_prob):
-                half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio,
-                                              rng)
+                half = half_body_center_scale(r["joints"], visible, self.upper_ids,
+                                              self.aspect_ratio, rng)
                 if half is not None:
                     center, scale = half
             factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
             scale = scale * factor
             flip = self.flip and rng.random() <= 0.5
+        return center, scale, rot, flip
+
+    def labels(self, r, i, m, flip, center, scale):
+        """Everything of item i but its image: joints through the crop's matrix `m`, flags swapped
+        with the joints under a flip, the crop's box and the person's id."""
+        joints, visible = apply_affine(r["joints"], m).astype(np.float32), r["visible"]
+        # the raw COCO flag (2 visible, 1 occluded, 0 unlabeled); readers without one: labeled =
+        # visible
+        vis_flag = r.get("vis_flag", 2 * visible)
+        if flip:
+            joints, visible, vis_flag = (joints[self.flip_perm], visible[self.flip_perm],
+                                         vis_flag[self.flip_perm])
+        return {"joints": torch.from_numpy(joints),
+                "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
+                "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
+                "center": torch.from_numpy(np.asarray(center, np.float32)),
+                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i,
+                # the person's id: its index in the training list unless the record carries one
+                # (common.semi)
+                "pid": torch.tensor(r.get("pid", i), dtype=torch.int64)}
+
+    def __getitem__(self, i):
+        # i, or (i, key): the draws come from (seed, epoch, key), key = i by default (PairedDataset
+        # gives its own)
+        i, key = i if isinstance(i, tuple) else (i, (i,))
+        r = self.records[i]
+        center, scale, rot, flip = self.draw(r, key)
         img, (width, _) = load_image(r["image"], scale=self.input_size[0] / scale[0])
         m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)
         m_img = m
@@ -271,18 +293,7 @@ class TopDownDataset(torch.utils.data.Dataset):
             k = 2 ** round(math.log2(width / img.width))  # 2, 4 or 8 (img.width is rounded up)
             m_img = m @ np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1]])
         crop = warp_image(img, m_img, self.input_size)
-        joints = apply_affine(joints, m).astype(np.float32)
-        if flip:
-            joints, visible, vis_flag = (joints[self.flip_perm], visible[self.flip_perm],
-                                         vis_flag[self.flip_perm])
-        return {"image": to_tensor_uint8(crop), "joints": torch.from_numpy(joints),
-                "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
-                "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
-                "center": torch.from_numpy(np.asarray(center, np.float32)),
-                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i,
-                # the person's id: its index in the training list unless the record carries one
-                # (common.semi)
-                "pid": torch.tensor(r.get("pid", i), dtype=torch.int64)}
+        return {"image": to_tensor_uint8(crop), **self.labels(r, i, m, flip, center, scale)}
 
 
 # --------------------------------------------------------------------------------------------------

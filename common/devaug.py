@@ -22,10 +22,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from common.datasets import TopDownDataset, draw_scale_rotation
+from common.datasets import TopDownDataset
 from common.ssl import BLUR_SIGMA, JITTER, P_BLUR, P_GRAY, P_JITTER
-from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, apply_affine,
-                               half_body_center_scale, invert_affine, to_tensor_uint8)
+from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, invert_affine,
+                               to_tensor_uint8)
 from common.utils import UserError
 
 AUG_DEVICES = ["auto", "workers", "cpu", "cuda"]
@@ -264,38 +264,17 @@ def resolve_data_device(choice):
 
 class JpegCrops(TopDownDataset):
     """TopDownDataset's training items with "jpeg" (the file's bytes) and "matrix" (image -> crop,
-    at the file's full size) in place of "image": the same draws, seeded by (seed, epoch, i), so the
-    joints, flags, centres and scales are identical; decode_crops makes the image."""
+    at the file's full size) in place of "image": the same draws (TopDownDataset.draw) and labels,
+    so the joints, flags, centres, scales and ids are identical; decode_crops makes the image."""
 
     def __getitem__(self, i):
         i, key = i if isinstance(i, tuple) else (i, (i,))  # as TopDownDataset: PairedDataset's key
         r = self.records[i]
-        center, scale, rot, flip = r["center"], r["scale"], 0.0, False
-        joints, visible = r["joints"], r["visible"]
-        vis_flag = r.get("vis_flag", 2 * visible)
-        if self.train:  # TopDownDataset.__getitem__'s draws, in its order
-            rng = np.random.default_rng([self.seed, self.epoch, *key])
-            if ((visible > 0).sum() > self.half_body_min_joints
-                and rng.random() < self.half_body_prob):
-                half = half_body_center_scale(joints, visible, self.upper_ids, self.aspect_ratio,
-                                              rng)
-                if half is not None:
-                    center, scale = half
-            factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
-            scale = scale * factor
-            flip = self.flip and rng.random() <= 0.5
+        center, scale, rot, flip = self.draw(r, key)
         data, width = read_jpeg(r["image"])
         m = affine_matrix(center, scale, rot, self.input_size, flip=flip, image_width=width)
-        joints = apply_affine(joints, m).astype(np.float32)
-        if flip:
-            joints, visible, vis_flag = (joints[self.flip_perm], visible[self.flip_perm],
-                                         vis_flag[self.flip_perm])
-        return {"jpeg": data, "matrix": torch.from_numpy(m), "joints": torch.from_numpy(joints),
-                "visible": torch.from_numpy(np.ascontiguousarray(visible, dtype=np.float32)),
-                "vis_flag": torch.from_numpy(np.ascontiguousarray(vis_flag, dtype=np.float32)),
-                "center": torch.from_numpy(np.asarray(center, np.float32)),
-                "scale": torch.from_numpy(np.asarray(scale, np.float32)), "index": i,
-                "pid": torch.tensor(r.get("pid", i), dtype=torch.int64)}
+        return {"jpeg": data, "matrix": torch.from_numpy(m),
+                **self.labels(r, i, m, flip, center, scale)}
 
 
 def read_jpeg(path):
