@@ -197,5 +197,5 @@ def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
                                   "--out", tmp_path / "p"])
     log = json.loads((tmp_path / "p" / "log.jsonl").read_text().splitlines()[-1])
     assert {"sup1", "cons1", "skcc1", "pseudo_kept"} <= set(log) and "sup2" not in log
-    assert "model2" not in torch.load(tmp_path / "p" / "checkpoint.pth", map_location="cpu",
-                                      weights_only=True)
+    saved = tmp_path / "p" / "checkpoint.pth"
+    assert "model2" not in torch.load(saved, map_location="cpu", weights_only=True)

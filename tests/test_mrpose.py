@@ -190,8 +190,8 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     junk.write_text("not a checkpoint")
     p = run(flags + SMALL + ["--eval-only", "--weights", junk, "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, junk, "not a readable")
-    state = torch.load(tmp_path / "r18" / "checkpoint.pth", map_location="cpu",
-                       weights_only=True)["model"]
+    saved = tmp_path / "r18" / "checkpoint.pth"
+    state = torch.load(saved, map_location="cpu", weights_only=True)["model"]
     torch.save(dict(state, **{"extra.weight": torch.zeros(1)}), tmp_path / "extra.pth")
     p = run(flags + SMALL + ["--eval-only", "--weights", tmp_path / "extra.pth", "--out",
                              tmp_path / "o"], expect=2)
