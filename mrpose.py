@@ -33,9 +33,9 @@ from common.semi import PairedDataset, build_semi, build_unlabeled
 from common.topdown import (build_data, evaluate, format_metrics, load_weights, main_metric,
                             parse_labeled, summary, to_memory_format, write_eval_outputs)
 from common.transforms import normalize
-from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
-                          load_checkpoint, rng_state, compile_model, run_main, save_checkpoint,
-                          seed_everything, set_rng_state)
+from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
+                          check_resume_args, load_checkpoint, rng_state, compile_model, run_main,
+                          save_checkpoint, seed_everything, set_rng_state)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -173,11 +173,8 @@ def get_args(argv=None):
                    help="data loader processes per rank, at most the CPUs available (default: the "
                         "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None,
-                   choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "
-                        "fp32), none (fp32), bf16 (bare --amp) or fp16 with loss scaling (default: "
-                        "fp32; the demo preset: auto)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=AMP_CHOICES,
+                   help=AMP_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained model (inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

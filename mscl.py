@@ -36,9 +36,9 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
                          world_size)
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (Progress, UserError, atomic_write, autocast, check_finite,
-                          check_resume_args, compile_model, load_checkpoint, rng_state, run_main,
-                          save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, atomic_write, autocast,
+                          check_finite, check_resume_args, compile_model, load_checkpoint,
+                          rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +125,8 @@ def get_args(argv=None):
                    help="data loader processes per rank, at most the CPUs available (default: the "
                         "--data preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None,
-                   choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "
-                        "fp32), none (fp32), bf16 (bare --amp) or fp16 with loss scaling (default: "
-                        "fp32; the demo preset: auto)")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=AMP_CHOICES,
+                   help=AMP_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained model (inductor)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
