@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def setup(device_arg="auto"):
@@ -30,6 +31,10 @@ def cleanup():
 
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size():
@@ -82,8 +87,7 @@ def shard_indices(n):
     """This rank's share of range(n) for evaluation: rank r takes r, r + world, ... and nothing is
     padded, so gathering the shards gives each sample exactly once (DistributedSampler would
     repeat samples to even out the shards and bias the metric)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return list(range(rank, n, world_size()))
+    return list(range(rank(), n, world_size()))
 
 
 def convert_sync_bn(model, device):
@@ -92,3 +96,24 @@ def convert_sync_bn(model, device):
     if dist.is_initialized() and device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def ddp(module, device):
+    """`module` in DistributedDataParallel under torchrun (gradients averaged over ranks in
+    backward); `module` itself in a world of one."""
+    if world_size() == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                   else None)
+
+
+def train_loader(dataset, per_rank, *, workers, seed, device, collate_fn=None):
+    """(loader, sampler) over this rank's share of every epoch. The sampler reshuffles by
+    (seed, epoch): call sampler.set_epoch(epoch) before each epoch. The last incomplete batch is
+    dropped, so every rank runs the same number of steps."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(),
+                                                  shuffle=True, seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, collate_fn=collate_fn)
+    return loader, sampler

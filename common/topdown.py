@@ -1,7 +1,7 @@
 """The top-down pose pipeline that every pose-training script shares: data layout and datasets for
 --data demo|coco|mpii|crowdpose, the flip-test prediction loop, COCO results with OKS-NMS, the
-  official metrics,
-checkpoint loading and the evaluation outputs. The scripts keep their model, loss and training loop.
+official metrics, the iteration schedule, checkpoint loading and the evaluation outputs. The scripts
+keep their model, loss and training loop.
 
 `args` is the script's argparse namespace; the fields read here are data, data_root, seed,
 input_size, heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma,
@@ -9,6 +9,7 @@ det_json, det_thresh, labeled, labeled_order (optional, default random), augment
 rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where
 the script has it.
 """
+import math
 import os
 
 import numpy as np
@@ -270,6 +271,41 @@ def evaluate(model, dataset, args, device, info, oracle=False, verbose=True):
         return {}, results, shown
     metrics = coco_keypoint_eval(info["coco"], results, verbose=verbose) if dist.is_main() else {}
     return metrics, results, shown
+
+
+def validate(pose, val_ds, args, device, info, others=None, oracle=False):
+    """Evaluate network 1 (`pose`, the reported one) and write its outputs; `others` (network 2, the
+    ensemble of --semi dual) are scored for the log only. Returns the log entries: metrics and
+    metrics_<name>."""
+    metrics, results, shown = evaluate(pose, val_ds, args, device, info, oracle=oracle)
+    log = {"metrics": metrics}
+    for name, model in (others or {}).items():
+        log[f"metrics_{name}"] = evaluate(model, val_ds, args, device, info, verbose=False)[0]
+    if dist.is_main():
+        write_eval_outputs(args, metrics, results, shown, info)
+    return log
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule: --epochs or --iters, the lr steps counted in iterations
+
+def schedule(args, iters_per_epoch):
+    """(total iterations, epochs, lr milestones in iterations, evaluate every N epochs). --lr-steps
+    are epochs unless --iters is given; without --eval-every, evaluation is every epoch, or about
+    every 2,000 iterations under --iters."""
+    total = args.iters or args.epochs * iters_per_epoch
+    milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
+    eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
+    return total, math.ceil(total / iters_per_epoch), milestones, eval_every
+
+
+def resumed_epochs(path, epoch, it, total_iters, epochs, iters_per_epoch):
+    """The epochs a run resumed at (epoch, it) loops to. A run stopped inside an epoch (--iters)
+    counts that epoch as done, so the loop goes on to the new total."""
+    if it >= total_iters:
+        raise UserError(f"{path}: the run is complete ({it} of {total_iters} iterations); raise "
+                        f"--iters or --epochs to train on")
+    return max(epochs, epoch + math.ceil((total_iters - it) / iters_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------------

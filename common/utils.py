@@ -187,6 +187,30 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training(ckpt, rank, **states):
+    """Resume the training state saved in `ckpt`: each keyword's object (optimizer=..., scaler=...)
+    loads ckpt[keyword], and this rank's RNGs are restored (rank 0's where the saved run had fewer
+    ranks). Returns (epoch, iteration) reached."""
+    for key, obj in states.items():
+        obj.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["epoch"], ckpt["iteration"]
+
+
+def read_log(path, epochs):
+    """The entries of log.jsonl for the first `epochs` epochs (a resumed run rewrites the rest)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [e for e in map(json.loads, f.read().splitlines()) if e["epoch"] <= epochs]
+
+
+def write_log(path, entries):
+    """log.jsonl, one JSON object per epoch, written whole through a temp file."""
+    atomic_write(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in entries)),
+                 mode="w")
+
+
 def cpu_flags():
     """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none: not Linux)."""
     try:
