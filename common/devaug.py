@@ -155,10 +155,8 @@ JITTER_OPS = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
 
 def draw_appearance(n, generator=None):
     """The per-image draws of MoCo v2's photometric part for n images, on the CPU (the same stream
-    whatever
-    --aug-device): torchvision's laws, U(1 ± 0.4) for brightness, contrast and saturation, U(±0.1)
-      for hue,
-    a uniform random order of the four, σ ~ U(0.1, 2)."""
+    whatever --aug-device): torchvision's laws, U(1 ± 0.4) for brightness, contrast and saturation,
+    U(±0.1) for hue, a uniform random order of the four, σ ~ U(0.1, 2)."""
     u = lambda lo, hi: torch.empty(n).uniform_(lo, hi, generator=generator)
     b, c, s, h = JITTER
     return dict(jitter=torch.rand(n, generator=generator) < P_JITTER,

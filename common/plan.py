@@ -29,8 +29,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if ("%(default)" in text or action.default in (None, argparse.SUPPRESS)
-            or not action.option_strings
-                or action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)):
+                or not action.option_strings or action.nargs == 0
+                or isinstance(action, argparse.BooleanOptionalAction)):
             return text
         return text + " (default: %(default)s)"
 

@@ -19,11 +19,12 @@ xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2
 
 A training script uses it in a few lines (see mrpose.py):
 
-    semi_model = build_semi(args.semi, model, make_net, args, args.teacher) # wraps the reported
-    `model` train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    ...  # per step, x / xu: normalised labeled / unlabeled crops, target/weight: gaussian_targets
-    out = ddp(semi_model)(x, xu, semi_model.draw_view(np.random.default_rng([seed, rank, it]),
-    len(xu))) loss, parts = semi_model.loss(out, target, weight)
+    semi_model = build_semi(args.semi, model, make_net, args, args.teacher)  # wraps `model`
+    train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
+    ...  # each step, x / xu: normalised labeled / unlabeled crops; target, weight: gaussian_targets
+    view = semi_model.draw_view(np.random.default_rng([seed, rank, it]), len(xu))
+    out = ddp(semi_model)(x, xu, view)
+    loss, parts = semi_model.loss(out, target, weight)
 
 `out` holds per network the labeled heatmaps (`sup`), the unlabeled easy-view heatmaps (`easy`), the
 consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps

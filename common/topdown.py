@@ -81,7 +81,7 @@ def data_paths(args):
 
 def parse_labeled(text):
     """--labeled: N persons (int), or P% of the training persons (a float fraction; ICON's
-      protocol)."""
+    protocol)."""
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
@@ -383,10 +383,9 @@ def main_metric(metrics):
 
 
 def format_metrics(m):
-    keys = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AP_easy", "AP_medium",
-            "AP_hard"] if "AP" in m else ["Head", "Shoulder", "Elbow", "Wrist",
-                                                                        "Hip", "Knee", "Ankle",
-                                          "Mean", "Mean@0.1"]
+    keys = (["AP", "AP50", "AP75", "APm", "APl", "AR", "AP_easy", "AP_medium", "AP_hard"]
+            if "AP" in m else
+            ["Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean", "Mean@0.1"])
     return " ".join(f"{k} {m[k]:.4f}" if "AP" in m or "AR" in m else f"{k} {m[k]:.2f}"
                     for k in keys if k in m)
 

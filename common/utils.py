@@ -254,16 +254,15 @@ def amp_dtype(args, device):
 
 def autocast(args, device):
     """--amp: bf16 autocast (`auto`: where the device runs it natively), fp16 (the caller then
-      scales the loss
-    with a GradScaler), or none (fp32)."""
+    scales the loss with a GradScaler), or none (fp32)."""
     dtype = amp_dtype(args, device)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def compile_model(model, enabled):
     """--compile: torch.compile's default mode (inductor) on `model`'s forward, in place
-      (Module.compile), so
-    module names, state_dict keys and checkpoints do not change. Returns `model`."""
+    (Module.compile), so module names, state_dict keys and checkpoints do not change. Returns
+    `model`."""
     if enabled:
         model.compile()
     return model
@@ -278,10 +277,9 @@ def check_finite(loss, it, ckpt_path):
 
 def check_resume_args(path, saved, args, keys, negated=()):
     """--resume continues the saved run: the settings named by `keys` (the model and the schedule)
-      must not
-    change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys in
-    `negated` are store_false flags, named --no-<key> in the message. 'none' and an unset value are
-    the same setting (--amp none is fp32, as no --amp)."""
+    must not change (--epochs/--iters may grow, which is how an interrupted run is finished). Keys
+    in `negated` are store_false flags, named --no-<key> in the message. 'none' and an unset value
+    are the same setting (--amp none is fp32, as no --amp)."""
     for k in keys:
         was, now = saved.get(k), getattr(args, k)
         was, now = (list(v) if isinstance(v, (list, tuple)) else None if v == "none" else v

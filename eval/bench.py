@@ -20,9 +20,8 @@ back-projection).
 5. LiftedCL pretraining (encoder + discriminator step) against MoCo v2, its degenerate setting.
 6. ICON: icon.py's training step (Eq. (5), hard sampling) next to the same step at λp = 0, batch 8.
 7. Semi-supervised: mrpose.py --semi dual's step (common.semi.ConsistencyTraining: two networks,
-each on
-   labeled, easy and hard views, the hard view warped on the device) next to two supervised steps of
-   the same two networks on the labeled batch alone.
+   each on labeled, easy and hard views, the hard view warped on the device) next to two
+   supervised steps of the same two networks on the labeled batch alone.
 
 It only measures and prints; nothing here asserts a speed.
 """
@@ -315,7 +314,7 @@ def bench_data(args):
     def batch_step(batch):  # what mrpose does per batch on the training device
         return normalize(batch["image"]), gaussian_targets(batch["joints"], batch["visible"],
                                                            coco_args.input_size,
-                                                            coco_args.heatmap_size, coco_args.sigma)
+                                                           coco_args.heatmap_size, coco_args.sigma)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with

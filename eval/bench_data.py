@@ -7,11 +7,9 @@ load that comes and goes weighs on all of them alike.
 Rows: the JPEG decode (per image, shared by both paths); before, the per-image pipeline a loader
 worker runs today (random resized crop, colour jitter, grayscale, blur, flip, normalised float
 tensor); after, the worker's half (crop, flip, uint8) and, for --aug-device cpu, the batched
-photometric half on this CPU. With
---aug-device cuda a worker's core pays only the decode and the crop. --device times the batched
-  halves on that
-device too (on the CPU, still one thread): the photometric part per view, and --data-device's decode
-+ crop per image."""
+photometric half on this CPU. With --aug-device cuda a worker's core pays only the decode and the
+crop. --device times the batched halves on that device too (on the CPU, still one thread): the
+photometric part per view, and --data-device's decode + crop per image."""
 import argparse
 import time
 from pathlib import Path

@@ -6,11 +6,10 @@ data.
 
 Each of mrpose.py, icon.py, mscl.py and liftedcl.py trains --iters iterations with --amp bf16 (and
 --channels-last, where the script has it), resumes once for as many again and is evaluated:
-  mrpose.py and
-icon.py by --eval-only on the saved checkpoint, the pretraining scripts by mrpose.py fine-tuned from
-their backbone.pth. With two or more visible GPUs every script also trains and resumes under
-torchrun over all of them (NCCL), each with its own BatchNorm rule (mrpose/mscl SyncBatchNorm, icon
-per rank, liftedcl shuffle BN).
+mrpose.py and icon.py by --eval-only on the saved checkpoint, the pretraining scripts by mrpose.py
+fine-tuned from their backbone.pth. With two or more visible GPUs every script also trains and
+resumes under torchrun over all of them (NCCL), each with its own BatchNorm rule (mrpose/mscl
+SyncBatchNorm, icon per rank, liftedcl shuffle BN).
 
 A line passes when the command ran (exit 0), its loss is finite, the resumed run continued from the
 checkpoint to twice the iterations, and the metrics file was written; never on a speed. Beside it
@@ -140,7 +139,7 @@ def data_flags(args, tiny):
     folder = ["--data", "folder", "--images", f"{tiny}/train2017", "--backbone", "resnet18",
               "--crop-size", "32", "--batch-size", "8", "--workers", "0"]
     return {"mrpose": coco, "icon": coco + ["--embed-dim", "32", "--num-queries", "32",
-                                                                     "--num-negatives", "64"],
+                                            "--num-negatives", "64"],
             "mscl": folder, "liftedcl": folder + ["--moco-k", "16", "--prior-size", "200"]}
 
 
@@ -222,8 +221,7 @@ def run_script_checks(args, script, flags, root, ranks):
         eval_out = os.path.join(out, "eval")
         rc, text, _, _ = run(args, f"{script}.py",
                              flags + ["--device", args.device, "--eval-only", "--weights",
-                                                             os.path.join(out, "checkpoint.pth"),
-                                      "--out", eval_out],
+                                      os.path.join(out, "checkpoint.pth"), "--out", eval_out],
                              eval_out, "eval")
         what = f"{script}.py --eval-only"
     else:  # the pretrained backbone, fine-tuned and evaluated by mrpose.py
@@ -231,8 +229,8 @@ def run_script_checks(args, script, flags, root, ranks):
         pose = data_flags(args, os.path.join(root, "tiny"))["mrpose"] + fast_flags("mrpose")
         rc, text, _, _ = run(args, "mrpose.py",
                              pose + ["--pretrained", os.path.join(out, "backbone.pth"), "--device",
-                                                        args.device, "--iters", n, "--out",
-                                     eval_out], eval_out, "eval")
+                                     args.device, "--iters", n, "--out", eval_out],
+                             eval_out, "eval")
         what = "mrpose.py --pretrained backbone.pth"
     metrics = os.path.join(eval_out, "metrics.json")
     ok = os.path.isfile(metrics) and "AP" in json.load(open(metrics))
@@ -280,8 +278,8 @@ def main():
                         ("mfu", "MFU (bf16 peak)", ".2%")]))
     failed = sum(not line["ok"] for line in lines)
     save_json(os.path.join(root, "gpu_check.json"),
-              dict(device=name, gpus=args.gpus, iters=args.iters, lines=lines,
-                                                         rows=rows, seconds=time.time() - t0))
+              dict(device=name, gpus=args.gpus, iters=args.iters, lines=lines, rows=rows,
+                   seconds=time.time() - t0))
     print(f"\n{len(lines) - failed}/{len(lines)} checks passed in {time.time() - t0:.0f} s; "
           f"{os.path.join(root, 'gpu_check.json')}")
     if failed:

@@ -49,9 +49,8 @@ def test_mpii_json_without_joints_vis_or_scale(tmp_path, monkeypatch):
     import eval.mpii
     scipy.io.savemat(tmp_path / "gt.mat",
                      {"pos_gt_src": np.full((16, 2, 2), 11.0), "jnt_missing": np.zeros((16, 2)),
-                                           "headboxes_src": np.tile(np.array([[0, 0], [20, 20]],
-                                                                             float)[..., None],
-                                                                    (1, 1, 2))})
+                      "headboxes_src": np.tile(np.array([[0, 0], [20, 20]], float)[..., None],
+                                               (1, 1, 2))})
     (tmp_path / "preds.json").write_text(json.dumps([[[10.0, 10.0]] * 16] * 2))
     with pytest.raises(UserError, match="no_joints_vis.json: person 1 has no 'joints_vis'"):
         run_main_of(eval.mpii, ["--preds", tmp_path / "preds.json", "--gt-mat", tmp_path / "gt.mat",
@@ -139,7 +138,7 @@ def test_pycocotools_progress_lines_are_silenced(tmp_path, capsys):
     capsys.readouterr()
     stats = coco_keypoint_eval(str(tmp_path / "gt.json"),
                                [{"image_id": 1, "category_id": 1, "score": 1.0,
-                                                             "keypoints": kpts.ravel().tolist()}])
+                                 "keypoints": kpts.ravel().tolist()}])
     out = capsys.readouterr().out
     # the summary table stays
     assert stats["AP"] == pytest.approx(1.0) and "Average Precision" in out

@@ -53,9 +53,8 @@ def test_constants_consistent():
     for a, b in CROWDPOSE_FLIP_PAIRS:  # a flip pair joins a left joint to the same right joint
         assert CROWDPOSE_JOINTS[a].replace("left", "right") == CROWDPOSE_JOINTS[b]
         assert CROWDPOSE_SIGMAS[a] == CROWDPOSE_SIGMAS[b]
-    assert {CROWDPOSE_JOINTS[i].split("_")[-1]
-            for i in CROWDPOSE_UPPER} == {"shoulder", "elbow", "wrist", "head",
-                                                                              "neck"}
+    assert ({CROWDPOSE_JOINTS[i].split("_")[-1] for i in CROWDPOSE_UPPER}
+            == {"shoulder", "elbow", "wrist", "head", "neck"})
     assert all(0 <= a < 14 and 0 <= b < 14 for a, b in CROWDPOSE_SKELETON)
 
 
@@ -102,8 +101,8 @@ def test_split_by_crowd_index(tmp_path):
         results = (as_results(gt, 0.0, {image_id})
                    + as_results(gt, 100.0, {i for i in (106848, 103319, 1)} - {image_id}))
         m = crowdpose_eval(tmp_path / "gt.json", results, verbose=False)
-        assert [m[f"AP_{s}"] for s in ("easy", "medium", "hard")] == [float(s == split) for s in
-                                                                       ("easy", "medium", "hard")]
+        splits = ("easy", "medium", "hard")
+        assert [m[f"AP_{s}"] for s in splits] == [float(s == split) for s in splits]
         assert 0 < m["AP"] < 1
     # the papers' 0.1 threshold (--crowd-easy 0.1): 0.1 is no longer below it, the easy split is
     # empty
@@ -125,7 +124,7 @@ def test_oks_uses_053_box_area(tmp_path):
           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0,
                            "bbox": [50, 40, w, h], "num_keypoints": 12,
                            "keypoints": np.concatenate([xy * (v[:, None] > 0), v[:, None]],
-                                                                            1).ravel().tolist()}],
+                                                       1).ravel().tolist()}],
           "categories": [{"id": 1, "name": "person", "keypoints": CROWDPOSE_JOINTS}]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     pred = xy + [6.0, 8.0]

@@ -47,10 +47,8 @@ def error(batch, pil_images):
 @need_coco
 @pytest.mark.parametrize("name,op,pil_op",
                          [("brightness", devaug.adjust_brightness, TF.adjust_brightness),
-                                            ("contrast", devaug.adjust_contrast,
-                                             TF.adjust_contrast),
-                                            ("saturation", devaug.adjust_saturation,
-                                             TF.adjust_saturation)])
+                          ("contrast", devaug.adjust_contrast, TF.adjust_contrast),
+                          ("saturation", devaug.adjust_saturation, TF.adjust_saturation)])
 def test_blend_ops_match_pil_within_rounding(crops, name, op, pil_op):
     imgs, x = crops
     for f in (0.6, 0.83, 1.17, 1.4):
@@ -88,8 +86,7 @@ def test_blur_near_pils_gaussian_blur(crops):
     imgs, x = crops
     for s in (0.1, 0.5, 1.0, 1.5, 2.0):
         err = error(devaug.gaussian_blur(x, torch.full((len(x),), s)),
-                    [i.filter(ImageFilter.GaussianBlur(s))
-                                                                          for i in imgs])
+                    [i.filter(ImageFilter.GaussianBlur(s)) for i in imgs])
         assert err.mean() < 0.75 and err.flatten().quantile(0.99) <= 2.5, (s, err.mean())
     sig = torch.tensor([0.1, 2.0, 0.1, 2.0, 0.1, 2.0])  # per image: sharp images stay sharp
     err = error(devaug.gaussian_blur(x, sig), [i.filter(ImageFilter.GaussianBlur(float(s)))

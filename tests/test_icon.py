@@ -552,8 +552,7 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
 @needs_shared
 def test_crowdpose_oracle_through_the_pipeline():
     """--data crowdpose reads the official json and scores with crowdposetools' metric: the ground
-      truth through
-    the heatmap path scores near 1 (quantisation only)."""
+    truth through the heatmap path scores near 1 (quantisation only)."""
     root = SHARED / "crowdpose"
     args = icon.get_args(["--data", "crowdpose", "--val-ann",
                           str(root / "annotations" / "test_crowdpose.json"), "--val-images",

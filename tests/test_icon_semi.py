@@ -73,9 +73,8 @@ def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops
 def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_path, monkeypatch,
                                                                       mode):
     """--contrast-crops all (the default): each network's contrast pool is its labeled crops plus
-      its unlabeled
-    crops with gradient (dual: its hard view; pseudo: the student's crop), whose joints are the
-    integer argmax of the map that supervises them, usable where its peak is >= 0.75;
+    its unlabeled crops with gradient (dual: its hard view; pseudo: the student's crop), whose
+    joints are the integer argmax of the map that supervises them, usable where its peak is >= 0.75;
     --contrast-crops labeled: labeled only."""
     teacher = tmp_path / "teacher.pth"
     save_checkpoint(teacher, {"model": icon.build_model(icon.get_args(tiny))[0].state_dict()})

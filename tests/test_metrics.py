@@ -265,8 +265,7 @@ def test_mpii_cli_subset_json(tmp_path):
     header = next(line for line in proc.stdout.splitlines() if "Head" in line)
     assert header.split("|")[1:-1] == [f" {n:>6} "
                                        for n in ("Head", "Shoulder", "Elbow", "Wrist", "Hip",
-                                                 "Knee",
-                                                              "Ankle", "Mean", "Mean@0.1")]
+                                                 "Knee", "Ankle", "Mean", "Mean@0.1")]
     assert json.loads(out.read_text())["Mean"] == 100.0
 
 

@@ -190,7 +190,7 @@ def test_joint_cutout_boxes():
     # near the bottom edge: a joint at y = 250 keeps the rows up to the last one
     out = joint_cutout(x, torch.tensor([[[100.0, 250.0]]]),
                        {"joint": torch.tensor([[0]]), "jitter": torch.zeros(1, 1, 2),
-                                                             "half": torch.full((1, 1, 2), 10.0)})
+                        "half": torch.full((1, 1, 2), 10.0)})
     assert (out[0, 0, 240:, 90:110] == 0).all() and out[0, 0].eq(0).sum() == 16 * 20
     # the draw: K real joints only, half-sizes 10..19 px at 256 rows (scaled with the input height)
     d = cutout_draw(np.random.default_rng(0), 2000, 5, 17, 256)
@@ -224,8 +224,7 @@ def test_cutout_is_at_the_other_networks_joints_before_the_warp():
     dual = ConsistencyTraining(net1, net2, size, hm, 1, cutout=1)
     view = {"theta": torch.eye(2, 3)[None],
             "cutout": [{"joint": torch.zeros(1, 1, dtype=torch.long),
-                                                         "jitter": torch.zeros(1, 1, 2),
-                        "half": torch.full((1, 1, 2), 2.0)}] * 2}
+                        "jitter": torch.zeros(1, 1, 2), "half": torch.full((1, 1, 2), 2.0)}] * 2}
     x = torch.ones(1, 3, size[1], size[0])
     out = dual(x, x, view)
     hole1, hole2 = (torch.nonzero(h[0, 0].abs() < 0.01) for h in out["hard"])
@@ -247,9 +246,8 @@ def test_cutout_is_at_the_other_networks_joints_before_the_warp():
 
 def test_hard_rot_factor_rotates_the_hard_view_alone():
     """--hard-rot-factor: the hard view's rotation factor (p 0.8); by default the dataset's
-      --rot-factor (the
-    official configs' one ROT_FACTOR), so the demo preset's unrotated easy view also had no rotated
-    hard view."""
+    --rot-factor (the official configs' one ROT_FACTOR), so the demo preset's unrotated easy view
+    also had no rotated hard view."""
     def rotations(flags):
         args = mrpose.get_args(["--data", "demo", "--semi", "dual"] + flags)
         semi = build_semi("dual", Tiny(seed=1), lambda: Tiny(seed=2), args)
@@ -422,8 +420,8 @@ def test_first_n_persons_in_file_order(unsorted_json):
 
 def test_labeled_images_label_every_person_of_n_random_images(unsorted_json):
     """--labeled-order images (MSCL's text): N images drawn with the seed, all their persons
-      labeled, every
-    person of the other images unlabeled (--unlabeled rest: the paper's "remaining samples")."""
+    labeled, every person of the other images unlabeled (--unlabeled rest: the paper's "remaining
+    samples")."""
     flags = ([str(f) for f in unsorted_json] + ["--labeled-order", "images", "--semi", "dual",
                                                 "--unlabeled", "rest"])
     per_image = {30: 2, 10: 2, 20: 2}  # trainable persons per image (unsorted_json)

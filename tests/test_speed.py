@@ -60,8 +60,7 @@ def test_amp_choices_and_the_test_pin(cpu, monkeypatch):
 
 @pytest.mark.parametrize("script, paper",
                          [(mrpose, ["coco", "--pretrained", "none"]), (icon, ["mpii"]),
-                                           (mscl, ["imagenet"]),
-                          (liftedcl, ["coco", "--pretrained", "none"])])
+                          (mscl, ["imagenet"]), (liftedcl, ["coco", "--pretrained", "none"])])
 def test_auto_is_the_demo_default_only(script, paper):
     assert script.get_args(["--data", "demo"]).amp == "auto"
     assert script.get_args(["--data"] + paper).amp is None  # paper presets: fp32 unless asked
