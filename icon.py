@@ -22,7 +22,6 @@ file: arguments, data, model, loss, DDP training, evaluation.
     python icon.py --data demo --labeled 10% --semi dual        # Table 4, SSPose + ICON
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
@@ -45,13 +43,14 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_au
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
 from common.semi import PairedDataset, build_semi, build_unlabeled
-from common.topdown import (build_data, data_paths, evaluate, format_metrics, load_weights,
-                            main_metric, parse_labeled, predict, summary, to_memory_format,
-                            write_eval_outputs)
+from common.topdown import (build_data, data_paths, format_metrics, load_weights, main_metric,
+                            parse_labeled, predict, resumed_epochs, schedule, summary,
+                            to_memory_format, validate)
 from common.transforms import normalize
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_resume_args, load_checkpoint, rng_state, compile_model, run_main,
-                          save_checkpoint, save_json, seed_everything, set_rng_state)
+                          check_resume_args, compile_model, load_checkpoint, read_log,
+                          restore_training, rng_state, run_main, save_checkpoint, save_json,
+                          seed_everything, write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -295,9 +294,8 @@ def run_plan(args):
 class ProjectionHead(nn.Module):
     """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmap resolution,
     L2-normalised per pixel. The paper gives neither the layers nor m: the standard pixel-contrast
-    head (1x1 conv-BN-
-    ReLU-1x1 conv, m = 256, as ReCo, which ICON cites), upsampled bilinearly to the heatmaps'
-    1/4."""
+    head (1x1 conv-BN-ReLU-1x1 conv, m = 256, as ReCo, which ICON cites), upsampled bilinearly to
+    the heatmaps' 1/4."""
 
     def __init__(self, cin, m, heatmap_size):
         super().__init__()
@@ -669,9 +667,8 @@ def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, person=
 
 def semi_wrapper(args, model, pose):
     """--semi around `pose` (network 1, the reported one). With the contrast on, every trained
-      network
-    runs its labeled crops with its own projection head (`model` = ICON(pose, head) for network
-    1)."""
+    network runs its labeled crops with its own projection head (`model` = ICON(pose, head) for
+    network 1)."""
     labeled = (lambda nets: [model] + [ICON(f, build_head(args, f))
                                        for f in nets[1:]]) if args.contrast_on else None
     return build_semi(args.semi, pose, lambda: build_model(args)[0], args, args.teacher, labeled)
@@ -831,124 +828,191 @@ def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
+# (validate) and saves (save_epoch)
 
 # --resume refuses a change of these (the model, the loss and the schedule)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp",
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
                "semi", "contrast_crops")
-# what the log keeps of each --semi step (those a mode has): common/semi.py's terms and each
-# network's contrast
+# what the log keeps of each step (those a mode has): the supervised terms, or common/semi.py's
+# terms and each network's contrast under --semi
+TERMS = ["loss", "mse", "skcc", "prcc"]
 SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1",
               "peak2", "pseudo_kept"]
+
+
+def print_summary(args):
+    pose, head, _ = build_model(args)
+    n, gmacs = summary(pose, args.input_size)
+    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
+             f"parameters" if head else "")
+    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
+          f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
+          f"inference{extra}")
+
+
+def build_networks(args, device):
+    """(pose network, projection head or None, the trained module, the --semi wrapper or None), on
+    `device`. The pose network (network 1) is evaluated and saved; ICON(pose, head) trains it with
+    the contrast, and the --semi wrapper trains that with network 2 (dual) or a frozen teacher
+    (pseudo)."""
+    pose, head, report = build_model(args)
+    if report and dist.is_main():
+        print(report)
+    if args.weights:
+        load_weights(pose, args.weights, flags=MODEL_FLAGS)
+    model = pose if head is None else ICON(pose, head)
+    semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
+    trained = semi_model or model
+    trained.to(device)
+    if args.channels_last:
+        trained.to(memory_format=torch.channels_last)
+    return pose, head, trained, semi_model
+
+
+def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
+          device, data_device):
+    """One epoch, or up to iteration `total_iters`, of Eq. (5) (Eq. (7) under --semi). `model` is
+    what runs the forward (DDP and compiled). Returns the iteration reached and the epoch's log
+    entry: each term averaged over iterations and ranks, lr, img/s."""
+    world = dist.world_size()
+    names = SEMI_TERMS if semi_model else TERMS
+    model.train()
+    progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
+                        f"epoch {epoch + 1} ")
+    sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
+    for i, batch in enumerate(loader):
+        if it >= total_iters:
+            break
+        if data_device is not None:  # the workers read bytes: decode and crop the batch here
+            batch = decode_crops(batch, data_device, args.input_size)
+        if semi_model:  # Eq. (7)
+            loss, terms = semi_losses(model, semi_model, batch, args, device,
+                                      np.random.default_rng([args.seed, dist.rank(), it]))
+        else:
+            loss, terms = icon_losses(model, batch, args, device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        it += 1
+        values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device))
+                                                for k in names[1:]])
+        sums += values
+        n_iters += 1
+        n = (batch["labeled"] if semi_model else batch)["image"].shape[0] * world
+        n_seen += n
+        if (i + 1) % args.print_freq == 0:
+            mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
+            check_finite(mean[0], it, os.path.join(args.out, "checkpoint.pth"))
+            progress.step(i, args.print_freq * n, lr=optimizer.param_groups[0]["lr"],
+                          **{k: v.item() for k, v in zip(names, mean) if k in terms
+                             or k == "loss"})
+    means = dist.all_reduce_mean(sums / max(1, n_iters))
+    check_finite(means[0], it, os.path.join(args.out, "checkpoint.pth"))
+    return it, dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, means)
+                                                      if k == "loss" or k in terms},
+                    lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0))
+
+
+def resume(path, args, pose, head, semi_model, **states):
+    """Load the run saved in `path`: the pose network(s) and projection head(s), then each of
+    `states` (optimizer=...). Returns (epoch, iteration, best score)."""
+    ckpt = load_checkpoint(path)
+    check_resume_args(path, ckpt.get("args", {}), args, RESUME_KEYS)
+    load_weights(pose, path, ckpt, flags=MODEL_FLAGS)
+    if head is not None:
+        head.load_state_dict(ckpt["proj"])
+    if args.semi == "dual":
+        load_weights(semi_model.nets[1], path, ckpt["model2"], flags=MODEL_FLAGS)
+        if head is not None:
+            semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
+    epoch, it = restore_training(ckpt, dist.rank(), **states)
+    return epoch, it, ckpt["best"]
+
+
+def save_epoch(args, state, history, epochs, best_state=None):
+    """Rank 0's outputs of an epoch: checkpoint.pth (to resume), best.pth when the score improved,
+    log.jsonl and the epoch line."""
+    if best_state is not None:
+        save_checkpoint(os.path.join(args.out, "best.pth"), best_state)
+    save_checkpoint(os.path.join(args.out, "checkpoint.pth"), state)
+    write_log(os.path.join(args.out, "log.jsonl"), history)
+    log = history[-1]
+    print(f"epoch {log['epoch']}/{epochs}: "
+          + ", ".join(f"{k} {log[k]:.6f}" for k in (SEMI_TERMS if args.semi else TERMS)
+                      if k in log)
+          + f", {log['img_per_s']:.1f} img/s"
+          + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
+    for k, v in log.items():  # network 2, the ensemble
+        if k.startswith("metrics_"):
+            print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
 
 
 def main():
     args = get_args()
     if begin(args, run_plan):
         return
+    if args.summary:
+        print_summary(args)
+        return
     rank, world, device = dist.setup(args.device)
     data_device = resolve_data_device(args.data_device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
-    pose, head, report = build_model(args)
-    if args.summary:
-        n, gmacs = summary(pose, args.input_size)
-        extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
-                 f"parameters" if head else "")
-        print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
-              f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
-              f"inference{extra}")
-        return
-    if report and main_proc:
-        print(report)
-    if args.weights:
-        load_weights(pose, args.weights, flags=MODEL_FLAGS)
-    model = pose if head is None else ICON(pose, head)
-    # --semi: network 2 (dual) or the frozen teacher (pseudo) around `pose`, trained by
-    #   common/semi.py
-    semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
-    trained = semi_model or model
-    trained.to(device)
-    if args.channels_last:
-        trained.to(memory_format=torch.channels_last)
+
+    pose, head, trained, semi_model = build_networks(args, device)
+
+    # Data
     if args.data == "demo":  # generated on first use, then cached under data/cache
         args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     gt_ds = gt_val_dataset(args, val_ds, info)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
-
     if args.eval_only:
-        metrics, results, shown = evaluate(pose, val_ds, args, device, info, oracle=args.oracle)
-        if main_proc:
-            write_eval_outputs(args, metrics, results, shown, info)
+        validate(pose, val_ds, args, device, info, oracle=args.oracle)
         if not args.oracle:
             evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall)
         dist.cleanup()
         return
-
     if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    # Data: each rank sees its share of every epoch; batch size is the total over ranks, and the
-    # contrast runs over each rank's own batch (the paper's "batch size is 16", per GPU)
+    # --batch-size is the total over ranks; the contrast runs over each rank's own batch (the
+    # paper's "batch size is 16", per GPU)
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
                         f"{len(train_ds)} training persons")
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, collate_fn=collate_jpeg
-                                         if data_device is not None else None)
-    iters_per_epoch = len(loader)
-    total_iters = args.iters or args.epochs * iters_per_epoch
-    epochs = math.ceil(total_iters / iters_per_epoch)
-    milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
-    eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
+    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
+                                        device=device, collate_fn=collate_jpeg
+                                        if data_device is not None else None)
+    total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
 
-    # BatchNorm per rank, no SyncBN: paper silent; HRNet's DataParallel runs normalise over each
-    # GPU's share, the paper's "batch size 16" per GPU
-    ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
-                                        else None) \
-        if world > 1 else trained
-    ddp_model = compile_model(ddp_model, args.compile)
+    # Optimisation. BatchNorm per rank, no SyncBN: paper silent; HRNet's DataParallel runs
+    # normalise over each GPU's share, the paper's "batch size 16" per GPU
+    ddp_model = compile_model(dist.ddp(trained, device), args.compile)
     # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen
     # teacher
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, best = 0, 0, -1.0
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    start_epoch, it, best, history = 0, 0, -1.0, []
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS)
-        load_weights(pose, args.resume, ckpt, flags=MODEL_FLAGS)
-        if head is not None:
-            head.load_state_dict(ckpt["proj"])
-        if args.semi == "dual":
-            load_weights(semi_model.nets[1], args.resume, ckpt["model2"], flags=MODEL_FLAGS)
-            if head is not None:
-                semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, it, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if it >= total_iters:
-            raise UserError(f"{args.resume}: the run is complete ({it} of {total_iters} "
-                            f"iterations); raise --iters or --epochs to train on")
-        # a run stopped inside an epoch (--iters) counts that epoch as done: go on to the new total
-        epochs = max(epochs, start_epoch + math.ceil((total_iters - it) / iters_per_epoch))
+        start_epoch, it, best = resume(args.resume, args, pose, head, semi_model,
+                                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
+        history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
         extra = (f" + {sum(p.numel() for p in head.parameters()):,} in the projection head "
                  f"(training only)" if head else "")
         print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters{extra}; "
-              f"{len(train_ds)} train / {len(val_ds)} val persons; {iters_per_epoch} it/epoch x "
+              f"{len(train_ds)} train / {len(val_ds)} val persons; {len(loader)} it/epoch x "
               f"{epochs} epochs = {total_iters} iterations on {world} x {device}; "
               + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), "
                  f"{args.sampling} sampling, {args.contrast}-image" if head
@@ -957,68 +1021,25 @@ def main():
                  else "")
               + (f", contrast on {args.contrast_crops} crops" if semi_model and head else ""))
 
-    names = SEMI_TERMS if semi_model else ["loss", "mse", "skcc", "prcc"]
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        trained.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
-                            f"epoch {epoch + 1} ")
-        sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
-        for i, batch in enumerate(loader):
-            if it >= total_iters:
-                break
-            if data_device is not None:  # the workers read bytes: decode and crop the batch here
-                batch = decode_crops(batch, data_device, args.input_size)
-            if semi_model:  # Eq. (7)
-                loss, terms = semi_losses(ddp_model, semi_model, batch, args, device,
-                                          np.random.default_rng([args.seed, rank, it]))
-            else:
-                loss, terms = icon_losses(ddp_model, batch, args, device)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            it += 1
-            values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device))
-                                                    for k in names[1:]])
-            sums += values
-            n_iters += 1
-            n_seen += (batch["labeled"] if semi_model else batch)["image"].shape[0] * world
-            if (i + 1) % args.print_freq == 0:
-                mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
-                check_finite(mean[0], it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world,
-                              lr=optimizer.param_groups[0]["lr"],
-                              **{k: v.item() for k, v in zip(names, mean) if k in terms
-                                 or k == "loss"})
-        epoch_means = dist.all_reduce_mean(sums / max(1, n_iters))
-        check_finite(epoch_means[0], it, ckpt_path)
-        log = dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, epoch_means)
-                                                     if k == "loss" or k in terms},
-                   lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0))
+        it, log = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+                        total_iters, args, device, data_device)
         last = it >= total_iters
+        best_state = None
         if (epoch + 1) % eval_every == 0 or last:
             dist.broadcast_buffers(pose)
-            metrics, results, shown = evaluate(pose, val_ds, args, device, info)
-            log["metrics"] = metrics
-            # network 2, ensemble: logged
-            for name, extra in (semi_model.eval_models() if semi_model else {}).items():
-                log[f"metrics_{name}"] = evaluate(extra, val_ds, args, device, info,
-                                                  verbose=False)[0]
-            log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall
-                                       and last))
-            if main_proc:
-                score = main_metric(metrics)
-                write_eval_outputs(args, metrics, results, shown, info)
-                if score > best:
-                    best = score
-                    # the inference model: the pose network alone, without the projection head
-                    save_checkpoint(os.path.join(args.out, "best.pth"),
-                                    {"model": pose.state_dict(), "args": vars(args),
-                                                                         "epoch": epoch + 1,
-                                     "metrics": metrics})
+            log.update(validate(pose, val_ds, args, device, info,
+                                semi_model.eval_models() if semi_model else None))
+            log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info,
+                                       args.recall and last))
+            if main_proc and main_metric(log["metrics"]) > best:
+                best = main_metric(log["metrics"])
+                # the inference model: the pose network alone, without the projection head
+                best_state = {"model": pose.state_dict(), "args": vars(args), "epoch": epoch + 1,
+                              "metrics": log["metrics"]}
+        history.append(log)
         rngs = dist.gather_objects(rng_state())
         if main_proc:
             state = {"model": pose.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1032,17 +1053,7 @@ def main():
                 state["model2"] = semi_model.nets[1].state_dict()
                 if head is not None:
                     state["proj2"] = semi_model.labeled[1].head.state_dict()
-            save_checkpoint(ckpt_path, state)
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(log) + "\n")
-            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in names
-                                                              if k in log)
-                  + f", {log['img_per_s']:.1f} img/s" + (f", {format_metrics(log['metrics'])}"
-                                                         if "metrics" in log else ""),
-                  flush=True)
-            for k, v in log.items():
-                if k.startswith("metrics_"):
-                    print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
+            save_epoch(args, state, history, epochs, best_state)
         if last:
             break
     dist.cleanup()

@@ -11,16 +11,12 @@ torchvision ResNet, trained top-down with the joints MSE of Eq. (1) and evaluate
     python mrpose.py --data demo --labeled 300 --semi dual       # semi-supervised (common/semi.py)
 """
 import argparse
-import json
-import math
 import os
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-
 from common import dist
 from common.backbone import ResNetFeatures, load_backbone
 from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
@@ -30,12 +26,13 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_au
                          pose_eval, resume_path)
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
-from common.topdown import (build_data, evaluate, format_metrics, load_weights, main_metric,
-                            parse_labeled, summary, to_memory_format, write_eval_outputs)
+from common.topdown import (build_data, format_metrics, load_weights, main_metric, parse_labeled,
+                            resumed_epochs, schedule, summary, to_memory_format, validate)
 from common.transforms import normalize
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_resume_args, load_checkpoint, rng_state, compile_model, run_main,
-                          save_checkpoint, seed_everything, set_rng_state)
+                          check_resume_args, compile_model, load_checkpoint, read_log,
+                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
+                          write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -344,31 +341,33 @@ def build_model(args):
     return model, report
 
 
+# ----------------------------------------------------------------------------------------------
+# Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
+# (common/topdown.py's validate) and saves (save_epoch)
+
 # --resume refuses a change of these (the model and the schedule)
 RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
                "amp", "bgr", "semi")
 
 
-def main():
-    args = get_args()
-    if begin(args, run_plan):
-        return
-    rank, world, device = dist.setup(args.device)
-    data_device = resolve_data_device(args.data_device)
-    main_proc = dist.is_main()
-    seed_everything(args.seed + rank)
+def print_summary(args):
+    model = build_model(args)[0]
+    n, gmacs = summary(model, args.input_size)
+    head = (f"{model.final_layer.in_channels}-channel head (C2's width)"
+            if args.arch.startswith("mrfea")
+            else f"{args.head_channels}-channel head" + ("" if args.head_channels == 256
+                                                         else " (the paper's is 256)"))
+    print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {head}, "
+          f"{args.num_joints} joints (--data {args.data} preset): {n:,} parameters, "
+          f"{gmacs:.2f} GFLOPs (multiply-accumulates)")
+
+
+def build_networks(args, device):
+    """(network 1, the --semi wrapper or None), on `device`. Network 1 is the pose network that is
+    evaluated and saved; the wrapper trains it with network 2 (dual) or a frozen teacher (pseudo).
+    --weights (and its BGR input, for official checkpoints) and --weights2 are loaded here."""
     model, report = build_model(args)
-    if args.summary:
-        n, gmacs = summary(model, args.input_size)
-        head = (f"{model.final_layer.in_channels}-channel head (C2's width)"
-                if args.arch.startswith("mrfea")
-                else f"{args.head_channels}-channel head" + ("" if args.head_channels == 256
-                                                             else " (the paper's is 256)"))
-        print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {head}, "
-              f"{args.num_joints} joints (--data {args.data} preset): {n:,} parameters, "
-              f"{gmacs:.2f} GFLOPs (multiply-accumulates)")
-        return
-    if report and main_proc:
+    if report and dist.is_main():
         print(report)
     official = False
     if args.weights:
@@ -377,10 +376,8 @@ def main():
         if args.bgr is None:
             args.bgr = (official or bool(isinstance(ckpt.get("args"), dict)
                                          and ckpt["args"].get("bgr")))
-    if main_proc and args.bgr:
+    if dist.is_main() and args.bgr:
         print(f"BGR input{' (official checkpoint)' if official else ''}")
-    # --semi: a wrapper that trains `model` (network 1, the reported one) with network 2 or a frozen
-    #   teacher
     semi_model = build_semi(args.semi, model, lambda: build_model(args)[0], args, args.teacher) \
         if args.semi and not args.eval_only else None
     # e.g. a supervised run with another seed: two trained networks that differ
@@ -390,71 +387,151 @@ def main():
     trained.to(device)
     if args.channels_last:
         trained.to(memory_format=torch.channels_last)
+    return model, semi_model
+
+
+def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
+          device, data_device):
+    """One epoch, or up to iteration `total_iters`, of Eq. (1)'s joints MSE; under --semi,
+    common/semi.py's step (Xie et al.'s consistency or the pseudo-label teacher). `model` is what
+    runs the forward (DDP and compiled). Returns the iteration reached and the epoch's log entry:
+    losses averaged over iterations and ranks, lr, img/s."""
+    world = dist.world_size()
+    model.train()
+    progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
+                        f"epoch {epoch + 1} ")
+    sums, n_iters, n_seen, t0 = {}, 0, 0, time.time()
+    for i, batch in enumerate(loader):
+        if it >= total_iters:
+            break
+        if data_device is not None:  # the workers read bytes: decode and crop the batch here
+            batch = decode_crops(batch, data_device, args.input_size)
+        labeled = batch["labeled"] if semi_model else batch
+        x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True),
+                                       bgr=args.bgr), args)
+        target, weight = gaussian_targets(labeled["joints"].to(device),
+                                          labeled["visible"].to(device), args.input_size,
+                                          args.heatmap_size, args.sigma)
+        if semi_model:
+            xu = batch["unlabeled"]["image"].to(device, non_blocking=True)
+            xu = to_memory_format(normalize(xu, bgr=args.bgr), args)
+            view = semi_model.draw_view(np.random.default_rng([args.seed, dist.rank(), it]),
+                                        xu.shape[0])
+            with autocast(args, device):
+                out = model(x, xu, view)
+            loss, parts = semi_model.loss(out, target, weight)
+        else:
+            with autocast(args, device):
+                output = model(x)
+            loss, parts = joints_mse_loss(output.float(), target, weight), {}  # Eq. (1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        it += 1
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            sums[k] = sums.get(k, 0) + v
+        n_iters += 1
+        n_seen += x.shape[0] * world
+        if (i + 1) % args.print_freq == 0:
+            # the same on every rank: all stop together
+            mean_loss = dist.all_reduce_mean(loss.detach())
+            check_finite(mean_loss, it, os.path.join(args.out, "checkpoint.pth"))
+            progress.step(i, args.print_freq * x.shape[0] * world, loss=mean_loss.item(),
+                          lr=optimizer.param_groups[0]["lr"])
+    # per-term losses; peakN: the collapse monitor (mean peak of network N's unlabeled easy-view
+    # heatmaps)
+    means = {k: dist.all_reduce_mean(v / max(1, n_iters)) for k, v in sums.items()}
+    check_finite(means["loss"], it, os.path.join(args.out, "checkpoint.pth"))
+    return it, dict(epoch=epoch + 1, iteration=it, loss=means.pop("loss").item(),
+                    lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0),
+                    **{k: v.item() for k, v in means.items()})
+
+
+def resume(path, args, model, semi_model, **states):
+    """Load the run saved in `path`: the networks, then each of `states` (optimizer=...).
+    Returns (epoch, iteration, best score)."""
+    ckpt = load_checkpoint(path)
+    if args.bgr is None:
+        args.bgr = bool(ckpt.get("args", {}).get("bgr", False))
+    check_resume_args(path, ckpt.get("args", {}), args, RESUME_KEYS)
+    load_weights(model, path, ckpt)
+    if args.semi == "dual":
+        load_weights(semi_model.nets[1], path, ckpt["model2"])
+    epoch, it = restore_training(ckpt, dist.rank(), **states)
+    return epoch, it, ckpt["best"]
+
+
+def save_epoch(args, state, history, epochs, best_state=None):
+    """Rank 0's outputs of an epoch: checkpoint.pth (to resume), best.pth when the score improved,
+    log.jsonl and the epoch line."""
+    if best_state is not None:
+        save_checkpoint(os.path.join(args.out, "best.pth"), best_state)
+    save_checkpoint(os.path.join(args.out, "checkpoint.pth"), state)
+    write_log(os.path.join(args.out, "log.jsonl"), history)
+    log = history[-1]
+    print(f"epoch {log['epoch']}/{epochs}: loss {log['loss']:.6f}, {log['img_per_s']:.1f} img/s"
+          + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
+    if args.semi:  # common/semi.py's terms (supN, consN, peakN), network 2 and the ensemble
+        print("  " + ", ".join([f"{k} {v:.4g}" for k, v in log.items() if isinstance(v, float)
+                                and k not in ("loss", "lr", "img_per_s")]
+                               + [f"{k.removeprefix('metrics_')}: {format_metrics(v)}"
+                                  for k, v in log.items() if k.startswith("metrics_")]),
+              flush=True)
+
+
+def main():
+    args = get_args()
+    if begin(args, run_plan):
+        return
+    if args.summary:
+        print_summary(args)
+        return
+    rank, world, device = dist.setup(args.device)
+    data_device = resolve_data_device(args.data_device)
+    main_proc = dist.is_main()
+    seed_everything(args.seed + rank)
+
+    model, semi_model = build_networks(args, device)
+    trained = semi_model or model  # what the optimiser trains
+
+    # Data
     if args.data == "demo":  # generated on first use, then cached under data/cache
         args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
-
     if args.eval_only:
-        metrics, results, shown = evaluate(model, val_ds, args, device, info, oracle=args.oracle)
-        if main_proc:
-            write_eval_outputs(args, metrics, results, shown, info)
+        validate(model, val_ds, args, device, info, oracle=args.oracle)
         dist.cleanup()
         return
-
     if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the unlabeled set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    # Data: each rank sees its share of every epoch; batch size is the total over ranks.
-    per_rank = args.batch_size // world
+    per_rank = args.batch_size // world  # --batch-size is the total over ranks
     if per_rank < 1 or per_rank * world > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
                         f"{len(train_ds)} training persons")
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, collate_fn=collate_jpeg
-                                         if data_device is not None else None)
-    iters_per_epoch = len(loader)
-    total_iters = args.iters or args.epochs * iters_per_epoch
-    epochs = math.ceil(total_iters / iters_per_epoch)
-    # lr steps are epochs unless --iters is given; the schedule itself steps every iteration
-    milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
-    eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
+    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
+                                        device=device, collate_fn=collate_jpeg
+                                        if data_device is not None else None)
+    total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
 
-    # BatchNorm over the whole batch under CUDA DDP, as the official runs had it on one GPU
-    # (SyncBatchNorm, as mscl.py); the conversion swaps BN children in place, so `model` stays
-    # network 1 inside `trained`
+    # Optimisation. BatchNorm over the whole batch under CUDA DDP, as the official runs had it on
+    # one GPU (SyncBatchNorm, as mscl.py); the conversion swaps BN children in place, so `model`
+    # stays network 1 inside `trained`
     trained = dist.convert_sync_bn(trained, device)
-    ddp_model = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
-                                        else None) \
-        if world > 1 else trained
-    ddp_model = compile_model(ddp_model, args.compile)
+    ddp_model = compile_model(dist.ddp(trained, device), args.compile)
     # Adam, no weight decay (Sec. IV); one optimiser over both networks with --semi dual (official)
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, best = 0, 0, -1.0
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    start_epoch, it, best, history = 0, 0, -1.0, []
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if args.bgr is None:
-            args.bgr = bool(ckpt.get("args", {}).get("bgr", False))
-        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS)
-        load_weights(model, args.resume, ckpt)
-        if args.semi == "dual":
-            load_weights(semi_model.nets[1], args.resume, ckpt["model2"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, it, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if it >= total_iters:
-            raise UserError(f"{args.resume}: the run is complete ({it} of {total_iters} "
-                            f"iterations); raise --iters or --epochs to train on")
-        # a run stopped inside an epoch (--iters) counts that epoch as done: go on to the new total
-        epochs = max(epochs, start_epoch + math.ceil((total_iters - it) / iters_per_epoch))
+        start_epoch, it, best = resume(args.resume, args, model, semi_model, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=scaler)
+        epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
+        history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     args.bgr = bool(args.bgr)
@@ -463,102 +540,33 @@ def main():
                 "none": "scratch"}.get(args.pretrained, args.pretrained)
         print(f"{args.arch} {args.backbone} (backbone from {init}): "
               f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_ds)} train / "
-              f"{len(val_ds)} val persons; {iters_per_epoch} it/epoch x {epochs} epochs = "
+              f"{len(val_ds)} val persons; {len(loader)} it/epoch x {epochs} epochs = "
               f"{total_iters} iterations on {world} x {device}")
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        trained.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
-                            f"epoch {epoch + 1} ")
-        loss_sum, n_iters, n_seen, t0 = torch.zeros((), device=device), 0, 0, time.time()
-        semi_sums = {}
-        for i, batch in enumerate(loader):
-            if it >= total_iters:
-                break
-            if data_device is not None:  # the workers read bytes: decode and crop the batch here
-                batch = decode_crops(batch, data_device, args.input_size)
-            labeled = batch["labeled"] if semi_model else batch
-            x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True),
-                                           bgr=args.bgr), args)
-            target, weight = gaussian_targets(labeled["joints"].to(device),
-                                              labeled["visible"].to(device), args.input_size,
-                                              args.heatmap_size, args.sigma)
-            if semi_model:  # Xie et al.'s consistency step or ICON's Eq. (6), common/semi.py
-                xu = to_memory_format(
-                    normalize(batch["unlabeled"]["image"].to(device, non_blocking=True),
-                              bgr=args.bgr), args)
-                view = semi_model.draw_view(np.random.default_rng([args.seed, rank, it]),
-                                            xu.shape[0])
-                with autocast(args, device):
-                    out = ddp_model(x, xu, view)
-                loss, parts = semi_model.loss(out, target, weight)
-                for k, v in parts.items():
-                    semi_sums[k] = semi_sums.get(k, 0) + v
-            else:
-                with autocast(args, device):
-                    output = ddp_model(x)
-                loss = joints_mse_loss(output.float(), target, weight)  # Eq. (1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            it += 1
-            loss_sum += loss.detach()
-            n_iters += 1
-            n_seen += x.shape[0] * world
-            if (i + 1) % args.print_freq == 0:
-                # the same on every rank: all stop together
-                mean_loss = dist.all_reduce_mean(loss.detach())
-                check_finite(mean_loss, it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(),
-                              lr=optimizer.param_groups[0]["lr"])
-        epoch_loss = dist.all_reduce_mean(loss_sum / max(1, n_iters))
-        check_finite(epoch_loss, it, ckpt_path)
-        log = dict(epoch=epoch + 1, iteration=it, loss=epoch_loss.item(),
-                   lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0))
-        # per-term losses; peakN: the collapse monitor (mean peak of network N's unlabeled easy-view
-        # heatmaps)
-        log.update({k: dist.all_reduce_mean(v / max(1, n_iters)).item() for k,
-                    v in semi_sums.items()})
+        it, log = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+                        total_iters, args, device, data_device)
         last = it >= total_iters
+        best_state = None
         if (epoch + 1) % eval_every == 0 or last:
             dist.broadcast_buffers(trained)
-            metrics, results, shown = evaluate(model, val_ds, args, device, info)
-            log["metrics"] = metrics
-            # logged, not reported
-            for name, extra in (semi_model.eval_models() if semi_model else {}).items():
-                log[f"metrics_{name}"] = evaluate(extra, val_ds, args, device, info,
-                                                  verbose=False)[0]
-            if main_proc:
-                score = main_metric(metrics)
-                write_eval_outputs(args, metrics, results, shown, info)
-                if score > best:
-                    best = score
-                    save_checkpoint(os.path.join(args.out, "best.pth"),
-                                    {"model": model.state_dict(), "args": vars(args),
-                                                                         "epoch": epoch + 1,
-                                     "metrics": metrics})
+            log.update(validate(model, val_ds, args, device, info,
+                                semi_model.eval_models() if semi_model else None))
+            if main_proc and main_metric(log["metrics"]) > best:
+                best = main_metric(log["metrics"])
+                best_state = {"model": model.state_dict(), "args": vars(args), "epoch": epoch + 1,
+                              "metrics": log["metrics"]}
+        history.append(log)
         rngs = dist.gather_objects(rng_state())
         if main_proc:
             extra = {"model2": semi_model.nets[1].state_dict()} if args.semi == "dual" else {}
-            save_checkpoint(ckpt_path, {"model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                                        "iteration": it, "best": best, "args": vars(args),
-                                        "rng": rngs, **extra})
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(log) + "\n")
-            print(f"epoch {epoch + 1}/{epochs}: loss {log['loss']:.6f}, {log['img_per_s']:.1f} "
-                  f"img/s"
-                  + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
-            if semi_model:
-                print("  " + ", ".join([f"{k} {log[k]:.4g}" for k in semi_sums] + [
-                    f"{k.removeprefix('metrics_')}: {format_metrics(v)}" for k, v in log.items()
-                    if k.startswith("metrics_")]), flush=True)
+            save_epoch(args, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                              "epoch": epoch + 1, "iteration": it, "best": best,
+                              "args": vars(args), "rng": rngs, **extra}, history, epochs,
+                       best_state)
         if last:
             break
     dist.cleanup()
@@ -566,4 +574,3 @@ def main():
 
 if __name__ == "__main__":
     run_main(main)
-
