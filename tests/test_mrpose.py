@@ -82,6 +82,11 @@ def test_resume_continues_exactly(tiny, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # the resumed log holds each epoch once, with the uninterrupted run's losses
+    def losses(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return [(e["epoch"], e["loss"]) for e in map(json.loads, lines)]
+    assert losses("resumed") == losses("straight") and len(losses("straight")) == 2
 
 
 def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path):
