@@ -44,13 +44,12 @@ from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
 from common.semi import PairedDataset, build_semi, build_unlabeled
 from common.topdown import (build_data, data_paths, format_metrics, load_weights, main_metric,
-                            parse_labeled, predict, resumed_epochs, schedule, summary,
-                            to_memory_format, validate)
+                            parse_labeled, predict, resumed_epochs, save_outputs, schedule,
+                            summary, to_memory_format, validate)
 from common.transforms import normalize
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
                           check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, save_json,
-                          seed_everything, write_log)
+                          restore_training, rng_state, run_main, save_json, seed_everything)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -935,12 +934,9 @@ def resume(path, args, pose, head, semi_model, **states):
 
 
 def save_epoch(args, state, history, epochs, best_state=None):
-    """Rank 0's outputs of an epoch: checkpoint.pth (to resume), best.pth when the score improved,
-    log.jsonl and the epoch line."""
-    if best_state is not None:
-        save_checkpoint(os.path.join(args.out, "best.pth"), best_state)
-    save_checkpoint(os.path.join(args.out, "checkpoint.pth"), state)
-    write_log(os.path.join(args.out, "log.jsonl"), history)
+    """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
+    (common/topdown.py) and the epoch line."""
+    save_outputs(args.out, state, history, best_state)
     log = history[-1]
     print(f"epoch {log['epoch']}/{epochs}: "
           + ", ".join(f"{k} {log[k]:.6f}" for k in (SEMI_TERMS if args.semi else TERMS)

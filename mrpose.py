@@ -27,12 +27,12 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_au
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
 from common.topdown import (build_data, format_metrics, load_weights, main_metric, parse_labeled,
-                            resumed_epochs, schedule, summary, to_memory_format, validate)
+                            resumed_epochs, save_outputs, schedule, summary, to_memory_format,
+                            validate)
 from common.transforms import normalize
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
                           check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
-                          write_log)
+                          restore_training, rng_state, run_main, seed_everything)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -464,12 +464,9 @@ def resume(path, args, model, semi_model, **states):
 
 
 def save_epoch(args, state, history, epochs, best_state=None):
-    """Rank 0's outputs of an epoch: checkpoint.pth (to resume), best.pth when the score improved,
-    log.jsonl and the epoch line."""
-    if best_state is not None:
-        save_checkpoint(os.path.join(args.out, "best.pth"), best_state)
-    save_checkpoint(os.path.join(args.out, "checkpoint.pth"), state)
-    write_log(os.path.join(args.out, "log.jsonl"), history)
+    """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
+    (common/topdown.py) and the epoch line."""
+    save_outputs(args.out, state, history, best_state)
     log = history[-1]
     print(f"epoch {log['epoch']}/{epochs}: loss {log['loss']:.6f}, {log['img_per_s']:.1f} img/s"
           + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)

@@ -27,7 +27,8 @@ from common.metrics import (coco_keypoint_eval, crowdpose_eval, load_mpii_gt, ma
                             mpii_pckh, oks_nms)
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
-from common.utils import UserError, atomic_write, load_checkpoint, load_json, save_json
+from common.utils import (UserError, atomic_write, load_checkpoint, load_json, save_checkpoint,
+                          save_json, write_log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +377,15 @@ def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channe
                         f"expected {expected}, found {found}; check {flags})")
     model.load_state_dict(state)
     return official is not None
+
+
+def save_outputs(out, state, history, best_state=None):
+    """Rank 0's files after an epoch: best.pth (the inference model) when the score improved,
+    checkpoint.pth (to resume) and log.jsonl (every epoch so far)."""
+    if best_state is not None:
+        save_checkpoint(os.path.join(out, "best.pth"), best_state)
+    save_checkpoint(os.path.join(out, "checkpoint.pth"), state)
+    write_log(os.path.join(out, "log.jsonl"), history)
 
 
 def main_metric(metrics):
