@@ -19,7 +19,6 @@ One file: arguments, data, skeleton prior, model, losses, DDP training, export.
 """
 import argparse
 import hashlib
-import json
 import math
 import os
 import time
@@ -29,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import roi_align
 
 from common import dist
@@ -42,9 +40,10 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
-from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, atomic_write, autocast,
-                          check_finite, check_resume_args, compile_model, load_checkpoint,
-                          rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
+                          check_resume_args, compile_model, load_checkpoint, read_log,
+                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
+                          write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -773,6 +772,161 @@ def state_digest(*modules):
 # ----------------------------------------------------------------------------------------------
 # Training
 
+# the per-iteration values an epoch averages, in log.jsonl's order
+EPOCH_MEANS = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted",
+                "overlap", "z_std"]
+               + PLAUSIBILITY)
+
+
+def make_loader(args, per_rank, device, aug_device):
+    """The training images (--batch-size checked against them) as two-view pairs: (loader, its
+    sampler, the batched appearance augmentation on `aug_device` or None where the workers do it
+    all)."""
+    items = training_items(args)
+    if args.batch_size > len(items):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training "
+                        f"images")
+    train_ds = TwoViews(items, args.crop_size, args.person_size)
+    if aug_device is not None:  # the workers only crop and flip; BatchAppearance does the rest
+        train_ds = CropFlipPairs(train_ds.source, len(train_ds), args.crop_size)
+    appearance = BatchAppearance(aug_device) if aug_device is not None else None
+    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
+                                        device=device)
+    return loader, sampler, appearance
+
+
+def print_banner(args, model, discriminator, loader, world, device, init_lr, real,
+                 prior_plausibility):
+    """The run in two lines: model, losses, data and schedule; the real skeletons."""
+    n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
+    print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
+          f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv "
+          f"{args.lambda_inv} equiv {args.lambda_equiv} adv {args.lambda_adv}; K "
+          f"{args.moco_k}, m {args.moco_m}, τ {args.moco_t}; {len(loader.dataset)} images, "
+          f"{args.crop_size} px views; {len(loader)} it/epoch x {args.epochs} epochs on "
+          f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x "
+          f"{args.batch_size}/128 = {init_lr:.5g}, D lr {args.d_lr}", flush=True)
+    print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their "
+          f"plausibility: "
+          + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)),
+          flush=True)
+
+
+def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler, epoch, it,
+          total_iters, args, device, *, real, reference, prior_plausibility, appearance=None):
+    """One epoch, or up to iteration `total_iters`: per batch, an encoder step on Eq. (1) through
+    `model` (LiftedCL or its DDP wrapper), with `discriminator` (D itself) a fixed function in
+    L_adv, then one step of D through `ddp_disc`. Returns (the epoch's log.jsonl entry, the
+    iteration reached, four lifted skeletons of the last batch on the CPU)."""
+    lr, world = optimizer.param_groups[0]["lr"], dist.world_size()
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")  # the finite check names it
+    model.train()
+    progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
+                        f"epoch {epoch + 1} ")
+    sums, n_iter, n_pairs, t0 = torch.zeros(len(EPOCH_MEANS), device=device), 0, 0, time.time()
+    for i, (im_q, im_k, geom_q, geom_k) in enumerate(loader):
+        if it >= total_iters:
+            break
+        im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+        if appearance is not None:
+            im_q, im_k = appearance(im_q).to(device), appearance(im_k).to(device)
+        geom_q, geom_k = (geom_q.to(device, non_blocking=True),
+                          geom_k.to(device, non_blocking=True))
+        with autocast(args, device):
+            out = model(im_q, im_k, geom_q, geom_k)
+        loss, l_adv = encoder_loss(out, discriminator, args)  # Eq. (1)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # one D step on the same lifted skeletons, against real ones drawn with replacement
+        d_loss, acc_real, acc_lifted = discriminator_step(
+            ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)],
+                                                       out["lifted"])
+        it += 1
+        n_iter += 1
+        n_pairs += len(im_q) * world
+        zero = loss.new_zeros(())
+        sums += torch.stack([loss.detach(), out["l_inv"].detach(),
+                             zero if out["l_equiv"] is None else out["l_equiv"].detach(),
+                             l_adv.detach(), d_loss, acc_real, acc_lifted, zero
+                             if out["valid"] is None else out["valid"].float().mean(),
+                             out["q"].std(0).mean(), *plausibility(out["lifted"], reference)])
+        if (i + 1) % args.print_freq == 0:
+            # the same on every rank: all stop together
+            mean_loss = dist.all_reduce_mean(loss.detach())
+            check_finite(mean_loss, it, ckpt_path)
+            progress.step(i, args.print_freq * len(im_q) * world, loss=mean_loss.item(), lr=lr)
+    means = dist.all_reduce_mean(sums / max(1, n_iter))
+    check_finite(means, it, ckpt_path)
+    means = dict(zip(EPOCH_MEANS, means.tolist()))
+    log = dict(epoch=epoch + 1, iteration=it,
+               **{n: means[n] for n in EPOCH_MEANS[:-len(PLAUSIBILITY)]},
+               z_std_healthy=1 / math.sqrt(args.dim),
+               plausibility={n: means[n] for n in PLAUSIBILITY},
+               prior_plausibility=dict(zip(PLAUSIBILITY, prior_plausibility)),
+               lr=lr, pairs_per_s=n_pairs / (time.time() - t0))
+    return log, it, out["lifted"][:4].detach().cpu()
+
+
+def resume(args, total_iters, model, discriminator, optimizer, d_optimizer, scaler):
+    """--resume: the saved settings checked against this run's, every state loaded in place, this
+    rank's RNGs restored. Returns (epoch, iteration, log.jsonl entries up to that epoch)."""
+    ckpt = load_checkpoint(args.resume)
+    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS,
+                      negated=("normalize_lifted",))
+    # load_state, not restore_training's plain load_state_dict: a missing or ill-fitting entry is
+    # one line naming it
+    for module, key, what in [(model, "model", "model"),
+                              (discriminator, "discriminator", "discriminator"),
+                              (optimizer, "optimizer", "optimizer"),
+                              (d_optimizer, "d_optimizer", "D optimizer"),
+                              (scaler, "scaler", "grad scaler")]:
+        load_state(module, ckpt.get(key), args.resume, what)
+    epoch, it = restore_training(ckpt, dist.rank())
+    if it >= total_iters or epoch >= args.epochs:
+        # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
+        # left to train
+        raise UserError(f"{args.resume}: the run is complete (epoch {epoch} of {args.epochs}, "
+                        f"iteration {it} of {total_iters}); raise --iters to train on, or start a "
+                        f"longer run elsewhere")
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
+    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
+
+
+def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted, real):
+    """Rank 0's outputs after an epoch (history[-1]): checkpoint.pth (all --resume needs, `rngs`
+    every rank's RNGs), backbone.pth, log.jsonl, loss.png, lifted.png and the epoch line."""
+    log = history[-1]
+    save_checkpoint(os.path.join(args.out, "checkpoint.pth"),
+                    {"model": model.state_dict(), "discriminator": discriminator.state_dict(),
+                     "optimizer": optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": log["epoch"],
+                     "iteration": log["iteration"], "args": vars(args), "rng": rngs})
+    # the query ResNet in torchvision key names: resnetXX().load_state_dict(.., strict=False)
+    # misses only fc.*, and mrpose.py --pretrained loads it as is
+    save_checkpoint(os.path.join(args.out, "backbone.pth"), model.encoder_q.backbone.state_dict())
+    write_log(os.path.join(args.out, "log.jsonl"), history)
+    plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
+                {"total (Eq. 1)": [e["loss"] for e in history],
+                 "L_inv": [e["l_inv"] for e in history],
+                 "L_equiv": [e["l_equiv"] for e in history],
+                 "L_adv": [e["l_adv"] for e in history],
+                 "D loss": [e["d_loss"] for e in history]}, xlabel="epoch")
+    plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
+                      {"lifted": normalize_skeletons(lifted).numpy(),
+                       "prior": real[:4].cpu().numpy()}, BONES)
+    print(f"epoch {log['epoch']}/{args.epochs}: loss {log['loss']:.4f} (L_inv {log['l_inv']:.4f} "
+          f"L_equiv {log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D loss {log['d_loss']:.4f} "
+          f"acc real {log['d_acc_real']:.2f} lifted {log['d_acc_lifted']:.2f}, overlap "
+          f"{log['overlap']:.2f}, z std {log['z_std']:.4f} (healthy "
+          f"~{log['z_std_healthy']:.4f}); lifted plausibility "
+          + ", ".join(f"{n} {log['plausibility'][n]:.3f}" for n in PLAUSIBILITY)
+          + " (prior " + ", ".join(f"{log['prior_plausibility'][n]:.3f}" for n in PLAUSIBILITY)
+          + f"); lr {log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+
+
 def main():
     args = get_args()
     if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
@@ -793,10 +947,7 @@ def main():
         or per_rank % args.bn_groups):
         raise UserError(f"--batch-size {args.batch_size} does not split into {world} ranks x "
                         f"{args.bn_groups} BatchNorm groups of at least 2 images")
-    items = training_items(args)
-    if args.batch_size > len(items):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(items)} training "
-                        f"images")
+    loader, sampler, appearance = make_loader(args, per_rank, device, aug_device)
 
     seed_everything(args.seed)  # the same model, queues and prior on every rank
     model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
@@ -813,25 +964,12 @@ def main():
     discriminator.to(device)
     real, reference = real.to(device), reference.to(device)
 
-    train_ds = TwoViews(items, args.crop_size, args.person_size)
-    if aug_device is not None:  # the workers only crop and flip; BatchAppearance does the rest
-        train_ds = CropFlipPairs(train_ds.source, len(train_ds), args.crop_size)
-    appearance = BatchAppearance(aug_device) if aug_device is not None else None
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True)
-    iters_per_epoch = len(loader)
-    total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
-
-    device_ids = [device.index] if device.type == "cuda" else None
-    ddp_model = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
+    total_iters = min(args.iters or math.inf, args.epochs * len(loader))
+    ddp_model = dist.ddp(model, device)
     # the ResNets: compiled, MoCo's queue updates stay eager
     for encoder in (model.encoder_q, model.encoder_k):
         compile_model(encoder, args.compile)
-    ddp_disc = (DistributedDataParallel(discriminator, device_ids=device_ids) if world > 1
-                else discriminator)
+    ddp_disc = dist.ddp(discriminator, device)
     init_lr = args.lr * args.batch_size / 128  # App. C: 0.03 at batch 128
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], init_lr,
                                 momentum=args.momentum, weight_decay=args.wd)
@@ -839,137 +977,28 @@ def main():
     d_optimizer = torch.optim.SGD(discriminator.parameters(), args.d_lr, momentum=args.momentum,
                                   weight_decay=args.wd)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, history = 0, 0, []
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    log_path = os.path.join(args.out, "log.jsonl")
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS,
-                          negated=("normalize_lifted",))
-        for module, key, what in [(model, "model", "model"),
-                                  (discriminator, "discriminator", "discriminator"),
-                                  (optimizer, "optimizer", "optimizer"),
-                                  (d_optimizer, "d_optimizer", "D optimizer"),
-                                  (scaler, "scaler", "grad scaler")]:
-            load_state(module, ckpt.get(key), args.resume, what)
-        start_epoch, it = ckpt["epoch"], ckpt["iteration"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                history = [e for e in map(json.loads, f.read().splitlines())
-                           if e["epoch"] <= start_epoch]
-        if it >= total_iters or start_epoch >= args.epochs:
-            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
-            # left to train
-            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
-                            f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
-                            f"train on, or start a longer run elsewhere")
-        if main_proc:
-            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
+    start_epoch, it, history = (resume(args, total_iters, model, discriminator, optimizer,
+                                       d_optimizer, scaler) if args.resume else (0, 0, []))
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         print(report)
-        n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
-        print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
-              f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv "
-              f"{args.lambda_inv} equiv {args.lambda_equiv} adv {args.lambda_adv}; K "
-              f"{args.moco_k}, m {args.moco_m}, τ {args.moco_t}; {len(train_ds)} images, "
-              f"{args.crop_size} px views; {iters_per_epoch} it/epoch x {args.epochs} epochs on "
-              f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x "
-              f"{args.batch_size}/128 = {init_lr:.5g}, D lr {args.d_lr}", flush=True)
-        print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their "
-              f"plausibility: "
-              + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)),
-              flush=True)
+        print_banner(args, model, discriminator, loader, world, device, init_lr, real,
+                     prior_plausibility)
 
-    names = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted",
-              "overlap", "z_std"]
-             + PLAUSIBILITY)
-    shown = None
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:
             break
         sampler.set_epoch(epoch)
-        lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
-        model.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
-                            f"epoch {epoch + 1} ")
-        sums, n_iter, n_pairs, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
-        for i, (im_q, im_k, geom_q, geom_k) in enumerate(loader):
-            if it >= total_iters:
-                break
-            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
-            if appearance is not None:
-                im_q, im_k = appearance(im_q).to(device), appearance(im_k).to(device)
-            geom_q, geom_k = (geom_q.to(device, non_blocking=True),
-                              geom_k.to(device, non_blocking=True))
-            with autocast(args, device):
-                out = ddp_model(im_q, im_k, geom_q, geom_k)
-            loss, l_adv = encoder_loss(out, discriminator, args)  # Eq. (1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            # one D step on the same lifted skeletons, against real ones drawn with replacement
-            d_loss, acc_real, acc_lifted = discriminator_step(
-                ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)],
-                                                              out["lifted"])
-            it += 1
-            n_iter += 1
-            n_pairs += len(im_q) * world
-            zero = loss.new_zeros(())
-            sums += torch.stack([loss.detach(), out["l_inv"].detach(),
-                                 zero if out["l_equiv"] is None else out["l_equiv"].detach(),
-                                 l_adv.detach(), d_loss, acc_real, acc_lifted, zero
-                                 if out["valid"] is None else out["valid"].float().mean(),
-                                 out["q"].std(0).mean(), *plausibility(out["lifted"], reference)])
-            if (i + 1) % args.print_freq == 0:
-                # the same on every rank: all stop together
-                mean_loss = dist.all_reduce_mean(loss.detach())
-                check_finite(mean_loss, it, ckpt_path)
-                progress.step(i, args.print_freq * per_rank * world, loss=mean_loss.item(), lr=lr)
-        means = dist.all_reduce_mean(sums / max(1, n_iter))
-        check_finite(means, it, ckpt_path)
-        means = dict(zip(names, means.tolist()))
-        history.append(dict(epoch=epoch + 1, iteration=it, **{n: means[n] for n in names[:9]},
-                            z_std_healthy=1 / math.sqrt(args.dim),
-                            plausibility={n: means[n] for n in PLAUSIBILITY},
-                            prior_plausibility=dict(zip(PLAUSIBILITY, prior_plausibility)),
-                            lr=lr, pairs_per_s=n_pairs / (time.time() - t0)))
-        shown = out["lifted"][:4].detach().cpu()
-        rngs = dist.gather_objects(rng_state())
+        adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
+        log, it, lifted = train(loader, ddp_model, discriminator, ddp_disc, optimizer, d_optimizer,
+                                scaler, epoch, it, total_iters, args, device, real=real,
+                                reference=reference, prior_plausibility=prior_plausibility,
+                                appearance=appearance)
+        history.append(log)
+        rngs = dist.gather_objects(rng_state())  # every rank calls it; rank 0 saves them
         if main_proc:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(),
-                                        "discriminator": discriminator.state_dict(),
-                                        "optimizer": optimizer.state_dict(),
-                                        "d_optimizer": d_optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                                        "iteration": it, "args": vars(args), "rng": rngs})
-            # the query ResNet in torchvision key names: resnetXX().load_state_dict(..,
-            # strict=False) misses only fc.*, and mrpose.py --pretrained loads it as is
-            save_checkpoint(os.path.join(args.out, "backbone.pth"),
-                            model.encoder_q.backbone.state_dict())
-            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n"
-                                                             for e in history)), mode="w")
-            plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
-                        {"total (Eq. 1)": [e["loss"] for e in history],
-                         "L_inv": [e["l_inv"] for e in history],
-                         "L_equiv": [e["l_equiv"] for e in history],
-                         "L_adv": [e["l_adv"] for e in history],
-                         "D loss": [e["d_loss"] for e in history]}, xlabel="epoch")
-            plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
-                              {"lifted": normalize_skeletons(shown).numpy(),
-                               "prior": real[:4].cpu().numpy()}, BONES)
-            log = history[-1]
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} (L_inv "
-                  f"{log['l_inv']:.4f} L_equiv {log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D "
-                  f"loss {log['d_loss']:.4f} acc real {log['d_acc_real']:.2f} lifted "
-                  f"{log['d_acc_lifted']:.2f}, overlap {log['overlap']:.2f}, z std "
-                  f"{log['z_std']:.4f} (healthy ~{log['z_std_healthy']:.4f}); lifted plausibility "
-                  + ", ".join(f"{n} {log['plausibility'][n]:.3f}" for n in PLAUSIBILITY)
-                  + f" (prior {prior_plausibility[0]:.3f}, {prior_plausibility[1]:.3f}, "
-                    f"{prior_plausibility[2]:.3f}); "
-                  f"lr {lr:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+            save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted,
+                 real)
     if world > 1:  # DDP keeps every rank's encoder, key encoder, queues and D identical; show it
         print(f"rank {rank}/{world}: parameters sha1 {state_digest(model, discriminator)}",
               flush=True)
