@@ -929,7 +929,7 @@ def resume(path, args, pose, head, semi_model, **states):
         load_weights(semi_model.nets[1], path, ckpt["model2"], flags=MODEL_FLAGS)
         if head is not None:
             semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
-    epoch, it = restore_training(ckpt, dist.rank(), **states)
+    epoch, it = restore_training(path, ckpt, dist.rank(), **states)
     return epoch, it, ckpt["best"]
 
 

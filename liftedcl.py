@@ -748,16 +748,6 @@ RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_
                "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
-def load_state(module, state, path, what):
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: no {what} in this checkpoint")
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the {what} does not fit this model "
-                        f"({str(e).splitlines()[0][:200]})") from None
-
-
 def state_digest(*modules):
     """sha1 of every parameter and queue (not BN statistics, which each rank updates on its own
     batch): equal on all ranks when DDP keeps them in step."""
@@ -875,15 +865,9 @@ def resume(args, total_iters, model, discriminator, optimizer, d_optimizer, scal
     ckpt = load_checkpoint(args.resume)
     check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS,
                       negated=("normalize_lifted",))
-    # load_state, not restore_training's plain load_state_dict: a missing or ill-fitting entry is
-    # one line naming it
-    for module, key, what in [(model, "model", "model"),
-                              (discriminator, "discriminator", "discriminator"),
-                              (optimizer, "optimizer", "optimizer"),
-                              (d_optimizer, "d_optimizer", "D optimizer"),
-                              (scaler, "scaler", "grad scaler")]:
-        load_state(module, ckpt.get(key), args.resume, what)
-    epoch, it = restore_training(ckpt, dist.rank())
+    epoch, it = restore_training(args.resume, ckpt, dist.rank(), model=model,
+                                 discriminator=discriminator, optimizer=optimizer,
+                                 d_optimizer=d_optimizer, scaler=scaler)
     if it >= total_iters or epoch >= args.epochs:
         # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
         # left to train

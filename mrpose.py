@@ -459,7 +459,7 @@ def resume(path, args, model, semi_model, **states):
     load_weights(model, path, ckpt)
     if args.semi == "dual":
         load_weights(semi_model.nets[1], path, ckpt["model2"])
-    epoch, it = restore_training(ckpt, dist.rank(), **states)
+    epoch, it = restore_training(path, ckpt, dist.rank(), **states)
     return epoch, it, ckpt["best"]
 
 

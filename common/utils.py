@@ -187,12 +187,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_training(ckpt, rank, **states):
-    """Resume the training state saved in `ckpt`: each keyword's object (optimizer=..., scaler=...)
-    loads ckpt[keyword], and this rank's RNGs are restored (rank 0's where the saved run had fewer
-    ranks). Returns (epoch, iteration) reached."""
+def restore_training(path, ckpt, rank, **states):
+    """Resume the training state saved in `ckpt` (read from `path`): each keyword's object
+    (model=..., optimizer=..., scaler=...) loads ckpt[keyword], and this rank's RNGs are restored
+    (rank 0's where the saved run had fewer ranks). Returns (epoch, iteration) reached. A missing
+    or ill-fitting entry is a UserError naming it."""
     for key, obj in states.items():
-        obj.load_state_dict(ckpt[key])
+        if not isinstance(ckpt.get(key), dict):
+            raise UserError(f"{path}: no {key} in this checkpoint")
+        try:
+            obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: the {key} does not fit this run "
+                            f"({str(e).splitlines()[0][:200]})") from None
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["epoch"], ckpt["iteration"]
 

@@ -497,3 +497,23 @@ def test_resume_takes_none_for_an_unset_setting_and_refuses_a_changed_one():
     check_resume_args("ckpt", {"amp": "none"}, Namespace(amp=None), ["amp"])
     with pytest.raises(UserError, match="ckpt: saved with --amp None, this run has auto"):
         check_resume_args("ckpt", {"amp": None}, Namespace(amp="auto"), ["amp"])
+
+
+def test_restore_training_loads_each_state_and_names_what_is_missing_or_wrong():
+    from common.utils import restore_training, rng_state
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
+            "iteration": 30, "rng": [rng_state()]}
+    expected = torch.rand(4)  # the next draw of the saved RNG
+    net2 = nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.1, momentum=0.9)
+    assert restore_training("c.pth", ckpt, 1, model=net2, optimizer=opt2) == (3, 30)
+    assert torch.equal(net2.weight, net.weight) and torch.equal(torch.rand(4), expected)
+    assert opt2.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
+    with pytest.raises(UserError, match=r"^c\.pth: no discriminator in this checkpoint$"):
+        restore_training("c.pth", ckpt, 0, discriminator=nn.Linear(3, 2))
+    with pytest.raises(UserError, match=r"^c\.pth: the model does not fit this run \("):
+        restore_training("c.pth", ckpt, 0, model=nn.Linear(4, 2))
