@@ -16,7 +16,6 @@ One file: arguments, data, model, loss, DDP training, export.
 """
 import argparse
 import hashlib
-import json
 import math
 import os
 import time
@@ -25,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel
 
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures
@@ -36,9 +34,10 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
                          world_size)
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, atomic_write, autocast,
-                          check_finite, check_resume_args, compile_model, load_checkpoint,
-                          rng_state, run_main, save_checkpoint, seed_everything, set_rng_state)
+from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
+                          check_resume_args, compile_model, load_checkpoint, read_log,
+                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
+                          write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +448,112 @@ def parameter_digest(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training (MoCo's main_moco.py: main builds and resumes, train runs one epoch, save
+# writes its outputs)
+
+def scale_names(args):
+    """F1..F4 (or F4 alone), the scales' names in the log, the plot and the printed lines."""
+    return [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
+
+
+def resume(args, model, optimizer, scaler, rank, total_iters):
+    """--resume: the saved model, optimizer, scaler and this rank's RNGs; returns (epoch,
+    iteration) reached and log.jsonl's entries up to that epoch."""
+    ckpt = load_checkpoint(args.resume)
+    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    # a tensor of another shape (e.g. a checkpoint saved before --fusion)
+    except RuntimeError as e:
+        raise UserError(f"{args.resume}: does not fit this model "
+                        f"({str(e).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; check "
+                        f"--backbone/--no-fpn/--single-scale/--shared-heads)")
+    start_epoch, it = restore_training(ckpt, rank, optimizer=optimizer, scaler=scaler)
+    history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
+    if it >= total_iters or start_epoch >= args.epochs:
+        # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
+        # left to train
+        raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
+                        f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
+                        f"train on, or start a longer run elsewhere")
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
+    return start_epoch, it, history
+
+
+def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, device,
+          appearance=None):
+    """One epoch, or until iteration `total_iters`: SGD on Eq. (7) through `model` (under DDP,
+    gradients averaged over ranks), `appearance` finishing the views on the batch where
+    --aug-device says so. Returns the epoch's log.jsonl entry (means over ranks) and the iteration
+    reached."""
+    world, weights, names = dist.world_size(), scale_weights(args), scale_names(args)
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")  # named by a non-finite loss's error
+    model.train()
+    progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
+                        f"epoch {epoch + 1} ")
+    # running sums: total loss, each scale's loss, each scale's collapse monitor on z1
+    sums, n_iter, n_pairs, t0 = (torch.zeros(1 + 2 * len(names), device=device), 0, 0,
+                                 time.time())
+    for i, (x1, x2) in enumerate(loader):
+        if it >= total_iters:
+            break
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        if appearance is not None:  # uint8 crops: colour, grayscale and blur a batch at a time
+            x1, x2 = appearance(x1).to(device), appearance(x2).to(device)
+        with autocast(args, device):
+            p1, p2, z1, z2 = model(x1, x2)
+        loss, per_scale = mscl_loss(p1, p2, z1, z2, weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        it += 1
+        n_iter += 1
+        n_pairs += x1.shape[0] * world
+        sums += torch.stack([loss.detach()] + [s.detach() for s in per_scale]
+                            + [collapse_monitor(z) for z in z1])
+        if (i + 1) % args.print_freq == 0:
+            # the same on every rank: all stop together
+            mean_loss = dist.all_reduce_mean(loss.detach())
+            check_finite(mean_loss, it, ckpt_path)
+            progress.step(i, args.print_freq * loader.batch_size * world, loss=mean_loss.item(),
+                          lr=lr)
+    means = dist.all_reduce_mean(sums / max(1, n_iter))
+    check_finite(means, it, ckpt_path)
+    means = means.tolist()
+    k = len(names)
+    return dict(epoch=epoch + 1, iteration=it, loss=means[0],
+                loss_scales=dict(zip(names, means[1:1 + k])), z_std=dict(zip(names, means[1 + k:])),
+                z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
+                pairs_per_s=n_pairs / (time.time() - t0)), it
+
+
+def save(args, model, optimizer, scaler, history, rngs):
+    """Rank 0's outputs after each epoch: checkpoint.pth (to resume), backbone.pth (to transfer),
+    log.jsonl and loss.png over `history`, and the epoch's line."""
+    log, names = history[-1], scale_names(args)
+    save_checkpoint(os.path.join(args.out, "checkpoint.pth"),
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": log["epoch"],
+                     "iteration": log["iteration"], "args": vars(args), "rng": rngs})
+    # the ResNet alone in torchvision key names: resnetXX().load_state_dict(.., strict=False)
+    # misses only fc.*, and mrpose.py --pretrained loads it as is
+    save_checkpoint(os.path.join(args.out, "backbone.pth"), model.backbone.state_dict())
+    write_log(os.path.join(args.out, "log.jsonl"), history)
+    plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
+                {"total (Eq. 7)": [e["loss"] for e in history],
+                 **{n: [e["loss_scales"][n] for e in history] for n in names}},
+                xlabel="epoch")
+    print(f"epoch {log['epoch']}/{args.epochs}: loss {log['loss']:.4f} ("
+          + " ".join(f"{n} {v:.4f}" for n, v in log["loss_scales"].items()) + "), z std "
+          + " ".join(f"{n} {v:.4f}" for n, v in log["z_std"].items())
+          + f" (healthy ~{log['z_std_healthy']:.4f}), lr {log['lr']:.4g}, "
+            f"{log['pairs_per_s']:.1f} pairs/s", flush=True)
+
 
 def main():
     args = get_args()
@@ -462,8 +566,6 @@ def main():
     aug_device = resolve_aug_device(args.aug_device, device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
-    weights = scale_weights(args)
-    names = [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
     files = list_images(image_folder(args))
     # SyncBatchNorm under CUDA DDP, as SimSiam
     model = dist.convert_sync_bn(build_model(args), device).to(device)
@@ -478,62 +580,25 @@ def main():
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} "
                         f"training images (the last incomplete batch is dropped, so an epoch would "
                         f"be empty)")
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         drop_last=True)
-    iters_per_epoch = len(loader)
-    total_iters = min(args.iters or math.inf, args.epochs * iters_per_epoch)
-
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                        else None) \
-        if world > 1 else model
-    ddp_model = compile_model(ddp_model, args.compile)
+    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
+                                        device=device)
+    total_iters = min(args.iters or math.inf, args.epochs * len(loader))
+    ddp_model = compile_model(dist.ddp(model, device), args.compile)
     optimizer = build_optimizer(model, init_lr, args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, history = 0, 0, []
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
-        try:
-            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        # a tensor of another shape (e.g. a checkpoint saved before --fusion)
-        except RuntimeError as e:
-            raise UserError(f"{args.resume}: does not fit this model "
-                            f"({str(e).splitlines()[-1].strip()})") from None
-        if missing or unexpected:
-            raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}; check "
-                            f"--backbone/--no-fpn/--single-scale/--shared-heads)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, it = ckpt["epoch"], ckpt["iteration"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        if os.path.isfile(log_path):
-            with open(log_path) as f:
-                history = [e for e in map(json.loads, f.read().splitlines())
-                           if e["epoch"] <= start_epoch]
-        if it >= total_iters or start_epoch >= args.epochs:
-            # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
-            # left to train
-            raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
-                            f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
-                            f"train on, or start a longer run elsewhere")
-        if main_proc:
-            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
+        start_epoch, it, history = resume(args, model, optimizer, scaler, rank, total_iters)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         rounded = f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)" \
             if batch != args.batch_size else ""
-        print(f"MSCL {args.backbone} ({run_name(args)}), scales {' '.join(names)} "
-              f"(λ {' '.join(f'{w:.3f}' for w in weights)}), "
+        print(f"MSCL {args.backbone} ({run_name(args)}), scales {' '.join(scale_names(args))} "
+              f"(λ {' '.join(f'{w:.3f}' for w in scale_weights(args))}), "
               f"{f'FPN {args.fusion}' if args.fpn else 'no FPN'}, "
               f"{'shared' if args.shared_heads else 'per-scale'} heads: {n_params:,} parameters; "
-              f"{len(train_ds)} images at {args.crop_size} px; {iters_per_epoch} it/epoch x "
+              f"{len(train_ds)} images at {args.crop_size} px; {len(loader)} it/epoch x "
               f"{args.epochs} epochs on {world} x {device}; lr {args.lr} x {batch}/256 = "
               f"{init_lr:.5g}{rounded}, predictor lr "
               f"{'fixed' if args.fix_pred_lr else 'cosine'}", flush=True)
@@ -543,72 +608,17 @@ def main():
             break
         sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
-        model.train()
-        progress = Progress(min(iters_per_epoch, total_iters - it), args.print_freq, main_proc,
-                            f"epoch {epoch + 1} ")
-        # running sums: total loss, each scale's loss, each scale's collapse monitor on z1
-        sums, n_iter, n_pairs, t0 = (torch.zeros(1 + 2 * len(names), device=device), 0, 0,
-                                     time.time())
-        for i, (x1, x2) in enumerate(loader):
-            if it >= total_iters:
-                break
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-            if appearance is not None:  # uint8 crops: colour, grayscale and blur a batch at a time
-                x1, x2 = appearance(x1).to(device), appearance(x2).to(device)
-            with autocast(args, device):
-                p1, p2, z1, z2 = ddp_model(x1, x2)
-            loss, per_scale = mscl_loss(p1, p2, z1, z2, weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            it += 1
-            n_iter += 1
-            n_pairs += x1.shape[0] * world
-            sums += torch.stack([loss.detach()] + [s.detach()
-                                                   for s in per_scale]
-                                + [collapse_monitor(z) for z in z1])
-            if (i + 1) % args.print_freq == 0:
-                # the same on every rank: all stop together
-                mean_loss = dist.all_reduce_mean(loss.detach())
-                check_finite(mean_loss, it, ckpt_path)
-                progress.step(i, args.print_freq * batch, loss=mean_loss.item(), lr=lr)
-        means = dist.all_reduce_mean(sums / max(1, n_iter))
-        check_finite(means, it, ckpt_path)
-        means = means.tolist()
-        k = len(names)
-        history.append(dict(epoch=epoch + 1, iteration=it, loss=means[0],
-                            loss_scales=dict(zip(names, means[1:1 + k])),
-                            z_std=dict(zip(names, means[1 + k:])),
-                            z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
-                            pairs_per_s=n_pairs / (time.time() - t0)))
-        rngs = dist.gather_objects(rng_state())
+        log, it = train(loader, ddp_model, optimizer, scaler, epoch, lr, it, total_iters, args,
+                        device, appearance)
+        history.append(log)
+        rngs = dist.gather_objects(rng_state())  # a collective: every rank takes part
         if main_proc:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                                        "iteration": it, "args": vars(args), "rng": rngs})
-            # the ResNet alone in torchvision key names: resnetXX().load_state_dict(..,
-            # strict=False) misses only fc.*, and mrpose.py --pretrained loads it as is
-            save_checkpoint(os.path.join(args.out, "backbone.pth"), model.backbone.state_dict())
-            atomic_write(log_path, lambda f: f.write("".join(json.dumps(e) + "\n"
-                                                             for e in history)), mode="w")
-            plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
-                        {"total (Eq. 7)": [e["loss"] for e in history],
-                         **{n: [e["loss_scales"][n] for e in history] for n in names}},
-                        xlabel="epoch")
-            log = history[-1]
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {log['loss']:.4f} ("
-                  + " ".join(f"{n} {v:.4f}" for n, v in log["loss_scales"].items()) + "), z std "
-                  + " ".join(f"{n} {v:.4f}" for n, v in log["z_std"].items())
-                  + f" (healthy ~{log['z_std_healthy']:.4f}), lr {lr:.4g}, "
-                    f"{log['pairs_per_s']:.1f} pairs/s", flush=True)
+            save(args, model, optimizer, scaler, history, rngs)
     if world > 1:  # DDP keeps every rank's parameters identical; show it
         print(f"rank {rank}/{world}: parameters sha1 {parameter_digest(model)}", flush=True)
     if main_proc:
         print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
     dist.cleanup()
-
 
 if __name__ == "__main__":
     run_main(main)
