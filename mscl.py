@@ -471,7 +471,7 @@ def resume(args, model, optimizer, scaler, rank, total_iters):
         raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}; check "
                         f"--backbone/--no-fpn/--single-scale/--shared-heads)")
-    start_epoch, it = restore_training(ckpt, rank, optimizer=optimizer, scaler=scaler)
+    start_epoch, it = restore_training(args.resume, ckpt, rank, optimizer=optimizer, scaler=scaler)
     history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
     if it >= total_iters or start_epoch >= args.epochs:
         # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
