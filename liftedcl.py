@@ -41,9 +41,9 @@ from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
-                          write_log)
+                          check_epochs_left, check_resume_args, compile_model, load_checkpoint,
+                          read_log, restore_training, rng_state, run_main, save_checkpoint,
+                          seed_everything, write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -868,12 +868,7 @@ def resume(args, total_iters, model, discriminator, optimizer, d_optimizer, scal
     epoch, it = restore_training(args.resume, ckpt, dist.rank(), model=model,
                                  discriminator=discriminator, optimizer=optimizer,
                                  d_optimizer=d_optimizer, scaler=scaler)
-    if it >= total_iters or epoch >= args.epochs:
-        # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
-        # left to train
-        raise UserError(f"{args.resume}: the run is complete (epoch {epoch} of {args.epochs}, "
-                        f"iteration {it} of {total_iters}); raise --iters to train on, or start a "
-                        f"longer run elsewhere")
+    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
     if dist.is_main():
         print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
     return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)

@@ -35,9 +35,9 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
-                          write_log)
+                          check_epochs_left, check_resume_args, compile_model, load_checkpoint,
+                          read_log, restore_training, rng_state, run_main, save_checkpoint,
+                          seed_everything, write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -473,12 +473,7 @@ def resume(args, model, optimizer, scaler, rank, total_iters):
                         f"--backbone/--no-fpn/--single-scale/--shared-heads)")
     start_epoch, it = restore_training(args.resume, ckpt, rank, optimizer=optimizer, scaler=scaler)
     history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
-    if it >= total_iters or start_epoch >= args.epochs:
-        # the cosine schedule spans --epochs, which a resumed run keeps: past its end nothing is
-        # left to train
-        raise UserError(f"{args.resume}: the run is complete (epoch {start_epoch} of "
-                        f"{args.epochs}, iteration {it} of {total_iters}); raise --iters to "
-                        f"train on, or start a longer run elsewhere")
+    check_epochs_left(args.resume, start_epoch, it, args.epochs, total_iters)
     if dist.is_main():
         print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     return start_epoch, it, history

@@ -204,6 +204,15 @@ def restore_training(path, ckpt, rank, **states):
     return ckpt["epoch"], ckpt["iteration"]
 
 
+def check_epochs_left(path, epoch, it, epochs, total_iters):
+    """A resumed pretraining run must have training left: its cosine schedule spans --epochs, which
+    it keeps, so past the end of --epochs (or of --iters) nothing is."""
+    if it >= total_iters or epoch >= epochs:
+        raise UserError(f"{path}: the run is complete (epoch {epoch} of {epochs}, iteration {it} "
+                        f"of {total_iters}); raise --iters to train on, or start a longer run "
+                        f"elsewhere")
+
+
 def read_log(path, epochs):
     """The entries of log.jsonl for the first `epochs` epochs (a resumed run rewrites the rest)."""
     if not os.path.isfile(path):
