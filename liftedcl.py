@@ -13,9 +13,8 @@ One file: arguments, data, skeleton prior, model, losses, DDP training, export.
     torchrun --nproc_per_node=4 liftedcl.py --data coco --data-root /data/coco \\
         --pretrained /weights/moco_v2_200ep_pretrain.pth.tar        # stage II (Sec. 4.1)
     python liftedcl.py --lambda-inv 1 --lambda-equiv 0 --lambda-adv 0 --bn-groups 1 --moco-k 4096
-    ...
         # MoCo v2's builder, exactly, in one process: --bn-groups 1 is one BN batch, no shuffle BN
-        (the # default 4 emulates the paper's 4 GPUs' shuffle BN)
+        # (the default 4 emulates the paper's 4 GPUs' shuffle BN)
 """
 import argparse
 import hashlib
@@ -108,10 +107,9 @@ def get_args(argv=None):
                         "least 1: the paper's 4 GPUs; 1 in a single process is MoCo v2 without "
                         "shuffle)")
     p.add_argument("--skeletons", default=None,
-                   help="real skeletons: a torch file holding an (N, 17, 3) tensor "
-                                                     "(e.g. the official norm_joints.pt) instead "
-                                                     "of the App. B prior; root-centred and "
-                                                     "normalised like it")
+                   help="real skeletons: a torch file holding an (N, 17, 3) tensor (e.g. the "
+                        "official norm_joints.pt) instead of the App. B prior; root-centred and "
+                        "normalised like it")
     p.add_argument("--prior-size", type=int, default=10000,
                    help="skeletons sampled from the prior (App. B: ~10K)")
     # data (App. A)
@@ -192,8 +190,7 @@ def run_plan(args):
 
 def print_summary(args):
     """--summary: parameters of the query encoder and lifting network, of D, and the
-      multiply-accumulates of
-    one view through the ResNet."""
+    multiply-accumulates of one view through the ResNet."""
     from torch.utils.flop_counter import FlopCounterMode
     model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
                      args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
@@ -286,9 +283,8 @@ def training_items(args):
 
 def load_skeletons(path):
     """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down;
-      root-centred
-    and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the lifted
-    ones."""
+    root-centred and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the
+    lifted ones."""
     x = load_checkpoint(path, "skeleton file")
     if (not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51
         or len(x) == 0):
@@ -725,8 +721,7 @@ def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
 
 def load_pretrained(model, spec, backbone):
     """--pretrained into the query backbone, then into the key encoder (MoCo copies q to k at the
-      start).
-    Returns the line to print: what was loaded, or that the encoder starts from scratch."""
+    start). Returns the line to print: what was loaded, or that the encoder starts from scratch."""
     if spec in (None, "none"):
         return f"{backbone} from scratch (no stage I)"
     if spec == "torchvision":

@@ -241,11 +241,10 @@ class FeaturePyramid(nn.Module):
     "Pool-Conv2" is a composition whose order the paper leaves open (Eq. (2) read left to right
     would even pool before Conv1, which the text contradicts). `fusion` picks one:
       conv-pool (default): Conv2 is a 3x3 conv on the fused map, then global max pooling: FPN's
-      output conv
-        ("kernel sizes of 1 and 3": Conv1 1x1, Conv2 3x3), so F_i can use all out_dim dimensions;
+        output conv ("kernel sizes of 1 and 3": Conv1 1x1, Conv2 3x3), so F_i can use all out_dim
+        dimensions;
       pool-conv: global max pooling first, then a 1x1 Conv2 (on a 1x1 map a padded 3x3 conv is its
-      centre
-        tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a
+        centre tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a
         `width`-dimensional affine subspace (256 of 512); far cheaper, as Conv2 runs on one pixel
         per image, not on every pixel (at 56x56 the 3x3 Conv2 of F_1 alone costs about as much as
         the ResNet-50; see eval.bench)."""

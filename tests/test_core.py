@@ -517,3 +517,9 @@ def test_restore_training_loads_each_state_and_names_what_is_missing_or_wrong():
         restore_training("c.pth", ckpt, 0, discriminator=nn.Linear(3, 2))
     with pytest.raises(UserError, match=r"^c\.pth: the model does not fit this run \("):
         restore_training("c.pth", ckpt, 0, model=nn.Linear(4, 2))
+    # a resumed pretraining run needs an epoch and an iteration left (mscl.py, liftedcl.py)
+    from common.utils import check_epochs_left
+    check_epochs_left("c.pth", 1, 10, 2, 100)
+    for epoch, it in ((2, 10), (1, 100)):
+        with pytest.raises(UserError, match=r"^c\.pth: the run is complete \(epoch"):
+            check_epochs_left("c.pth", epoch, it, 2, 100)

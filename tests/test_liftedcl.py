@@ -212,11 +212,11 @@ def test_lsgan_targets_real_one_lifted_zero():
 @pytest.mark.parametrize("cells", ["tile", "receptive-field"])
 def test_alignment_of_two_views_undoes_crop_and_flip(cells):
     """Two views cut from one image whose channels are its x and y coordinates; a stride-2
-    translation-
-    equivariant stand-in for the encoder; after alignment both maps show the same image points. The
-    stand-in either averages each 2 x 2 tile (cell j centred on its tile: offset 0, the official
-    mapping) or keeps its first pixel (cell j centred on pixel 2 j, as a ResNet's receptive field on
-    pixel 32 j: offset 0.5 / 2 - 0.5); with the other offset the flipped views would disagree."""
+    translation-equivariant stand-in for the encoder; after alignment both maps show the same image
+    points. The stand-in either averages each 2 x 2 tile (cell j centred on its tile: offset 0, the
+    official mapping) or keeps its first pixel (cell j centred on pixel 2 j, as a ResNet's receptive
+    field on pixel 32 j: offset 0.5 / 2 - 0.5); with the other offset the flipped views would
+    disagree."""
     size, grid = 64, 8
     # (top, left, height, width, flip) in a 200 px image
     boxes = torch.tensor([[10.0, 20.0, 120.0, 90.0, 0.0],
@@ -256,8 +256,8 @@ def test_resnet_cells_sit_on_their_receptive_field_centres(images):
     """A real ResNet's C5 of a 256 px crop and of its mirror image, aligned after un-flipping: the
     cell offset that makes them agree best is the receptive-field centres' (--cell-centres resnet,
     -0.484 cells), not the official tile centres' (0), which leave the two views about one cell
-      apart. Measured with ResNet-18 as
-    initialised (the README's figures also cover ResNet-50 and a demo-trained ResNet-18)."""
+    apart. Measured with ResNet-18 as initialised (the README's figures also cover ResNet-50 and a
+    demo-trained ResNet-18)."""
     import glob
     import torchvision.transforms.functional as TF
     from common.datasets import read_image
@@ -447,8 +447,7 @@ def test_liftable_block_runs_alone_with_torch_imports_only():
 
 def test_pretrained_moco_checkpoint_fills_query_and_key_encoders(tmp_path):
     """--pretrained FILE with MoCo's keys (the paper's stage I): module.encoder_q.* is the backbone;
-      the key
-    encoder starts as its copy; encoder_k, the fc head and the queue are not read."""
+    the key encoder starts as its copy; encoder_k, the fc head and the queue are not read."""
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
     net.bn1.running_var.uniform_(0.5, 2.0)  # trained statistics, unlike a fresh model's ones

@@ -205,10 +205,12 @@ def test_single_scale_no_fpn_is_exactly_simsiam(fusion):
     ours = mscl.build_model(args).train()
     # same structure: a one-to-one key mapping, same shapes, same trainable set, same zero-init
     # residual BNs
-    # noqa: E731
-    rename = lambda k: ("projectors.0." + k[len("encoder.fc."):] if k.startswith("encoder.fc.") else
-                        "predictors.0." + k[len("predictor."):] if k.startswith("predictor.") else
-                        "backbone." + k[len("encoder."):])
+    def rename(k):
+        if k.startswith("encoder.fc."):
+            return "projectors.0." + k[len("encoder.fc."):]
+        if k.startswith("predictor."):
+            return "predictors.0." + k[len("predictor."):]
+        return "backbone." + k[len("encoder."):]
     ref_state, our_state = ref.state_dict(), ours.state_dict()
     assert sorted(map(rename, ref_state)) == sorted(our_state)
     assert all(ref_state[k].shape == our_state[rename(k)].shape for k in ref_state)
