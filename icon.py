@@ -933,6 +933,20 @@ def resume(path, args, pose, head, semi_model, **states):
     return epoch, it, ckpt["best"]
 
 
+def checkpoint_state(pose, head, semi_model, **training):
+    """checkpoint.pth: the pose network under "model" (so the file also evaluates as a pose
+    network), its projection head apart ("proj"), network 2 and its head under --semi dual
+    ("model2", "proj2"), and the `training` state."""
+    state = {"model": pose.state_dict(), **training}
+    if head is not None:
+        state["proj"] = head.state_dict()
+    if semi_model is not None and len(semi_model.nets) == 2:
+        state["model2"] = semi_model.nets[1].state_dict()
+        if head is not None:
+            state["proj2"] = semi_model.labeled[1].head.state_dict()
+    return state
+
+
 def save_epoch(args, state, history, epochs, best_state=None):
     """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
     (common/topdown.py) and the epoch line."""
@@ -1038,17 +1052,10 @@ def main():
         history.append(log)
         rngs = dist.gather_objects(rng_state())
         if main_proc:
-            state = {"model": pose.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "iteration": it, "best": best, "args": vars(args),
-                     "rng": rngs}
-            # kept apart from "model" so the checkpoint also evaluates as a pose network
-            if head is not None:
-                state["proj"] = head.state_dict()
-            if args.semi == "dual":
-                state["model2"] = semi_model.nets[1].state_dict()
-                if head is not None:
-                    state["proj2"] = semi_model.labeled[1].head.state_dict()
+            state = checkpoint_state(pose, head, semi_model, optimizer=optimizer.state_dict(),
+                                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                                     epoch=epoch + 1, iteration=it, best=best, args=vars(args),
+                                     rng=rngs)
             save_epoch(args, state, history, epochs, best_state)
         if last:
             break
