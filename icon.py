@@ -874,8 +874,8 @@ def build_networks(args, device):
 def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
           device, data_device):
     """One epoch, or up to iteration `total_iters`, of Eq. (5) (Eq. (7) under --semi). `model` is
-    what runs the forward (DDP and compiled). Returns the iteration reached and the epoch's log
-    entry: each term averaged over iterations and ranks, lr, img/s."""
+    what runs the forward (DDP and compiled). Returns the epoch's log entry (each term averaged
+    over iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
     names = SEMI_TERMS if semi_model else TERMS
     model.train()
@@ -912,9 +912,9 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
                              or k == "loss"})
     means = dist.all_reduce_mean(sums / max(1, n_iters))
     check_finite(means[0], it, os.path.join(args.out, "checkpoint.pth"))
-    return it, dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, means)
-                                                      if k == "loss" or k in terms},
-                    lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0))
+    return dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, means)
+                                                  if k == "loss" or k in terms},
+                lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0)), it
 
 
 def resume(path, args, pose, head, semi_model, **states):
@@ -1034,7 +1034,7 @@ def main():
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        it, log = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+        log, it = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
                         total_iters, args, device, data_device)
         last = it >= total_iters
         best_state = None

@@ -827,7 +827,7 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
         # one D step on the same lifted skeletons, against real ones drawn with replacement
         d_loss, acc_real, acc_lifted = discriminator_step(
             ddp_disc, d_optimizer, real[torch.randint(len(real), (len(im_q),), device=device)],
-                                                       out["lifted"])
+            out["lifted"])
         it += 1
         n_iter += 1
         n_pairs += len(im_q) * world

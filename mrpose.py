@@ -394,8 +394,8 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
           device, data_device):
     """One epoch, or up to iteration `total_iters`, of Eq. (1)'s joints MSE; under --semi,
     common/semi.py's step (Xie et al.'s consistency or the pseudo-label teacher). `model` is what
-    runs the forward (DDP and compiled). Returns the iteration reached and the epoch's log entry:
-    losses averaged over iterations and ranks, lr, img/s."""
+    runs the forward (DDP and compiled). Returns the epoch's log entry (losses averaged over
+    iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
@@ -444,9 +444,9 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
     # heatmaps)
     means = {k: dist.all_reduce_mean(v / max(1, n_iters)) for k, v in sums.items()}
     check_finite(means["loss"], it, os.path.join(args.out, "checkpoint.pth"))
-    return it, dict(epoch=epoch + 1, iteration=it, loss=means.pop("loss").item(),
-                    lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0),
-                    **{k: v.item() for k, v in means.items()})
+    return dict(epoch=epoch + 1, iteration=it, loss=means.pop("loss").item(),
+                lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0),
+                **{k: v.item() for k, v in means.items()}), it
 
 
 def resume(path, args, model, semi_model, **states):
@@ -543,7 +543,7 @@ def main():
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        it, log = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+        log, it = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
                         total_iters, args, device, data_device)
         last = it >= total_iters
         best_state = None

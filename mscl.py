@@ -614,5 +614,6 @@ def main():
         print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
     dist.cleanup()
 
+
 if __name__ == "__main__":
     run_main(main)
