@@ -47,9 +47,9 @@ from common.topdown import (build_data, data_paths, format_metrics, load_weights
                             parse_labeled, predict, resumed_epochs, save_outputs, schedule,
                             summary, to_memory_format, validate)
 from common.transforms import normalize
-from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_json, seed_everything)
+from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
+                          compile_model, load_checkpoint, read_log, restore_training, rng_state,
+                          run_main, save_json, seed_everything)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -205,18 +205,8 @@ def get_args(argv=None):
     p.add_argument("-b", "--batch-size", type=int, default=None,
                    help="total over all ranks; the contrast runs per rank (default: the --data "
                         "preset)")
-    p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data loader processes per rank, at most the CPUs available (default: the "
-                        "--data preset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=AMP_CHOICES,
-                   help=AMP_HELP)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the trained model (inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto: CUDA when available")
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     # evaluation and outputs
     p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
@@ -233,13 +223,7 @@ def get_args(argv=None):
     p.add_argument("--recall", action="store_true",
                    help="Table 6: share of visible GT keypoints whose confidence exceeds 0.1..0.9 "
                         "(GT boxes)")
-    p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
-    p.add_argument("--out", default=None, help="output folder (default: "
-                                               "runs/icon-DATA-BACKBONE[-SEMI][-baseline])")
-    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
-    finish_parser(p, PRESETS)
+    finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
     args.input_size = tuple(args.input_size)

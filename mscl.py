@@ -34,10 +34,10 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
                          world_size)
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (AMP_CHOICES, AMP_HELP, Progress, UserError, autocast, check_finite,
-                          check_epochs_left, check_resume_args, compile_model, load_checkpoint,
-                          read_log, restore_training, rng_state, run_main, save_checkpoint,
-                          seed_everything, write_log)
+from common.utils import (Progress, UserError, autocast, check_finite, check_epochs_left,
+                          check_resume_args, compile_model, load_checkpoint, read_log,
+                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
+                          write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -120,25 +120,9 @@ def get_args(argv=None):
     p.add_argument("-b", "--batch-size", type=int, default=None,
                    help="total over all ranks (rounded down to a multiple of the number of ranks; "
                         "default: the --data preset)")
-    p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data loader processes per rank, at most the CPUs available (default: the "
-                        "--data preset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=AMP_CHOICES,
-                   help=AMP_HELP)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the trained model (inductor)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto: CUDA when available")
     p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
     # outputs
-    p.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
-    p.add_argument("--out", default=None, help="output folder (default: "
-                                               "runs/mscl-DATA-RUN-BACKBONE)")
-    p.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
-    finish_parser(p, PRESETS)
+    finish_parser(p, PRESETS, out="runs/mscl-DATA-RUN-BACKBONE")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
     if args.shared_heads and not args.fpn and not args.single_scale:

@@ -2,8 +2,10 @@
 
 One resolver serves three readers: `--dry-run` (the plan printed as one JSON object, nothing read,
 nothing built), the run's OUT/args.json (the same plan, written when the run starts) and `--help`
-(the preset table in its epilog). A script keeps its PRESETS dict and its get_args; it calls
-`apply_presets` after parsing, `finish_parser` before, and `begin` at the start of main().
+(the preset table in its epilog). A script keeps its PRESETS dict and its get_args with the
+method's flags; `finish_parser` adds the flags that say how a job runs (-j, --seed, --amp,
+--compile, --device, --summary, --resume, --out, --print-freq, --dry-run). It calls
+`apply_presets` after parsing and `begin` at the start of main().
 """
 import argparse
 import json
@@ -44,18 +46,38 @@ def _cell(v):
 def preset_table(presets, title):
     """A plain-text table: one row per setting, one column per preset (a missing value: '-')."""
     keys = list(dict.fromkeys(k for preset in presets.values() for k in preset))
-    rows = [[title] + list(presets)] + [["--" + k.replace("_",
-                                                          "-")]
+    rows = [[title] + list(presets)] + [["--" + k.replace("_", "-")]
                                         + [_cell(p.get(k, "-")) for p in presets.values()]
                                         for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def finish_parser(p, presets, protocols=None):
-    """The help's layout and epilog (the preset tables) and --dry-run, common to every script."""
+def finish_parser(p, presets, protocols=None, *, out):
+    """What every script's parser shares: the help's layout and epilog (the preset tables), and the
+    flags that say how a job runs, not what the method computes (`out`: the --out default's
+    words)."""
     p.formatter_class = HelpFormatter
-    p.add_argument("--dry-run", action="store_true",
+    g = p.add_argument_group("running")
+    g.add_argument("-j", "--workers", type=int, default=None,
+                   help="data loader processes per rank, at most the CPUs available (default: the "
+                        "--data preset)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    g.add_argument("--amp", nargs="?", const="bf16", default=None,
+                   choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "
+                        "fp32), none (fp32), bf16 (bare --amp) or fp16 with loss scaling (default: "
+                        "fp32; the demo preset: auto)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model (inductor)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available")
+    g.add_argument("--summary", action="store_true", help="print parameters and GFLOPs, then exit")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue the run saved in PATH (bare --resume: OUT/checkpoint.pth)")
+    g.add_argument("--out", default=None, help=f"output folder (default: {out})")
+    g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines")
+    g.add_argument("--dry-run", action="store_true",
                    help="print the resolved run plan as one JSON object and exit (reads no data or "
                         "weights)")
     epilog = ["values of --data's presets, used where the command line gives none:",

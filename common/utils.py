@@ -250,13 +250,6 @@ def native_bf16(device):
         and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-# --amp of every script (one help text, so the four scripts cannot drift apart)
-AMP_CHOICES = ["auto", "none", "bf16", "fp16"]
-AMP_HELP = ("autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), none "
-            "(fp32), bf16 (bare --amp) or fp16 with loss scaling (default: fp32; the demo preset: "
-            "auto)")
-
-
 def amp_dtype(args, device):
     """The autocast dtype of --amp on `device`, or None for fp32. `auto` is bf16 where native_bf16;
     the environment variable POSE_AMP_AUTO=none makes it fp32 everywhere (the tests set it: same
