@@ -38,8 +38,8 @@ from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_
                            resolve_data_device)
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
-from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_augmentation,
-                         pose_eval, resume_path)
+from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
+                         pose_augmentation, pose_eval, resume_path)
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
 from common.semi import PairedDataset, build_semi, build_unlabeled
@@ -153,14 +153,6 @@ def get_args(argv=None):
                    "MPII (annot/, images/) or CrowdPose (annotations/, images/) layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--val-ann", default=None,
-                   help="validation annotation file (overrides --data-root)")
-    p.add_argument("--val-images", default=None,
-                   help="validation image folder (overrides --data-root)")
-    p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
-    p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
-    p.add_argument("--det-thresh", type=float, default=0.0,
-                   help="box score threshold for --det-json")
     p.add_argument("--labeled", type=parse_labeled, default=None,
                    help="train on N persons, or P%% of them (few-label)")
     # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi): Xie et al.'s dual networks
@@ -208,21 +200,10 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
-    # evaluation and outputs
-    p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
-                   help="evaluate without averaging the flipped image's heatmaps (flip test is on "
-                        "by default)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="epochs between evaluations (default 1; with --iters about 2000 "
-                        "iterations)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate --weights (or a fresh model) and exit")
-    p.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
-    p.add_argument("--oracle", action="store_true",
-                   help="evaluate the ground truth through the heatmap path")
-    p.add_argument("--recall", action="store_true",
-                   help="Table 6: share of visible GT keypoints whose confidence exceeds 0.1..0.9 "
-                        "(GT boxes)")
+    evaluation = add_pose_eval_args(p)  # the val set, its boxes, --eval-only, --weights
+    evaluation.add_argument("--recall", action="store_true",
+                            help="Table 6: share of visible GT keypoints whose confidence exceeds "
+                                 "0.1..0.9 (GT boxes)")
     finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])

@@ -22,8 +22,8 @@ from common.backbone import ResNetFeatures, load_backbone
 from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
                            resolve_data_device)
 from common.heatmap import gaussian_targets, joints_mse_loss
-from common.plan import (apply_presets, begin, finish_parser, make_plan, pose_augmentation,
-                         pose_eval, resume_path)
+from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
+                         pose_augmentation, pose_eval, resume_path)
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
 from common.topdown import (build_data, format_metrics, load_weights, main_metric, parse_labeled,
@@ -98,14 +98,6 @@ def get_args(argv=None):
                    "MPII (annot/, images/) layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--val-ann", default=None,
-                   help="validation annotation file (overrides --data-root)")
-    p.add_argument("--val-images", default=None,
-                   help="validation image folder (overrides --data-root)")
-    p.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
-    p.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
-    p.add_argument("--det-thresh", type=float, default=0.0,
-                   help="box score threshold for --det-json")
     p.add_argument("--labeled", type=parse_labeled, default=None,
                    help="train on N persons, or P%% of them (few-label; images with "
                         "--labeled-order images)")
@@ -169,18 +161,7 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: the --data preset)")
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
-    # evaluation and outputs
-    p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
-                   help="evaluate without averaging the flipped image's heatmaps (flip test is on "
-                        "by default)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="epochs between evaluations (default 1; with --iters about 2000 "
-                        "iterations)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate --weights (or a fresh model) and exit")
-    p.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
-    p.add_argument("--oracle", action="store_true",
-                   help="evaluate the ground truth through the heatmap path")
+    add_pose_eval_args(p)  # the val set, its boxes, --eval-only, --weights (common/plan.py)
     finish_parser(p, PRESETS, PROTOCOLS, out="runs/mrpose-DATA-ARCH-BACKBONE")
     args = p.parse_args(argv)
     if args.protocol:  # the protocol's values become defaults: flags on the command line still win

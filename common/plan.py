@@ -4,8 +4,9 @@ One resolver serves three readers: `--dry-run` (the plan printed as one JSON obj
 nothing built), the run's OUT/args.json (the same plan, written when the run starts) and `--help`
 (the preset table in its epilog). A script keeps its PRESETS dict and its get_args with the
 method's flags; `finish_parser` adds the flags that say how a job runs (-j, --seed, --amp,
---compile, --device, --summary, --resume, --out, --print-freq, --dry-run). It calls
-`apply_presets` after parsing and `begin` at the start of main().
+--compile, --device, --summary, --resume, --out, --print-freq, --dry-run); `add_pose_eval_args`
+adds the evaluation flags of mrpose.py and icon.py. A script calls `apply_presets` after parsing
+and `begin` at the start of main().
 """
 import argparse
 import json
@@ -86,6 +87,32 @@ def finish_parser(p, presets, protocols=None, *, out):
         epilog += ["", "--protocol presets (on top of --data's; the command line still wins):",
                    preset_table(protocols, "--protocol")]
     p.epilog = "\n".join(epilog)
+
+
+def add_pose_eval_args(p):
+    """The evaluation flags of the top-down pose scripts (mrpose.py, icon.py): the validation set,
+    its boxes and the checkpoint to score, read by common/topdown.py and `pose_eval`."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--val-ann", default=None,
+                   help="validation annotation file (overrides --data-root)")
+    g.add_argument("--val-images", default=None,
+                   help="validation image folder (overrides --data-root)")
+    g.add_argument("--gt-mat", default=None, help="MPII gt_valid.mat (head boxes for PCKh)")
+    g.add_argument("--det-json", default=None, help="person detections for val (default: GT boxes)")
+    g.add_argument("--det-thresh", type=float, default=0.0,
+                   help="box score threshold for --det-json")
+    g.add_argument("--no-flip-test", dest="flip_test", action="store_false",
+                   help="evaluate without averaging the flipped image's heatmaps (flip test is on "
+                        "by default)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="epochs between evaluations (default 1; with --iters about 2000 "
+                        "iterations)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --weights (or a fresh model) and exit")
+    g.add_argument("--weights", default=None, help="checkpoint to evaluate or start from")
+    g.add_argument("--oracle", action="store_true",
+                   help="evaluate the ground truth through the heatmap path")
+    return g
 
 
 def apply_presets(args, preset):
