@@ -25,7 +25,8 @@ TIMING = ("_per_s", "time", "seconds", "sec", "eta", "wall", "speed")
 
 POSE = ["--backbone", "resnet18", "--input-size", "64", "96", "--batch-size", "8", "--workers", "0",
         "--pretrained", "none", "--print-freq", "1", "--eval-every", "1"]
-ICON = ["--head-channels", "32", "--embed-dim", "32", "--num-queries", "16", "--num-negatives", "32"]
+ICON = ["--head-channels", "32", "--embed-dim", "32", "--num-queries", "16", "--num-negatives",
+        "32"]
 SSL = ["--backbone", "resnet18", "--crop-size", "32", "--batch-size", "8", "--workers", "0",
        "--print-freq", "1", "--epochs", "2"]
 
