@@ -270,7 +270,7 @@ def test_few_steps_lower_the_held_out_loss_without_collapse(images):
                         x2 in test) / len(test))
             z = model(*test[0])[2]
         model.load_state_dict(state)
-        return loss, [mscl.collapse_monitor(zi).item() for zi in z]
+        return loss, [mscl.normalised_std(zi).item() for zi in z]
 
     before, _ = held_out_loss()
     for _ in range(24):
@@ -310,8 +310,8 @@ def test_liftable_block_runs_alone_with_torch_imports_only():
     total, _ = namespace["mscl_loss"](p1, p2, z1, z2, weights=[1.0, 2.0, 2.0, 5.0])
     ref, _ = mscl.mscl_loss(*model(x1, x2), mscl.scale_weights(mscl.get_args([])))
     torch.testing.assert_close(total, ref)
-    assert (namespace["collapse_monitor"](z1[3])
-            == pytest.approx(mscl.collapse_monitor(z1[3]).item()))
+    assert (namespace["normalised_std"](z1[3])
+            == pytest.approx(mscl.normalised_std(z1[3]).item()))
 
 
 def test_cosine_schedule_fixed_predictor_lr_and_batch_scaling():
