@@ -1,18 +1,12 @@
 """Multi-Scale Contrastive Learning (MSCL) pretraining for human pose estimation.
 
-A SimSiam-style siamese network (one shared ResNet, two augmented views, stop-gradient) that
-contrasts four scales at once: ResNet stages conv2_x..conv5_x fused by an enhanced FPN (Sec. 3.1,
-Eqs. (1)-(2)), a projector and a predictor per scale (Eqs. (3)-(4)), a symmetric negative-cosine
-loss per scale (Eqs. (5)-(6)) and their weighted sum (Eq. (7)). The pretrained ResNet is exported
-as `backbone.pth` in torchvision key names for `mrpose.py --pretrained` (Sec. 4.3 transfer).
-One file: arguments, data, model, loss, DDP training, export.
+SimSiam on four scales (Bao et al., IEICE TIS 2024): one ResNet sees two augmented views; its
+stages conv2_x..conv5_x, fused by an enhanced FPN (Eqs. 1-2), each get a projector and a predictor
+(Eqs. 3-4) and the symmetric negative cosine with stop-gradient (Eqs. 5-6), weighted by λ (Eq. 7).
+The ResNet is exported as `backbone.pth` in torchvision key names for `mrpose.py --pretrained`.
 
     python mscl.py --data demo                                                # laptop CPU, minutes
-    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet
-        # Sec. 4.1, Table 5 #4
-    torchrun --nproc_per_node=4 mscl.py --data coco --data-root /data/coco    # Table 5 #3
-    python mscl.py --single-scale --no-fpn --dim 2048 --pred-dim 512 ...
-        # SimSiam exactly, Table 5 #1
+    torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1
 """
 import argparse
 import hashlib
@@ -34,32 +28,26 @@ from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2
                          world_size)
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (Progress, UserError, autocast, check_finite, check_epochs_left,
+from common.utils import (Progress, UserError, autocast, check_epochs_left, check_finite,
                           check_resume_args, compile_model, load_checkpoint, read_log,
                           restore_training, rng_state, run_main, save_checkpoint, seed_everything,
                           write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
-# Arguments. Paper defaults (Sec. 4.1, 4.7.2) per dataset; `None` means "take the preset of --data".
+# Arguments: the paper's settings per --data; `None` in the parser means "the preset's value".
 
+# Sec. 4.1: ResNet-50 at 224 px, batch 256 on 4 GPUs, SGD lr 0.05 x batch / 256, cosine, 100 epochs
+IMAGENET = dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256, workers=4,
+                fix_pred_lr=True)
 PRESETS = {
-    # ImageNet (Sec. 4.1): ResNet-50, 224 px, total batch 256 (4 GPUs x 64), SGD lr 0.05 x
-    # batch/256, cosine decay, 100 epochs; paper silent on the predictor's lr: SimSiam's published
-    # 100-epoch recipe and MMSelfSup's SimSiam configs (the paper's codebase) hold it fixed
-    "imagenet": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256,
-                     workers=4, fix_pred_lr=True),
-    # COCO train2017 images, unlabeled (Sec. 4.7.2, Table 5 #3): lr 0.3 instead of 0.05, 800 epochs
-    "coco": dict(backbone="resnet50", crop_size=224, epochs=800, lr=0.3, batch_size=256, workers=4,
-                 fix_pred_lr=True),
-    # any folder of images (--images DIR): the ImageNet recipe
-    "folder": dict(backbone="resnet50", crop_size=224, epochs=100, lr=0.05, batch_size=256,
-                   workers=4, fix_pred_lr=True),
-    # demo: ResNet-18 on 64 px crops of the generated 192 px demo images, a higher base lr (0.4 x
-    # 64/256 = 0.1) so that 3 epochs (93 iterations, a few CPU minutes) visibly lower the loss (not
-    # a paper setting)
-    "demo": dict(backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64, workers=1,
-                 fix_pred_lr=True, amp="auto"),
+    "imagenet": IMAGENET,
+    "coco": dict(IMAGENET, epochs=800, lr=0.3),  # train2017 images, unlabeled (Sec. 4.7.2)
+    "folder": IMAGENET,  # any folder of images (--images DIR)
+    # not a paper setting: a base lr of 0.4 (0.1 at batch 64), so that 3 epochs (93 iterations, a
+    # few CPU minutes) visibly lower the loss
+    "demo": dict(IMAGENET, backbone="resnet18", crop_size=64, epochs=3, lr=0.4, batch_size=64,
+                 workers=1, amp="auto"),
 }
 DEFAULT_SCALE_WEIGHTS = [1.0, 2.0, 2.0, 5.0]  # Table 4's best
 
@@ -69,59 +57,46 @@ def get_args(argv=None):
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS),
                    help="the ResNet (default: the --data preset)")
     # model (Sec. 3)
-    p.add_argument("--dim", type=int, default=512,
-                   help="FPN vector and projector output width (Eq. 3)")
-    p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width (Eq. 4)")
-    p.add_argument("--fpn-width", type=int, default=256,
-                   help="width of the Conv1 laterals (paper silent; FPN's 256)")
+    p.add_argument("--dim", type=int, default=512, help="FPN vector and projector output width")
+    p.add_argument("--pred-dim", type=int, default=128, help="predictor hidden width")
+    p.add_argument("--fpn-width", type=int, default=256, help="width of the FPN's Conv1 laterals")
     p.add_argument("--fusion", default="conv-pool", choices=["conv-pool", "pool-conv"],
-                   help="order of Pool-Conv2 in Eqs. (1)-(2): conv-pool = 3x3 Conv2 on the fused "
-                        "map, then global max pooling (FPN's reading); pool-conv = global max "
-                        "pooling, then a 1x1 Conv2")
+                   help="Pool-Conv2 of Eqs. 1-2: conv-pool = 3x3 Conv2 on the fused map, then "
+                        "global max pooling; pool-conv = global max pooling, then a 1x1 Conv2")
     p.add_argument("--scale-weights", type=float, nargs=4, default=DEFAULT_SCALE_WEIGHTS,
-                   metavar="λ", help="Eq. (7) weights for F1..F4, normalised to sum 1 (Table 4; "
-                                     "1:2:2:5 is its best)")
+                   metavar="λ", help="λ of Eq. 7 for F1..F4, in proportion (Table 4)")
     p.add_argument("--no-fpn", dest="fpn", action="store_false",
-                   help="Table 5 #2 (MS without FPN): each stage global-average-pooled straight "
-                        "into its projector")
+                   help="Table 5 #2: each stage global-average-pooled into its projector")
     p.add_argument("--single-scale", action="store_true",
-                   help="conv5_x only. With --no-fpn --dim 2048 --pred-dim 512 this is SimSiam "
-                        "(Table 5 #1); alone it keeps the FPN's Conv1/Conv2 on conv5_x, which is "
-                        "no paper row")
+                   help="conv5_x alone; with --no-fpn --dim 2048 --pred-dim 512 this is SimSiam "
+                        "(Table 5 #1)")
     p.add_argument("--shared-heads", action="store_true",
-                   help="one projector and one predictor for all scales (default: one per scale; "
-                        "needs the FPN)")
+                   help="one projector and one predictor for all scales (needs the FPN)")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
-                   help="training images and their preset (table below); demo is generated, no "
-                        "download")
+                   help="training images and their preset (table below); demo is generated")
     p.add_argument("--data-root", default=None,
                    help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
-    p.add_argument("--images", default=None, help="a folder of images (any layout; overrides "
-                                                  "--data-root)")
+    p.add_argument("--images", default=None,
+                   help="a folder of images (any layout; overrides --data-root)")
     p.add_argument("--crop-size", type=int, default=None,
-                   help="RandomResizedCrop output side (paper 224; default: "
-                   "the --data preset)")
+                   help="RandomResizedCrop output side (default: the --data preset)")
     # optimisation (Sec. 4.1)
     p.add_argument("--epochs", type=int, default=None,
                    help="length of the cosine schedule (default: the --data preset)")
     p.add_argument("--iters", type=int, default=None,
-                   help="stop after this many iterations in total (the cosine schedule still spans "
-                        "--epochs; a later --resume continues at the next epoch)")
+                   help="stop after this many iterations in all; the schedule still spans --epochs")
     p.add_argument("--lr", type=float, default=None,
-                   help="BASE lr: the effective lr is lr x batch-size / 256 "
-                   "(default: the --data preset)")
+                   help="base lr; the lr used is lr x batch / 256 (default: the --data preset)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=1e-4,
                    help="SGD weight decay")
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the predictors' lr at its initial value (SimSiam's 100-epoch recipe; "
-                        "on in every preset, --no-fix-pred-lr decays it with the rest)")
+                   help="hold the predictors' lr at its initial value (on in every preset)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="total over all ranks (rounded down to a multiple of the number of ranks; "
-                        "default: the --data preset)")
+                   help="total over all ranks, rounded down to a multiple of the ranks (default: "
+                        "the --data preset)")
     p.add_argument("--aug-device", default="auto", choices=AUG_DEVICES, help=AUG_DEVICE_HELP)
-    # outputs
     finish_parser(p, PRESETS, out="runs/mscl-DATA-RUN-BACKBONE")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
@@ -131,23 +106,21 @@ def get_args(argv=None):
     if min(args.scale_weights) < 0 or sum(args.scale_weights) <= 0:
         raise UserError(f"--scale-weights {args.scale_weights}: need non-negative weights with a "
                         f"positive sum")
-    args.out = (args.out or os.path.join("runs",
-                                         f"mscl-{args.data}-{run_name(args)}-{args.backbone}"))
+    args.out = args.out or os.path.join("runs",
+                                        f"mscl-{args.data}-{run_name(args)}-{args.backbone}")
     args.resume = resume_path(args)
     return args
 
 
 def run_plan(args):
-    """The --dry-run plan and OUT/args.json (common/plan.py): the lr after SimSiam's batch
-    scaling."""
+    """The --dry-run plan and OUT/args.json, with the lr after the batch scaling."""
     return make_plan(args, lr_effective=batch_and_lr(args, world_size())[2],
                      augmentation=moco_v2_views(args))
 
 
 def run_name(args):
-    """What the run is, for its output folder: simsiam (Table 5 #1, the exact SimSiam), ms-nofpn
-    (#2), mscl (#3 with --data coco, #4), or single-fpn / single-nofpn (conv5_x with other widths:
-    no paper row); then the non-default fusion and λ (Table 4)."""
+    """What the run is, for its folder: simsiam (Table 5 #1), ms-nofpn (#2), mscl (#3, #4), or
+    single-fpn / single-nofpn (no paper row); then a non-default fusion and λ (Table 4)."""
     if args.single_scale:
         name = "simsiam" if not args.fpn and (args.dim, args.pred_dim) == (2048, 512) else \
             f"single-{'fpn' if args.fpn else 'nofpn'}"
@@ -160,16 +133,18 @@ def run_name(args):
     return name
 
 
+def scale_names(args):
+    """F1..F4, or F4 alone: the scales in the log, the plot and the printed lines."""
+    return [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
+
+
 def scale_weights(args):
-    """Eq. (7)'s λ_i normalised to sum 1; a single scale has λ = 1."""
-    if args.single_scale:
-        return [1.0]
-    total = sum(args.scale_weights)
-    return [w / total for w in args.scale_weights]
+    """λ normalised to sum 1; a single scale has λ = 1."""
+    return [1.0] if args.single_scale else [w / sum(args.scale_weights) for w in args.scale_weights]
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: two MoCo v2 views of every image (Sec. 4.2; MoCo v2's main_moco.py augmentation)
+# Data: two MoCo v2 views of every image (Sec. 4.2)
 
 class TwoViews(torch.utils.data.Dataset):
     """Unlabeled images; each item is two independent augmentations of one image."""
@@ -186,60 +161,42 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 def image_folder(args):
-    """The training images of --data (labels and annotations are never read)."""
+    """The folder of --data's training images (labels and annotations are never read)."""
     if args.images:
         return args.images
     if args.data == "demo":
         return os.path.join(demo_root(args.seed), "train2017")
     if args.data == "folder":
         raise UserError("--data folder needs --images DIR")
-    root = args.data_root
     layout = "train/<class>/*.JPEG" if args.data == "imagenet" else "train2017/*.jpg"
-    if root is None:
+    if args.data_root is None:
         raise UserError(f"--data {args.data} needs --data-root DIR (a folder holding {layout}) or "
                         f"--images DIR")
-    if not os.path.isdir(root):
-        raise UserError(f"{root}: data root not found (--data-root of --data {args.data} holds "
-                        f"{layout})")
     candidates = (["train"] if args.data == "imagenet"
                   else ["train2017", os.path.join("images", "train2017")])
     for c in candidates:
-        if os.path.isdir(os.path.join(root, c)):
-            return os.path.join(root, c)
-    raise UserError(f"{root}: no {' or '.join(candidates)} folder inside (give --images DIR for "
-                    f"another layout)")
+        if os.path.isdir(os.path.join(args.data_root, c)):
+            return os.path.join(args.data_root, c)
+    raise UserError(f"{args.data_root}: no {' or '.join(candidates)} folder inside (give --images "
+                    f"DIR for another layout)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Liftable block: the enhanced FPN, the heads and the loss (Sec. 3, Eqs. (1)-(7)). It needs only
-# `import torch, torch.nn as nn, torch.nn.functional as F`; every function takes explicit arguments.
-# Copy it from here to the end marker.
+# Liftable block: the enhanced FPN, the heads and the loss (Sec. 3). It needs only `import torch,
+# torch.nn as nn, torch.nn.functional as F`; every function takes explicit arguments. The choices
+# where the paper is silent are listed in README.md.
 
 class FeaturePyramid(nn.Module):
-    """Enhanced FPN, Eqs. (1)-(2): a 512-d vector F_i per stage feature f_i.
-
-    F_i = Pool-Conv2(Conv1(f_i) + Up(Conv1(f_{i+1})))  for i < top,
-    F_top = Pool-Conv2(Conv1(f_top)).
-    Given the stages in use (all four, or conv5_x alone), the last one is the top.
-
-    "Pool-Conv2" is a composition whose order the paper leaves open (Eq. (2) read left to right
-    would even pool before Conv1, which the text contradicts). `fusion` picks one:
-      conv-pool (default): Conv2 is a 3x3 conv on the fused map, then global max pooling: FPN's
-        output conv ("kernel sizes of 1 and 3": Conv1 1x1, Conv2 3x3), so F_i can use all out_dim
-        dimensions;
-      pool-conv: global max pooling first, then a 1x1 Conv2 (on a 1x1 map a padded 3x3 conv is its
-        centre tap). Conv2 is then a linear map of a `width`-d vector, so every F_i lies in a
-        `width`-dimensional affine subspace (256 of 512); far cheaper, as Conv2 runs on one pixel
-        per image, not on every pixel (at 56x56 the 3x3 Conv2 of F_1 alone costs about as much as
-        the ResNet-50; see eval.bench)."""
+    """The enhanced FPN: one out_dim vector F_i per stage feature f_i; the last stage given is the
+    top. `fusion` orders Pool-Conv2: conv-pool = a 3x3 Conv2 on the fused map, then global max
+    pooling (FPN's); pool-conv = global max pooling, then a 1x1 Conv2 (cheaper, but every F_i then
+    lies in a `width`-dimensional subspace)."""
 
     def __init__(self, in_channels, width=256, out_dim=512, fusion="conv-pool"):
         super().__init__()
         self.fusion = fusion
-        # paper silent; Conv1 is a 1x1 lateral conv with bias to `width` (256 as in FPN [30]), no
-        # BN/ReLU
+        # FPN's convs: with bias, no BN or ReLU
         self.conv1 = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
-        # paper silent; Conv2 with bias, no BN/ReLU (FPN's output conv), width -> out_dim
         k = 3 if fusion == "conv-pool" else 1
         self.conv2 = nn.ModuleList(nn.Conv2d(width, out_dim, k, padding=k // 2)
                                    for _ in in_channels)
@@ -248,12 +205,10 @@ class FeaturePyramid(nn.Module):
         lateral = [conv(f) for conv, f in zip(self.conv1, feats)]
         out = []
         for i, lat in enumerate(lateral):
+            # Eq. (1): a level adds the next level's lateral alone (no accumulated top-down path)
+            # Eq. (2): the top level has none
             if i + 1 < len(lateral):
-                # Eq. (1): each level fuses the NEXT level's lateral only (no accumulated top-down
-                # path); paper silent; Up = nearest-neighbour upsampling to f_i's size (as FPN [30])
                 lat = lat + F.interpolate(lateral[i + 1], size=lat.shape[-2:], mode="nearest")
-            # Eqs. (1)-(2): paper silent; Pool = global max-pooling ("max-pooling", output is a
-            # vector)
             if self.fusion == "conv-pool":
                 fused = F.adaptive_max_pool2d(self.conv2[i](lat), 1)
             else:
@@ -263,49 +218,42 @@ class FeaturePyramid(nn.Module):
 
 
 def projector(in_dim, dim):
-    """Eq. (3): FC-BN-ReLU, FC-BN-ReLU, FC-BN, exactly SimSiam's (builder.py): the hidden width is
-    the input width (512 with the FPN, as the paper says), the hidden FCs have no bias, the output
-    BN has no affine parameters and the output FC's bias is frozen (it is followed by a BN)."""
-    head = nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim),
-                         nn.ReLU(inplace=True), nn.Linear(in_dim, in_dim, bias=False),
-                         nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, dim),
-                         nn.BatchNorm1d(dim, affine=False))
-    head[6].bias.requires_grad = False
+    """SimSiam's projector: hidden width = input width (512 after the FPN, as the paper says), the
+    hidden FCs without bias, the output BN without affine parameters."""
+    head = nn.Sequential(  # Eq. (3): (FC-BN-ReLU) x 2, FC-BN
+        nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, dim), nn.BatchNorm1d(dim, affine=False))
+    head[6].bias.requires_grad = False  # the BN after it cancels it (SimSiam)
     return head
 
 
 def predictor(dim, pred_dim):
-    """Eq. (4): FC(dim -> pred_dim)-BN-ReLU-FC(pred_dim -> dim), exactly SimSiam's (first FC without
-    bias)."""
-    return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
-                         nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+    """SimSiam's predictor: a bottleneck of width pred_dim, the first FC without bias."""
+    return nn.Sequential(  # Eq. (4): FC(FC-BN-ReLU)
+        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+        nn.Linear(pred_dim, dim))
 
 
 def D(p, z):
-    """Eq. (5) negative cosine similarity, averaged over the batch, with stopgrad on the target z
-    (Eq. 6).
-
-    Eq. (6) as printed pairs F' with stopgrad(Z) and Z with stopgrad(F'); the text ("the upper
-    branch predicts the lower one", gradient stopped on the lower branch, views swapped) and
-    SimSiam, on which it builds, both mean: each view's prediction p against the other view's
-    projection z, detached."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+    """Negative cosine similarity of predictions p and targets z, batch mean; z's gradient is
+    stopped (the text's reading of Eq. 6)."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()  # Eq. (5)
 
 
 def mscl_loss(p1, p2, z1, z2, weights):
-    """(Eq. (7) total, [Eq. (6) loss of each scale]). `weights` are Eq. (7)'s λ_i as the paper
-    states them, in proportion (Table 4's 1:2:2:5): the total divides by their sum, so that it stays
-    on the scale of one Eq. (6) loss (-1 at best) whatever their magnitude."""
+    """(total, [loss of each scale]) from lists over scales of the two views' predictions p and
+    projections z. `weights` are λ in proportion, as Table 4 states them: the total divides by
+    their sum, so that it stays on one scale's range (-1 at best)."""
     per_scale = [0.5 * D(a, zb) + 0.5 * D(b, za) for a, b, za, zb in zip(p1, p2, z1, z2)]  # Eq. (6)
-    # Eq. (7), normalised
-    total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)
+    total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)  # Eq. (7)
     return total, per_scale
 
 
 @torch.no_grad()
-def collapse_monitor(z):
-    """SimSiam Sec. 4.1: std over the batch of the L2-normalised z, averaged over channels;
-    about 1/sqrt(dim) for a healthy representation, 0 on collapse."""
+def normalised_std(z):
+    """SimSiam's collapse check (Sec. 4.1): the std over the batch of the L2-normalised z, averaged
+    over channels; about 1/sqrt(dim) when healthy, 0 on collapse."""
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
@@ -313,20 +261,17 @@ def collapse_monitor(z):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model (Sec. 3, Figs. 1-2)
+# The siamese network (Fig. 1) and its optimiser (SimSiam's main_simsiam.py)
 
 class MSCL(nn.Module):
-    """Shared ResNet -> (FPN) -> per-scale projector z and predictor p, for both views (Fig. 1).
-
-    --single-scale --no-fpn is SimSiam: avgpooled conv5_x -> projector -> predictor."""
+    """A shared ResNet, the FPN (or global average pooling) and a projector and predictor per scale,
+    for both views. --single-scale --no-fpn is SimSiam."""
 
     def __init__(self, backbone="resnet50", dim=512, pred_dim=128, fpn=True, single_scale=False,
                  shared_heads=False, fpn_width=256, fusion="conv-pool"):
         super().__init__()
         self.backbone = ResNetFeatures(backbone)
-        # SimSiam builds its encoder with zero_init_residual=True: the last BN of each residual
-        # block starts at 0 (torchvision's init, applied after construction; it draws no random
-        # numbers)
+        # SimSiam's zero_init_residual: each residual block's last BN starts at 0 (no random draw)
         for m in self.backbone.modules():
             if isinstance(m, torchvision.models.resnet.Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
@@ -337,31 +282,25 @@ class MSCL(nn.Module):
         self.neck = FeaturePyramid(channels, fpn_width, dim, fusion) if fpn else None
         in_dims = [dim] * len(channels) if fpn else channels
         n_heads = 1 if shared_heads else len(self.levels)
-        self.shared = shared_heads
         self.projectors = nn.ModuleList(projector(d, dim) for d in in_dims[:n_heads])
         self.predictors = nn.ModuleList(predictor(dim, pred_dim) for _ in range(n_heads))
 
-    def head(self, k):
-        return 0 if self.shared else k
-
     def encode(self, x):
-        """One view -> the projector outputs z_i (Eq. 3) of every scale."""
+        """One view -> the projections z of every scale."""
         feats = self.backbone(x)
         feats = [feats[i] for i in self.levels]
         if self.neck is not None:
             vectors = self.neck(feats)
-        # global average pooling, as ResNet/SimSiam (paper silent for the multi-scale no-FPN
-        # ablation)
-        else:
+        else:  # global average pooling, as ResNet and SimSiam
             vectors = [torch.flatten(F.adaptive_avg_pool2d(f, 1), 1) for f in feats]
-        return [self.projectors[self.head(k)](v) for k, v in enumerate(vectors)]
+        return [self.projectors[k % len(self.projectors)](v) for k, v in enumerate(vectors)]
 
     def forward(self, x1, x2):
-        """Lists over scales of p1, p2 (predictor outputs, Eq. 4) and z1, z2 (projector outputs).
-        z is returned attached; the loss applies the stop-gradient (Eq. 6)."""
+        """Lists over scales of p1, p2 (predictions) and z1, z2 (projections, still attached: the
+        loss stops their gradient)."""
         z1, z2 = self.encode(x1), self.encode(x2)
-        p1 = [self.predictors[self.head(k)](z) for k, z in enumerate(z1)]
-        p2 = [self.predictors[self.head(k)](z) for k, z in enumerate(z2)]
+        p1 = [self.predictors[k % len(self.predictors)](z) for k, z in enumerate(z1)]
+        p2 = [self.predictors[k % len(self.predictors)](z) for k, z in enumerate(z2)]
         return p1, p2, z1, z2
 
 
@@ -370,28 +309,8 @@ def build_model(args):
                 args.shared_heads, args.fpn_width, args.fusion)
 
 
-def print_summary(args):
-    """--summary: parameters and multiply-accumulates of one view through the encoder (ResNet, FPN,
-    projectors), and of the ResNet alone, the part that transfers."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = build_model(args).eval()
-    x = torch.zeros(1, 3, args.crop_size, args.crop_size)
-    flops = []
-    for fn in (model.encode, model.backbone):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            fn(x)
-        flops.append(counter.get_total_flops() / 2 / 1e9)
-    n, n_backbone = (sum(p.numel() for p in m.parameters()) for m in (model, model.backbone))
-    print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters "
-          f"({n_backbone:,} in the ResNet); {flops[0]:.2f} GFLOPs (multiply-accumulates) per view "
-          f"through the encoder, {flops[1]:.2f} in the ResNet")
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisation (SimSiam's main_simsiam.py)
-
 def build_optimizer(model, init_lr, args):
-    """SGD; the predictors form their own group so --fix-pred-lr can hold their lr."""
+    """SGD; the predictors form a group of their own, whose lr --fix-pred-lr holds."""
     pred = [p for n, p in model.named_parameters() if n.startswith("predictors.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("predictors.")]
     groups = [{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": args.fix_pred_lr}]
@@ -399,83 +318,36 @@ def build_optimizer(model, init_lr, args):
 
 
 def batch_and_lr(args, world):
-    """(per-rank batch, total batch actually used, initial lr). A --batch-size that the ranks do not
-    divide is rounded down to per-rank x ranks, and the lr follows the batch used: base lr x batch /
-    256 (SimSiam)."""
+    """(per-rank batch, total batch used, initial lr): the batch is rounded down to a multiple of
+    the ranks, and the lr follows the batch used (base lr x batch / 256)."""
     per_rank = args.batch_size // world
     batch = per_rank * world
     return per_rank, batch, args.lr * batch / 256
 
 
 def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
-    """Cosine decay once per epoch over `epochs` (SimSiam); a fix_lr group keeps init_lr."""
+    """Cosine decay once per epoch over `epochs`; a fix_lr group keeps init_lr."""
     cur_lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     for group in optimizer.param_groups:
         group["lr"] = init_lr if group["fix_lr"] else cur_lr
     return cur_lr
 
 
-# the model and the schedule: a resumed run must keep them (--iters may change: it only says where
-# to stop)
-RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
-               "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
-               "fix_pred_lr", "momentum", "wd", "epochs", "amp")
-
-
-def parameter_digest(model):
-    """sha1 of every parameter's bytes: equal on all ranks when DDP keeps them in step."""
-    h = hashlib.sha1()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------
-# Training (MoCo's main_moco.py: main builds and resumes, train runs one epoch, save
-# writes its outputs)
-
-def scale_names(args):
-    """F1..F4 (or F4 alone), the scales' names in the log, the plot and the printed lines."""
-    return [f"F{i + 1}" for i in ([3] if args.single_scale else range(4))]
-
-
-def resume(args, model, optimizer, scaler, rank, total_iters):
-    """--resume: the saved model, optimizer, scaler and this rank's RNGs; returns (epoch,
-    iteration) reached and log.jsonl's entries up to that epoch."""
-    ckpt = load_checkpoint(args.resume)
-    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
-    try:
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    # a tensor of another shape (e.g. a checkpoint saved before --fusion)
-    except RuntimeError as e:
-        raise UserError(f"{args.resume}: does not fit this model "
-                        f"({str(e).splitlines()[-1].strip()})") from None
-    if missing or unexpected:
-        raise UserError(f"{args.resume}: does not fit this model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}; check "
-                        f"--backbone/--no-fpn/--single-scale/--shared-heads)")
-    start_epoch, it = restore_training(args.resume, ckpt, rank, optimizer=optimizer, scaler=scaler)
-    history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
-    check_epochs_left(args.resume, start_epoch, it, args.epochs, total_iters)
-    if dist.is_main():
-        print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
-    return start_epoch, it, history
-
+# Training (MoCo's main_moco.py: main builds and resumes, train runs one epoch, save writes)
 
 def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, device,
           appearance=None):
-    """One epoch, or until iteration `total_iters`: SGD on Eq. (7) through `model` (under DDP,
-    gradients averaged over ranks), `appearance` finishing the views on the batch where
-    --aug-device says so. Returns the epoch's log.jsonl entry (means over ranks) and the iteration
-    reached."""
+    """One epoch, or up to iteration `total_iters`, of SGD on the weighted loss (DDP averages the
+    gradients over ranks); `appearance` finishes the views on the device (--aug-device). Returns
+    the epoch's log.jsonl entry (means over ranks) and the iteration reached."""
     world, weights, names = dist.world_size(), scale_weights(args), scale_names(args)
     ckpt_path = os.path.join(args.out, "checkpoint.pth")  # named by a non-finite loss's error
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
                         f"epoch {epoch + 1} ")
-    # running sums: total loss, each scale's loss, each scale's collapse monitor on z1
-    sums, n_iter, n_pairs, t0 = (torch.zeros(1 + 2 * len(names), device=device), 0, 0,
-                                 time.time())
+    # running sums: the total loss, each scale's loss, each scale's normalised std of z1
+    sums, n_iter, n_pairs, t0 = torch.zeros(1 + 2 * len(names), device=device), 0, 0, time.time()
     for i, (x1, x2) in enumerate(loader):
         if it >= total_iters:
             break
@@ -489,25 +361,40 @@ def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, de
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        it += 1
-        n_iter += 1
-        n_pairs += x1.shape[0] * world
+        it, n_iter, n_pairs = it + 1, n_iter + 1, n_pairs + x1.shape[0] * world
         sums += torch.stack([loss.detach()] + [s.detach() for s in per_scale]
-                            + [collapse_monitor(z) for z in z1])
-        if (i + 1) % args.print_freq == 0:
-            # the same on every rank: all stop together
+                            + [normalised_std(z) for z in z1])
+        if (i + 1) % args.print_freq == 0:  # the same on every rank: all stop together
             mean_loss = dist.all_reduce_mean(loss.detach())
             check_finite(mean_loss, it, ckpt_path)
             progress.step(i, args.print_freq * loader.batch_size * world, loss=mean_loss.item(),
                           lr=lr)
     means = dist.all_reduce_mean(sums / max(1, n_iter))
     check_finite(means, it, ckpt_path)
-    means = means.tolist()
-    k = len(names)
+    means, k = means.tolist(), len(names)
     return dict(epoch=epoch + 1, iteration=it, loss=means[0],
                 loss_scales=dict(zip(names, means[1:1 + k])), z_std=dict(zip(names, means[1 + k:])),
                 z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
                 pairs_per_s=n_pairs / (time.time() - t0)), it
+
+
+# what a resumed run must keep: the model and the schedule (--iters only says where to stop)
+RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
+               "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
+               "fix_pred_lr", "momentum", "wd", "epochs", "amp")
+
+
+def resume(args, model, optimizer, scaler, rank, total_iters):
+    """--resume: the saved model, optimizer, scaler and this rank's RNGs; returns the (epoch,
+    iteration) reached and log.jsonl's entries up to that epoch."""
+    ckpt = load_checkpoint(args.resume)
+    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
+    epoch, it = restore_training(args.resume, ckpt, rank, model=model, optimizer=optimizer,
+                                 scaler=scaler)
+    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
+    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
 
 
 def save(args, model, optimizer, scaler, history, rngs):
@@ -524,13 +411,28 @@ def save(args, model, optimizer, scaler, history, rngs):
     write_log(os.path.join(args.out, "log.jsonl"), history)
     plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
                 {"total (Eq. 7)": [e["loss"] for e in history],
-                 **{n: [e["loss_scales"][n] for e in history] for n in names}},
-                xlabel="epoch")
-    print(f"epoch {log['epoch']}/{args.epochs}: loss {log['loss']:.4f} ("
-          + " ".join(f"{n} {v:.4f}" for n, v in log["loss_scales"].items()) + "), z std "
-          + " ".join(f"{n} {v:.4f}" for n, v in log["z_std"].items())
-          + f" (healthy ~{log['z_std_healthy']:.4f}), lr {log['lr']:.4g}, "
-            f"{log['pairs_per_s']:.1f} pairs/s", flush=True)
+                 **{n: [e["loss_scales"][n] for e in history] for n in names}}, xlabel="epoch")
+    scales = lambda d: " ".join(f"{n} {v:.4f}" for n, v in d.items())  # noqa: E731
+    print(f"epoch {log['epoch']}/{args.epochs}: loss {log['loss']:.4f} "
+          f"({scales(log['loss_scales'])}), z std {scales(log['z_std'])} (healthy "
+          f"~{log['z_std_healthy']:.4f}), lr {log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s",
+          flush=True)
+
+
+def print_summary(args):
+    """--summary: parameters and multiply-accumulates of one view through the encoder (ResNet, FPN,
+    projectors) and through the ResNet alone, the part that transfers."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(args).eval()
+    macs = []
+    for fn in (model.encode, model.backbone):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn(torch.zeros(1, 3, args.crop_size, args.crop_size))
+        macs.append(counter.get_total_flops() / 2 / 1e9)
+    n, n_backbone = (sum(p.numel() for p in m.parameters()) for m in (model, model.backbone))
+    print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters "
+          f"({n_backbone:,} in the ResNet); {macs[0]:.2f} GFLOPs (multiply-accumulates) per view "
+          f"through the encoder, {macs[1]:.2f} in the ResNet")
 
 
 def main():
@@ -542,11 +444,9 @@ def main():
         return
     rank, world, device = dist.setup(args.device)
     aug_device = resolve_aug_device(args.aug_device, device)
-    main_proc = dist.is_main()
     seed_everything(args.seed + rank)
     files = list_images(image_folder(args))
-    # SyncBatchNorm under CUDA DDP, as SimSiam
-    model = dist.convert_sync_bn(build_model(args), device).to(device)
+    model = dist.convert_sync_bn(build_model(args), device).to(device)  # SyncBN, as SimSiam
     train_ds = TwoViews(files, CropFlip(args.crop_size) if aug_device is not None
                         else moco_v2_augmentation(args.crop_size))
     appearance = BatchAppearance(aug_device) if aug_device is not None else None
@@ -556,8 +456,7 @@ def main():
                         f"{world} ranks; BatchNorm needs at least 2 per rank")
     if batch > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} "
-                        f"training images (the last incomplete batch is dropped, so an epoch would "
-                        f"be empty)")
+                        f"training images (an epoch would be empty)")
     loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
                                         device=device)
     total_iters = min(args.iters or math.inf, args.epochs * len(loader))
@@ -567,20 +466,15 @@ def main():
     start_epoch, it, history = 0, 0, []
     if args.resume:
         start_epoch, it, history = resume(args, model, optimizer, scaler, rank, total_iters)
-    if main_proc:
+    if dist.is_main():
         os.makedirs(args.out, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        rounded = f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)" \
-            if batch != args.batch_size else ""
-        print(f"MSCL {args.backbone} ({run_name(args)}), scales {' '.join(scale_names(args))} "
-              f"(λ {' '.join(f'{w:.3f}' for w in scale_weights(args))}), "
-              f"{f'FPN {args.fusion}' if args.fpn else 'no FPN'}, "
-              f"{'shared' if args.shared_heads else 'per-scale'} heads: {n_params:,} parameters; "
-              f"{len(train_ds)} images at {args.crop_size} px; {len(loader)} it/epoch x "
-              f"{args.epochs} epochs on {world} x {device}; lr {args.lr} x {batch}/256 = "
-              f"{init_lr:.5g}{rounded}, predictor lr "
-              f"{'fixed' if args.fix_pred_lr else 'cosine'}", flush=True)
-
+        rounded = (f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)"
+                   if batch != args.batch_size else "")
+        print(f"MSCL {args.backbone} ({run_name(args)}), λ "
+              f"{' '.join(f'{w:.3f}' for w in scale_weights(args))}: "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_ds)} images "
+              f"at {args.crop_size} px; {len(loader)} it/epoch x {args.epochs} epochs on {world} x "
+              f"{device}; lr {args.lr} x {batch}/256 = {init_lr:.5g}{rounded}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:
             break
@@ -590,11 +484,13 @@ def main():
                         device, appearance)
         history.append(log)
         rngs = dist.gather_objects(rng_state())  # a collective: every rank takes part
-        if main_proc:
+        if dist.is_main():
             save(args, model, optimizer, scaler, history, rngs)
-    if world > 1:  # DDP keeps every rank's parameters identical; show it
-        print(f"rank {rank}/{world}: parameters sha1 {parameter_digest(model)}", flush=True)
-    if main_proc:
+    if world > 1:  # DDP keeps every rank's parameters identical: show it
+        sha1 = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes()
+                                     for p in model.parameters()))
+        print(f"rank {rank}/{world}: parameters sha1 {sha1.hexdigest()}", flush=True)
+    if dist.is_main():
         print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
     dist.cleanup()
 

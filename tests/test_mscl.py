@@ -270,7 +270,7 @@ def test_few_steps_lower_the_held_out_loss_without_collapse(images):
                         x2 in test) / len(test))
             z = model(*test[0])[2]
         model.load_state_dict(state)
-        return loss, [mscl.collapse_monitor(zi).item() for zi in z]
+        return loss, [mscl.normalised_std(zi).item() for zi in z]
 
     before, _ = held_out_loss()
     for _ in range(24):
@@ -310,8 +310,33 @@ def test_liftable_block_runs_alone_with_torch_imports_only():
     total, _ = namespace["mscl_loss"](p1, p2, z1, z2, weights=[1.0, 2.0, 2.0, 5.0])
     ref, _ = mscl.mscl_loss(*model(x1, x2), mscl.scale_weights(mscl.get_args([])))
     torch.testing.assert_close(total, ref)
-    assert (namespace["collapse_monitor"](z1[3])
-            == pytest.approx(mscl.collapse_monitor(z1[3]).item()))
+    assert (namespace["normalised_std"](z1[3])
+            == pytest.approx(mscl.normalised_std(z1[3]).item()))
+
+
+def test_equations_tagged_once_in_the_papers_order():
+    """Each of Eqs. (1)-(7) is tagged `# Eq. (n)` once, where it is computed, in the paper's order,
+    and all inside the liftable block."""
+    import inspect
+    source = inspect.getsource(mscl)
+    tags = re.findall(r"# Eq\. \((\d+)\)", source)
+    assert tags == [str(n) for n in range(1, 8)], tags
+    block = source[source.index("# Liftable block"):source.index("# End of the liftable block.")]
+    assert re.findall(r"# Eq\. \((\d+)\)", block) == tags
+
+
+def test_collapse_monitor_draws_no_random_number():
+    """The training monitor (std of the normalised z) leaves the global RNGs as they were, so that
+    logging it changes no later draw."""
+    import random
+    import numpy as np
+    z = torch.randn(16, 32)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    std = mscl.normalised_std(z)
+    assert torch.equal(states[0], torch.get_rng_state())
+    assert states[1] == random.getstate() and (states[2] == np.random.get_state()[1]).all()
+    assert std.item() == pytest.approx(F.normalize(z, dim=1).std(dim=0).mean().item())
+    assert mscl.normalised_std(torch.ones(16, 32)).item() == 0  # collapse
 
 
 def test_cosine_schedule_fixed_predictor_lr_and_batch_scaling():
@@ -365,6 +390,31 @@ def test_resume_refuses_changed_settings():
                           (["--data", "coco"], "--data")]:
         with pytest.raises(UserError, match="ckpt.pth: saved with " + re.escape(needle)):
             check_resume_args("ckpt.pth", saved, mscl.get_args(base + flags), *resume)
+
+
+def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
+    """A checkpoint saved before a setting existed (its args lack the key, so the settings check
+    lets it through) whose tensors do not fit the model is refused with one line: other shapes
+    (pool-conv's 1x1 Conv2 under conv-pool) or a tensor missing."""
+    from common.utils import rng_state
+    flags = ["--backbone", "resnet18", "--epochs", "2", "--out", str(tmp_path)]
+    args = mscl.get_args(flags + ["--resume", str(tmp_path / "old.pth")])
+    model = mscl.build_model(args)
+    optimizer, scaler = mscl.build_optimizer(model, 0.1, args), torch.amp.GradScaler(enabled=False)
+    saved = {k: v for k, v in vars(args).items() if k != "fusion"}
+
+    def resume_from(state):
+        torch.save({"model": state, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": 1, "iteration": 2, "args": saved,
+                    "rng": [rng_state()]}, tmp_path / "old.pth")
+        return mscl.resume(args, mscl.build_model(args), optimizer, scaler, 0, 4)
+    assert resume_from(model.state_dict()) == (1, 2, [])  # a checkpoint that fits loads
+    pool_conv = mscl.build_model(mscl.get_args(flags + ["--fusion", "pool-conv"])).state_dict()
+    missing = {k: v for k, v in model.state_dict().items() if k != "neck.conv2.3.bias"}
+    for state in (pool_conv, missing):
+        with pytest.raises(UserError, match=r"old\.pth: the model does not fit this run") as e:
+            resume_from(state)
+        assert len(str(e.value).splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
