@@ -625,27 +625,21 @@ class LiftedCL(nn.Module):
             param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
 
     @torch.no_grad()
-    def keys(self, im_k):
-        """Key vectors (normalised) and key maps in batch order, under shuffle BN: the key images of
-        all ranks are permuted before the key encoder (in --bn-groups BN groups per rank), so that
-        no BN group holds a query's own key, then put back in order (MoCo's
-        _batch_shuffle_ddp/_batch_unshuffle_ddp)."""
-        world, groups = dist.world_size(), self.bn_groups
-        if world * groups == 1:  # one BN batch: a permutation would change nothing
-            _, k, k_map = self.encoder_k(im_k)
-            return F.normalize(k, dim=1), k_map
-        rank = torch.distributed.get_rank() if world > 1 else 0
-        n = len(im_k)
-        everything = dist.all_gather_cat(im_k)
-        perm = torch.randperm(len(everything), device=im_k.device)
+    def _batch_shuffle_ddp(self, x):
+        """MoCo's shuffle BN: the key images of all ranks permuted, so that no BN group holds a
+        query's own key."""
+        world = dist.world_size()
+        x_gather = dist.all_gather_cat(x)
+        idx_shuffle = torch.randperm(len(x_gather), device=x.device)
         if world > 1:
-            torch.distributed.broadcast(perm, 0)
-        _, k, k_map = self.encoder_k(everything[perm.view(world, n)[rank]], groups)
-        k = F.normalize(k.float(), dim=1)
-        out = k if k_map is None else torch.cat([k, k_map.float().flatten(1)], 1)
-        out = dist.all_gather_cat(out)[torch.argsort(perm).view(world, n)[rank]]
-        return (out[:, :k.shape[1]], None if k_map is None
-                else out[:, k.shape[1]:].view(n, *k_map.shape[1:]))
+            torch.distributed.broadcast(idx_shuffle, 0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        return x_gather[idx_shuffle.view(world, -1)[dist.rank()]], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        world = dist.world_size()
+        return dist.all_gather_cat(x)[idx_unshuffle.view(world, -1)[dist.rank()]]
 
     @torch.no_grad()
     def enqueue(self, k, k_pooled):
@@ -662,7 +656,14 @@ class LiftedCL(nn.Module):
         pooled, q, q_map = self.encoder_q(im_q, self.bn_groups)
         with torch.no_grad():
             self.momentum_update()  # before the key forward, as MoCo
-            k, k_map = self.keys(im_k)
+            shuffle = dist.world_size() * self.bn_groups > 1  # else one BN batch: nothing to do
+            if shuffle:
+                im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+            _, k, k_map = self.encoder_k(im_k, self.bn_groups)
+            k = F.normalize(k.float() if shuffle else k, dim=1)
+            if shuffle:
+                k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+                k_map = None if k_map is None else self._batch_unshuffle_ddp(k_map, idx_unshuffle)
         lifted = self.lifting(pooled if self.train_lifting else pooled.detach())
         with torch.autocast(im_q.device.type, enabled=False):  # logits and losses in fp32
             q = F.normalize(q.float(), dim=1)
