@@ -660,7 +660,7 @@ class LiftedCL(nn.Module):
             if shuffle:
                 im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
             _, k, k_map = self.encoder_k(im_k, self.bn_groups)
-            k = F.normalize(k.float() if shuffle else k, dim=1)
+            k = F.normalize(k.float(), dim=1)
             if shuffle:
                 k = self._batch_unshuffle_ddp(k, idx_unshuffle)
                 k_map = None if k_map is None else self._batch_unshuffle_ddp(k_map, idx_unshuffle)
