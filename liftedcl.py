@@ -172,13 +172,19 @@ def run_plan(args):
     return plan
 
 
+def build_model(args):
+    """LiftedCL as the arguments say (main, --summary, eval/liftedcl_report.py)."""
+    return LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
+                    args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
+                    args.align_size, args.bn_groups or 1,
+                    RESNET_CELL_OFFSET if args.cell_centres == "resnet" else 0.0)
+
+
 def print_summary(args):
     """--summary: parameters of the query encoder and lifting network, of D, and the
     multiply-accumulates of one view through the ResNet."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
-                     args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
-                     args.align_size, 1).eval()
+    model = build_model(args).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.encoder_q.backbone(torch.zeros(1, 3, args.crop_size, args.crop_size))
     n = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
@@ -293,8 +299,6 @@ PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15]
 BONES = [(PARENTS[j], j) for j in range(1, 17)]  # the 16 bones, parent -> child
 # -1: starts at root
 PARENT_BONE = [next((i for i, (_, c) in enumerate(BONES) if c == p), -1) for p, _ in BONES]
-# (left, right) bone indices: hip..forearm
-LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]
 # Template bones in cm (App. B's b_pc) in the rest pose, frame x = the subject's right, y = down, z
 # = facing: Human3.6M's mean proportions scaled so that the thigh is the paper's (0, 45, 0); arms
 # hang down
@@ -391,40 +395,11 @@ def bone_lengths(x):
 
 
 @torch.no_grad()
-def plausibility(x, reference):
-    """Scale-free plausibility of skeletons x (N, 17, 3), each root-centred and
-    Frobenius-normalised: bone error, mean |ln(l_b / l_b of the reference)| over bones and skeletons
-    (0: the real skeletons' mean proportions); left/right ratio, mean max/min length over the 6
-    left/right bone pairs (1: symmetric); spread, mean over bones of a bone length's std/mean across
-    x (0: every skeleton alike)."""
+def bone_error(x, reference):
+    """Mean |ln(l_b / reference l_b)| over the bones of skeletons x, root-centred and normalised:
+    0 when their proportions are the reference's, whatever their size."""
     length = bone_lengths(normalize_skeletons(x.float())).clamp_min(1e-8)
-    error = (length / reference).log().abs().mean()
-    left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
-    ratio = (torch.maximum(left, right) / torch.minimum(left, right)).mean()
-    spread = (length.std(0) / length.mean(0)).mean() if len(x) > 1 else torch.zeros_like(error)
-    return torch.stack([error, ratio, spread])
-
-
-PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
-
-
-@torch.no_grad()
-def anatomy(x):
-    """Shares of anatomically odd legs in skeletons x (N, 17, 3), y down: knees bent over 90°; knees
-    bent over 10° whose ankle swings in front of the thigh's line (side taken from the hips: x = the
-    subject's right); thighs above horizontal. Any yaw about the vertical leaves them unchanged."""
-    x = x.double()
-    right = F.normalize(x[:, 1] - x[:, 4], dim=1)
-    over_90, forward, above = [], [], []
-    for hip, knee, ankle in ((1, 2, 3), (4, 5, 6)):
-        thigh, shin = x[:, knee] - x[:, hip], x[:, ankle] - x[:, knee]
-        bend = torch.rad2deg(torch.arccos(F.cosine_similarity(thigh, shin, dim=1).clamp(-1, 1)))
-        over_90.append(bend > 90)
-        forward.append(((torch.linalg.cross(thigh, shin, dim=1) * right).sum(1) > 0)[bend > 10])
-        above.append(thigh[:, 1] < 0)
-    return {name: torch.cat(v).double().mean().item() for name, v in
-            (("knee_over_90", over_90), ("knee_forward", forward),
-             ("thigh_above_horizontal", above))}
+    return (length / reference).log().abs().mean()
 
 
 def bone_matrix():
@@ -743,9 +718,8 @@ def state_digest(*modules):
 # Training
 
 # the per-iteration values an epoch averages, in log.jsonl's order
-EPOCH_MEANS = (["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted",
-                "overlap", "z_std"]
-               + PLAUSIBILITY)
+EPOCH_MEANS = ["loss", "l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted", "overlap",
+               "z_std", "bone_error"]
 
 
 def make_loader(args, per_rank, device, aug_device):
@@ -765,8 +739,7 @@ def make_loader(args, per_rank, device, aug_device):
     return loader, sampler, appearance
 
 
-def print_banner(args, model, discriminator, loader, world, device, init_lr, real,
-                 prior_plausibility):
+def print_banner(args, model, discriminator, loader, world, device, init_lr, real):
     """The run in two lines: model, losses, data and schedule; the real skeletons."""
     n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
     print(f"LiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
@@ -776,14 +749,11 @@ def print_banner(args, model, discriminator, loader, world, device, init_lr, rea
           f"{args.crop_size} px views; {len(loader)} it/epoch x {args.epochs} epochs on "
           f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x "
           f"{args.batch_size}/128 = {init_lr:.5g}, D lr {args.d_lr}", flush=True)
-    print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'}); their "
-          f"plausibility: "
-          + ", ".join(f"{n} {v:.3f}" for n, v in zip(PLAUSIBILITY, prior_plausibility)),
-          flush=True)
+    print(f"real skeletons: {len(real)} ({args.skeletons or 'App. B prior'})", flush=True)
 
 
 def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler, epoch, it,
-          total_iters, args, device, *, real, reference, prior_plausibility, appearance=None):
+          total_iters, args, device, *, real, reference, appearance=None):
     """One epoch, or up to iteration `total_iters`: per batch, an encoder step on Eq. (1) through
     `model` (LiftedCL or its DDP wrapper), with `discriminator` (D itself) a fixed function in
     L_adv, then one step of D through `ddp_disc`. Returns (the epoch's log.jsonl entry, the
@@ -821,7 +791,7 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
                              zero if out["l_equiv"] is None else out["l_equiv"].detach(),
                              l_adv.detach(), d_loss, acc_real, acc_lifted, zero
                              if out["valid"] is None else out["valid"].float().mean(),
-                             out["q"].std(0).mean(), *plausibility(out["lifted"], reference)])
+                             out["q"].std(0).mean(), bone_error(out["lifted"], reference)])
         if (i + 1) % args.print_freq == 0:
             # the same on every rank: all stop together
             mean_loss = dist.all_reduce_mean(loss.detach())
@@ -830,12 +800,8 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
     means = dist.all_reduce_mean(sums / max(1, n_iter))
     check_finite(means, it, ckpt_path)
     means = dict(zip(EPOCH_MEANS, means.tolist()))
-    log = dict(epoch=epoch + 1, iteration=it,
-               **{n: means[n] for n in EPOCH_MEANS[:-len(PLAUSIBILITY)]},
-               z_std_healthy=1 / math.sqrt(args.dim),
-               plausibility={n: means[n] for n in PLAUSIBILITY},
-               prior_plausibility=dict(zip(PLAUSIBILITY, prior_plausibility)),
-               lr=lr, pairs_per_s=n_pairs / (time.time() - t0))
+    log = dict(epoch=epoch + 1, iteration=it, **means, z_std_healthy=1 / math.sqrt(args.dim), lr=lr,
+               pairs_per_s=n_pairs / (time.time() - t0))
     return log, it, out["lifted"][:4].detach().cpu()
 
 
@@ -880,10 +846,8 @@ def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, histo
           f"L_equiv {log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D loss {log['d_loss']:.4f} "
           f"acc real {log['d_acc_real']:.2f} lifted {log['d_acc_lifted']:.2f}, overlap "
           f"{log['overlap']:.2f}, z std {log['z_std']:.4f} (healthy "
-          f"~{log['z_std_healthy']:.4f}); lifted plausibility "
-          + ", ".join(f"{n} {log['plausibility'][n]:.3f}" for n in PLAUSIBILITY)
-          + " (prior " + ", ".join(f"{log['prior_plausibility'][n]:.3f}" for n in PLAUSIBILITY)
-          + f"); lr {log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+          f"~{log['z_std_healthy']:.4f}), lifted bone error {log['bone_error']:.3f}; lr "
+          f"{log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
 
 
 def main():
@@ -909,15 +873,11 @@ def main():
     loader, sampler, appearance = make_loader(args, per_rank, device, aug_device)
 
     seed_everything(args.seed)  # the same model, queues and prior on every rank
-    model = LiftedCL(args.backbone, args.dim, args.moco_k, args.moco_m, args.moco_t,
-                     args.lambda_equiv > 0, args.lambda_adv > 0, args.normalize_lifted,
-                     args.align_size, args.bn_groups, RESNET_CELL_OFFSET
-                     if args.cell_centres == "resnet" else 0.0)
+    model = build_model(args)
     report = load_pretrained(model, args.pretrained, args.backbone)
     discriminator = Discriminator()
     real = load_skeletons(args.skeletons) if args.skeletons else sample_prior(args.prior_size)
     reference = bone_lengths(normalize_skeletons(real)).mean(0)
-    prior_plausibility = plausibility(real, reference).tolist()
     seed_everything(args.seed + rank)
     model.to(device)
     discriminator.to(device)
@@ -941,8 +901,7 @@ def main():
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         print(report)
-        print_banner(args, model, discriminator, loader, world, device, init_lr, real,
-                     prior_plausibility)
+        print_banner(args, model, discriminator, loader, world, device, init_lr, real)
 
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:
@@ -951,8 +910,7 @@ def main():
         adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
         log, it, lifted = train(loader, ddp_model, discriminator, ddp_disc, optimizer, d_optimizer,
                                 scaler, epoch, it, total_iters, args, device, real=real,
-                                reference=reference, prior_plausibility=prior_plausibility,
-                                appearance=appearance)
+                                reference=reference, appearance=appearance)
         history.append(log)
         rngs = dist.gather_objects(rng_state())  # every rank calls it; rank 0 saves them
         if main_proc:
