@@ -23,8 +23,8 @@ PLAUSIBILITY = ["bone_error", "lr_ratio", "spread"]
 @torch.no_grad()
 def plausibility(x, reference):
     """Scale-free plausibility of skeletons x (N, 17, 3): liftedcl.bone_error against the reference
-    bone lengths (0: its proportions); lr_ratio, mean longer / shorter of the 6 left/right bone pairs
-    (1: symmetric); spread, mean over bones of a length's std / mean across x (0: all alike)."""
+    bone lengths (0: its proportions); lr_ratio, mean longer / shorter of the 6 left/right bone
+    pairs (1: symmetric); spread, mean over bones of a length's std / mean across x (0: alike)."""
     length = liftedcl.bone_lengths(liftedcl.normalize_skeletons(x.float())).clamp_min(1e-8)
     error = liftedcl.bone_error(x, reference)
     left, right = length[:, [l for l, _ in LR_BONES]], length[:, [r for _, r in LR_BONES]]
@@ -54,9 +54,9 @@ def anatomy(x):
 
 @torch.no_grad()
 def lift(checkpoint, n=256, images=None):
-    """The checkpoint's model (eval mode) and the skeletons it lifts from the first n training images
-    (or those of the folder `images`), each resized whole to one view; with the run's real
-    skeletons. Returns (model, lifted, real)."""
+    """The checkpoint's model (eval mode), the skeletons it lifts from the first n training images
+    (or those of the folder `images`), each resized whole to one view, and the run's real
+    skeletons: (model, lifted, real)."""
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt, dict) or not {"model", "args"} <= set(ckpt):
         raise UserError(f"{checkpoint}: not a liftedcl.py checkpoint.pth (no 'model' and 'args')")

@@ -427,15 +427,26 @@ def test_skeleton_file_is_normalised_always(tmp_path):
 
 
 def test_liftable_block_runs_alone_with_torch_imports_only():
-    """The skeleton/KCS/prior/LSGAN block of liftedcl.py, cut out as a reader would copy it, runs
-    with torch alone and gives what the script gives."""
+    """The losses (Eqs. 2-7) and prior block of liftedcl.py, cut out as a reader would copy it, runs
+    with torch and torchvision's roi_align alone and gives what the script gives."""
     import inspect
     source = inspect.getsource(liftedcl)
     block = source[source.index("# Liftable block"):source.index("# End of the liftable block.")]
     assert "import" not in block.split("\n", 3)[3] and "args" not in block
     namespace = {}
     exec("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-         + block, namespace)
+         "from torchvision.ops import roi_align\n" + block, namespace)
+    torch.manual_seed(0)
+    q, k, queue = (F.normalize(torch.randn(*shape), dim=d) for shape, d in
+                   (((4, 8), 1), ((4, 8), 1), ((8, 10), 0)))
+    assert torch.equal(namespace["invariant_loss"](q, k, queue, 0.2),
+                       liftedcl.invariant_loss(q, k, queue, 0.2))
+    map_q, map_k = torch.randn(4, 8, 4, 4), torch.randn(4, 8, 4, 4)
+    g, h = views()[2], views()[3]
+    h[1:, :2], h[2:, 4] = 8.0, 1.0  # partial overlaps, some flipped
+    ours = liftedcl.equivariant_loss(map_q, map_k, g, h, queue, 0.2, 4, -0.4)
+    theirs = namespace["equivariant_loss"](map_q, map_k, g, h, queue, 0.2, 4, -0.4)
+    assert torch.equal(theirs[0], ours[0]) and torch.equal(theirs[1], ours[1])
     real = namespace["sample_prior"](50, seed=3)
     assert torch.equal(real, liftedcl.sample_prior(50, seed=3))
     torch.manual_seed(0)
