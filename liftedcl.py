@@ -179,9 +179,8 @@ class TwoViews(torch.utils.data.Dataset):
         # App. A: the box extended to the crop's aspect ratio (h:w = 4:3), not padded; read_coco
         # pads it by SimpleBaseline's 1.25, which is undone here
         img = read_image(item["image"])
-        return warp_image(img, affine_matrix(item["center"], item["scale"] / 1.25, 0.0,
-                                             self.person_size),
-                          self.person_size)
+        box = affine_matrix(item["center"], item["scale"] / 1.25, 0.0, self.person_size)
+        return warp_image(img, box, self.person_size)
 
     def __getitem__(self, i):
         img = self.source(i)
@@ -192,8 +191,7 @@ class TwoViews(torch.utils.data.Dataset):
 
 def random_view(img, size, appearance=None):
     """One MoCo v2 view (App. C: random resized crop, scale 0.2-1, colour, grayscale, blur, flip)
-    with stock torchvision, and its geometry (top, left, height, width, flip) for the inverse
-    transformation."""
+    and its geometry (top, left, height, width, flip) for the inverse transformation."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
     view = TF.resized_crop(img, top, left, h, w, [size, size])
     if appearance is not None:
@@ -235,9 +233,8 @@ def training_items(args):
 
 
 def load_skeletons(path):
-    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, with y pointing down;
-    root-centred and Frobenius-normalised like the prior's, whatever --normalize-lifted says of the
-    lifted ones."""
+    """--skeletons FILE: an (N, 17, 3) or (N, 51) tensor of real skeletons, y pointing down;
+    root-centred and Frobenius-normalised like the prior's."""
     x = load_checkpoint(path, "skeleton file")
     if (not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1:].numel() != 51
         or len(x) == 0):
@@ -449,10 +446,9 @@ def invariant_loss(q, k, queue, t):
 
 
 def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
-    """Inverse geometric augmentation (Sec. 3.2): the area both crops share, cut from each view's
-    map after undoing its flip and resampled to size x size; `geom` rows are (top, left, height,
-    width, flip) in source pixels; map cell j's centre sits at (j + 0.5 + offset) cells. Returns
-    (aligned q, aligned k, overlap mask)."""
+    """Sec. 3.2's inverse geometric augmentation: the area both crops (`geom` rows: top, left,
+    height, width, flip) share, cut from each un-flipped map at size x size, a map's cell j centred
+    at (j + 0.5 + offset) cells. Returns (aligned q, aligned k, overlap mask)."""
     top, left = torch.maximum(geom_q[:, 0], geom_k[:, 0]), torch.maximum(geom_q[:, 1], geom_k[:, 1])
     bottom = torch.minimum(geom_q[:, 0] + geom_q[:, 2], geom_k[:, 0] + geom_k[:, 2])
     right = torch.minimum(geom_q[:, 1] + geom_q[:, 3], geom_k[:, 1] + geom_k[:, 3])
@@ -479,9 +475,8 @@ def align_views(map_q, map_k, geom_q, geom_k, size=16, offset=0.0):
 
 # Eq. (4)
 def equivariant_loss(map_q, map_k, geom_q, geom_k, queue, t, size=16, offset=0.0):
-    """At each of the size² aligned locations s, r_s against its positive t_s (the key view at the
-    same image point) and the K queued pooled key maps; mean over s, then over the images whose
-    views overlap. Returns (loss, overlap mask)."""
+    """At each aligned location s, r_s against t_s (the key view there) and the K queued pooled key
+    maps; mean over s, then over the images whose views overlap. Returns (loss, overlap mask)."""
     r, k, valid = align_views(map_q, map_k, geom_q, geom_k, size, offset)
     r = F.normalize(r, dim=1).flatten(2).transpose(1, 2)  # (N, s², C): r_s
     k = F.normalize(k, dim=1).flatten(2).transpose(1, 2)  # t_s
@@ -683,9 +678,8 @@ def adjust_learning_rate(optimizer, init_lr, epoch, epochs):
 
 def train_step(batch, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler, args, device,
                real, reference, appearance=None):
-    """An encoder step on Eq. (1) through `model` (LiftedCL or its DDP wrapper), D (`discriminator`)
-    a fixed function in L_adv; then one step of D through `ddp_disc` on the same lifted skeletons,
-    against real ones drawn with replacement. Returns (loss, EPOCH_MEANS of this step, lifted)."""
+    """An encoder step on Eq. (1) through `model` (its DDP wrapper), D fixed in L_adv; then a step
+    of D (`ddp_disc`) on the same lifted skeletons. Returns (loss, its EPOCH_MEANS, lifted)."""
     im_q, im_k, geom_q, geom_k = batch
     im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
     if appearance is not None:
@@ -776,11 +770,9 @@ def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, histo
     save_checkpoint(os.path.join(args.out, "backbone.pth"), model.encoder_q.backbone.state_dict())
     write_log(os.path.join(args.out, "log.jsonl"), history)
     plot_curves(os.path.join(args.out, "loss.png"), [e["epoch"] for e in history],
-                {"total (Eq. 1)": [e["loss"] for e in history],
-                 "L_inv": [e["l_inv"] for e in history],
-                 "L_equiv": [e["l_equiv"] for e in history],
-                 "L_adv": [e["l_adv"] for e in history],
-                 "D loss": [e["d_loss"] for e in history]}, xlabel="epoch")
+                {name: [e[key] for e in history] for name, key in
+                 (("total (Eq. 1)", "loss"), ("L_inv", "l_inv"), ("L_equiv", "l_equiv"),
+                  ("L_adv", "l_adv"), ("D loss", "d_loss"))}, xlabel="epoch")
     plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
                       {"lifted": normalize_skeletons(lifted).numpy(),
                        "prior": real[:4].cpu().numpy()}, BONES)
