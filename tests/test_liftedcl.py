@@ -2,6 +2,8 @@
 adversarial game, the equivariant alignment (Eq. 4), the KCS (Eqs. 5-6), the App. B prior, the LSGAN
 targets (Eq. 7), outputs, export, resume and bad input."""
 import argparse
+import contextlib
+import io
 import json
 import re
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import liftedcl
+from eval import liftedcl_report
 from common.utils import UserError, check_resume_args
 from data.demo import make_demo
 from helpers import assert_one_line_error, run_script
@@ -121,7 +124,11 @@ def test_shuffle_bn_gives_each_key_back_to_its_own_image():
     model = liftedcl.LiftedCL("resnet18", dim=16, K=16, align_size=4, bn_groups=4).eval()
     im_k = torch.randn(8, 3, 32, 32)
     torch.manual_seed(1)
-    k, k_map = model.keys(im_k)
+    shuffled, idx_unshuffle = model._batch_shuffle_ddp(im_k)
+    assert not torch.equal(shuffled, im_k) and torch.equal(shuffled[idx_unshuffle], im_k)
+    _, k, k_map = model.encoder_k(shuffled, 4)
+    k = model._batch_unshuffle_ddp(F.normalize(k, dim=1), idx_unshuffle)
+    k_map = model._batch_unshuffle_ddp(k_map, idx_unshuffle)
     _, ref, ref_map = model.encoder_k(im_k)
     torch.testing.assert_close(k, F.normalize(ref, dim=1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(k_map, ref_map, rtol=1e-4, atol=1e-5)
@@ -360,13 +367,13 @@ def test_prior_is_a_kinematic_chain_with_one_way_knees():
     assert (side[:, :2][bent] < 0).all()  # every bent knee takes the ankle behind the thigh's line
     thighs = torch.stack([x[:, 2] - x[:, 1], x[:, 5] - x[:, 4]], 1)
     assert (thighs[..., 1] < 0).float().mean() < 0.1  # y down: few thighs rise above horizontal
-    odd = liftedcl.anatomy(x)  # the figures the README reports, by the script's own measure
+    odd = liftedcl_report.anatomy(x)  # the figures the README reports, by the script's own measure
     assert (odd["knee_forward"] == 0 and 0 < odd["thigh_above_horizontal"] < 0.1
             and odd["knee_over_90"] > 0.2)
     app_b = [r if r[0] not in ((1,), (4,)) else (r[0], (-90, 90), (-180, 180), (-90, 90))
              for r in liftedcl.PRIOR_RANGES]
-    odd = liftedcl.anatomy(liftedcl.sample_bodies(4000, torch.Generator().manual_seed(0),
-                                                  ranges=app_b))
+    odd = liftedcl_report.anatomy(liftedcl.sample_bodies(4000, torch.Generator().manual_seed(0),
+                                                         ranges=app_b))
     # App. B's thigh: any way
     assert 0.4 < odd["knee_forward"] < 0.6 and odd["thigh_above_horizontal"] > 0.15
     # a knee drawn at 60° bends 60° from its thigh whatever the thigh does: the range is a joint
@@ -401,10 +408,11 @@ def test_prior_samples_root_norm_bone_lengths_and_yaw():
     assert (hips[:, 0].min() < -0.05 and hips[:, 0].max() > 0.05 and hips[:, 2].min() < -0.05
             and hips[:, 2].max() > 0.05)
     assert (hips[:, 1].abs() / hips.norm(dim=1)).max() < 0.5
-    error, lr_ratio, spread = liftedcl.plausibility(x, liftedcl.bone_lengths(x).mean(0)).tolist()
+    error, lr_ratio, spread = liftedcl_report.plausibility(x, liftedcl.bone_lengths(x).mean(0)
+                                                           ).tolist()
     assert error < 0.15 and 1 < lr_ratio < 1.15 and spread < 0.15
-    bad = liftedcl.plausibility(liftedcl.normalize_skeletons(torch.randn(300, 17, 3)),
-                                liftedcl.bone_lengths(x).mean(0))
+    bad = liftedcl_report.plausibility(liftedcl.normalize_skeletons(torch.randn(300, 17, 3)),
+                                       liftedcl.bone_lengths(x).mean(0))
     assert bad[0] > 3 * error and bad[1] > 1.5  # random skeletons are implausible by every number
 
 
@@ -419,15 +427,26 @@ def test_skeleton_file_is_normalised_always(tmp_path):
 
 
 def test_liftable_block_runs_alone_with_torch_imports_only():
-    """The skeleton/KCS/prior/LSGAN block of liftedcl.py, cut out as a reader would copy it, runs
-    with torch alone and gives what the script gives."""
+    """The losses (Eqs. 2-7) and prior block of liftedcl.py, cut out as a reader would copy it, runs
+    with torch and torchvision's roi_align alone and gives what the script gives."""
     import inspect
     source = inspect.getsource(liftedcl)
     block = source[source.index("# Liftable block"):source.index("# End of the liftable block.")]
     assert "import" not in block.split("\n", 3)[3] and "args" not in block
     namespace = {}
     exec("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-         + block, namespace)
+         "from torchvision.ops import roi_align\n" + block, namespace)
+    torch.manual_seed(0)
+    q, k, queue = (F.normalize(torch.randn(*shape), dim=d) for shape, d in
+                   (((4, 8), 1), ((4, 8), 1), ((8, 10), 0)))
+    assert torch.equal(namespace["invariant_loss"](q, k, queue, 0.2),
+                       liftedcl.invariant_loss(q, k, queue, 0.2))
+    map_q, map_k = torch.randn(4, 8, 4, 4), torch.randn(4, 8, 4, 4)
+    g, h = views()[2], views()[3]
+    h[1:, :2], h[2:, 4] = 8.0, 1.0  # partial overlaps, some flipped
+    ours = liftedcl.equivariant_loss(map_q, map_k, g, h, queue, 0.2, 4, -0.4)
+    theirs = namespace["equivariant_loss"](map_q, map_k, g, h, queue, 0.2, 4, -0.4)
+    assert torch.equal(theirs[0], ours[0]) and torch.equal(theirs[1], ours[1])
     real = namespace["sample_prior"](50, seed=3)
     assert torch.equal(real, liftedcl.sample_prior(50, seed=3))
     torch.manual_seed(0)
@@ -491,7 +510,7 @@ def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2] and log[-1]["iteration"] == 4
     assert ({"l_inv", "l_equiv", "l_adv", "d_loss", "d_acc_real", "d_acc_lifted",
-             "plausibility"} <= set(log[-1]))
+             "bone_error"} <= set(log[-1]))
     a, b = (torch.load(tmp_path / r / "checkpoint.pth", map_location="cpu", weights_only=True)
             for r in ("straight", "resumed"))
     assert {"model", "discriminator", "optimizer", "d_optimizer", "rng"} <= set(a)
@@ -516,6 +535,30 @@ def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path
         check_resume_args("ckpt.pth", b["args"],
                           liftedcl.get_args(common + ["--no-normalize-lifted"]),
                           liftedcl.RESUME_KEYS, negated=("normalize_lifted",))
+    check_report(out / "checkpoint.pth", a, images)
+
+
+def check_report(path, ckpt, images):
+    """eval/liftedcl_report.py on a saved checkpoint: the saved model lifts the images; the real
+    skeletons are the run's prior; the JSON holds both reports."""
+    model, lifted, real = liftedcl_report.lift(str(path), n=6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    assert not model.training and lifted.shape == (6, 17, 3)
+    torch.testing.assert_close(lifted, liftedcl.normalize_skeletons(lifted))  # --normalize-lifted
+    assert torch.equal(real, liftedcl.sample_prior(200))  # --prior-size 200
+    report = liftedcl_report.report(str(path), n=6, images=images[-1])
+    reference = liftedcl.bone_lengths(liftedcl.normalize_skeletons(real)).mean(0)
+    assert report["real"] == dict(zip(liftedcl_report.PLAUSIBILITY,
+                                      liftedcl_report.plausibility(real, reference).tolist()),
+                                  **liftedcl_report.anatomy(real), skeletons=200)
+    assert report["lifted"]["skeletons"] == 6 and set(report["lifted"]) == set(report["real"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        liftedcl_report.main([str(path), "-n", "6", "--images", images[-1]])
+    assert json.loads(printed.getvalue()) == report
+    with pytest.raises(UserError, match="backbone.pth: not a liftedcl.py checkpoint.pth"):
+        liftedcl_report.lift(str(path.parent / "backbone.pth"))
 
 
 def test_torchrun_two_ranks_shuffle_bn_hold_identical_state(images, tmp_path):
