@@ -36,6 +36,7 @@ from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
 from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
                            resolve_data_device)
+from common.metrics import keypoint_recall
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
@@ -753,17 +754,6 @@ def plot_embedding_pca(path, x, k, names, same, other, title):
     plot_embeddings(path, (xc @ v[:2].T).numpy(), k.numpy(), names,
                     f"{title}: cosine same class {same:.3f}, other classes {other:.3f} (across "
                     f"instances)")
-
-
-RECALL_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
-def keypoint_recall(conf, flags, visible_flag, thresholds=RECALL_THRESHOLDS):
-    """Table 6: share of visible GT keypoints (raw flag >= visible_flag, a number or one per joint)
-    whose predicted confidence (heatmap maximum) exceeds t."""
-    vis = flags >= visible_flag
-    return {f"{t:.1f}": float((conf[vis] > t).mean()) if vis.any() else float("nan")
-            for t in thresholds}
 
 
 def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):

@@ -352,16 +352,6 @@ def test_class_hardness_ranks_uncertain_and_wrong_joints_and_ignores_unusable_on
     assert hard[2] == pytest.approx(0 + 1, abs=1e-4)  # a one-hot map has entropy 0; the largest MSE
 
 
-def test_keypoint_recall_counts_visible_joints_only():
-    conf = np.array([[0.95, 0.35, 0.05], [0.55, 0.99, 0.75]])
-    flags = np.array([[2, 2, 1], [2, 0, 2]])
-    r = icon.keypoint_recall(conf, flags, 2)
-    assert r["0.1"] == 1.0 and r["0.5"] == 0.75 and r["0.6"] == 0.5 and r["0.9"] == 0.25
-    # per joint: joint 2 counts from flag 1
-    r = icon.keypoint_recall(conf, flags, np.array([2, 2, 1]))
-    assert r["0.1"] == 0.8 and r["0.9"] == 0.2
-
-
 def test_the_contrast_block_lifts_out_with_torch_alone():
     """SKCC + PRCC as a user lifts them: the block of icon.py between its two section headers, run
     with torch imports only and explicit keyword arguments, gives icon.py's loss."""
