@@ -2,13 +2,10 @@
 2023).
 
 A top-down pose network (SimpleBaseline on a ResNet, or HRNet) trained with the joints MSE plus two
-contrastive terms computed on a training-only projection head: SKCC (Eq. (1)) pulls the pixel
-embeddings of one keypoint class together across the people of a batch and pushes the other classes
-away; PRCC (Eqs. (2)-(4)) does the same for the 8 limb pairs; Eq. (5) adds them to the MSE. Hard
-sampling picks the query classes (uncertain, high-loss joints) and the negative classes (the most
-similar ones). The head is dropped at inference: the saved pose network is the baseline's, same
-parameters and FLOPs (a SimpleBaseline one also evaluates in `mrpose.py --eval-only --weights`). One
-file: arguments, data, model, loss, DDP training, evaluation.
+contrastive terms on a training-only projection head: SKCC (Eq. (1)) over keypoint embeddings across
+the people of a batch, PRCC (Eqs. (2)-(4)) over the 8 limb pairs, with hard sampling; Eq. (5) adds
+them to the MSE. Inference is the baseline's (a SimpleBaseline one also evaluates in `mrpose.py
+--eval-only --weights`). Fig. 5's embeddings: `python -m eval.icon_embeddings`.
 
     python icon.py --data demo                                  # laptop CPU, minutes
     python icon.py --data demo --lambda-p 0                     # the baseline, same schedule
@@ -36,14 +33,15 @@ from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
 from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
                            resolve_data_device)
-from common.metrics import keypoint_recall
-from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
+from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
+from common.metrics import keypoint_recall
 from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
                          pose_augmentation, pose_eval, resume_path)
 from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
-from common.semi import PairedDataset, build_semi, build_unlabeled
+from common.semi import (Ensemble, PairedDataset, argmax_joints, build_semi, build_unlabeled,
+                         heatmaps_of, pseudo_label_mask)
 from common.topdown import (build_data, data_paths, format_metrics, load_weights, main_metric,
                             parse_labeled, predict, resumed_epochs, save_outputs, schedule,
                             summary, to_memory_format, validate)
@@ -257,10 +255,8 @@ def run_plan(args):
 # (C4, stride 16; Detectron's naming of torchvision's layer3) or HRNet's stage-3 output.
 
 class ProjectionHead(nn.Module):
-    """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmap resolution,
-    L2-normalised per pixel. The paper gives neither the layers nor m: the standard pixel-contrast
-    head (1x1 conv-BN-ReLU-1x1 conv, m = 256, as ReCo, which ICON cites), upsampled bilinearly to
-    the heatmaps' 1/4."""
+    """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmaps' 1/4, L2-normalised
+    per pixel ("all embeddings are L2-normalized", after Eq. (1)); fp32."""
 
     def __init__(self, cin, m, heatmap_size):
         super().__init__()
@@ -271,33 +267,43 @@ class ProjectionHead(nn.Module):
     def forward(self, tap):
         w, h = self.heatmap_size
         z = F.interpolate(self.net(tap), size=(h, w), mode="bilinear", align_corners=False)
-        # "all embeddings are L2-normalized" (after Eq. (1)); fp32
         return F.normalize(z.float(), dim=1)
 
 
-def forward_tapped(pose, x):
-    """Heatmaps and the tapped encoder map in one pass (one forward, as DDP expects). HRNet: its
-    stage-3 branches (1/4, 1/8, 1/16) upsampled to 1/4 and concatenated, as HRNetV2's representation
-    head does for pixel-level tasks (paper silent on how the stage-3 branches meet the head)."""
-    if isinstance(pose, PoseHighResolutionNet):
-        heatmaps, stage3 = pose(x, return_stage3=True)
-        size = stage3[0].shape[-2:]
-        return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear",
-                                                                align_corners=False)
-                                                  for y in stage3[1:]], 1)
-    return pose(x, return_c4=True)
+class Tapped(nn.Module):
+    """A pose network that also returns the map its projection head reads, in one forward (as DDP
+    expects): ResNet's C4, or HRNet's stage-3 branches upsampled to 1/4 and concatenated."""
+
+    def __init__(self, pose):
+        super().__init__()
+        self.pose = pose
+
+    def forward(self, x):
+        if isinstance(self.pose, PoseHighResolutionNet):
+            heatmaps, stage3 = self.pose(x, return_stage3=True)
+            size = stage3[0].shape[-2:]
+            return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear",
+                                                                    align_corners=False)
+                                                      for y in stage3[1:]], 1)
+        return self.pose(x, return_c4=True)
 
 
 class ICON(nn.Module):
-    """Pose network + projection head, trained together; only `pose` is saved for inference."""
+    """What trains: `net`, a Tapped pose network or (--semi) common/semi.py's wrapper of them, and
+    each trained network's projection head, applied to the passes with gradient it returns."""
 
-    def __init__(self, pose, head):
+    def __init__(self, net, heads):
         super().__init__()
-        self.pose, self.head = pose, head
+        self.net, self.heads = net, nn.ModuleList(heads)
 
-    def forward(self, x):
-        heatmaps, tap = forward_tapped(self.pose, x)
-        return heatmaps, self.head(tap)
+    def forward(self, *inputs):
+        out = self.net(*inputs)
+        if isinstance(out, dict):  # --semi: per network, its labeled crops and its hard view
+            for key in ("sup", "cons"):
+                out[key] = [(h, head(tap)) for (h, tap), head in zip(out[key], self.heads)]
+            return out
+        heatmaps, tap = out
+        return heatmaps, self.heads[0](tap)
 
 
 def build_model(args):
@@ -326,19 +332,38 @@ def build_head(args, pose):
     return ProjectionHead(channels, args.embed_dim, args.heatmap_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)), as one block that needs only torch and
-# takes explicit keyword arguments: `icon_contrast` is the entry point (icon.py's `contrast_options`
-# maps the command line onto it). "Each keypoint embedding f_k can be derived according to the
-# coordinate groundtruth"; the positives of Eq. (1) are "other pixels also belonging to the same
-# category". Which pixels belong to a keypoint is left open: its region is where its Gaussian target
-# (σ = 2) is >= 0.5, 21 pixels, so that 256 queries and 512 negatives per class (Table 8) exist in a
-# batch of 16 people. Everything is batched over query classes and queries: the only Python loop is
-# over SKCC and PRCC.
+def build_networks(args, device):
+    """(pose networks, their projection heads, the trained module, common/semi.py's wrapper or
+    None), on `device`. poses[0] is evaluated and saved; --semi dual adds network 2."""
+    pose, head, report = build_model(args)
+    if report and dist.is_main():
+        print(report)
+    if args.weights:
+        load_weights(pose, args.weights, flags=MODEL_FLAGS)
+    poses, heads, semi = [pose], [head] if head else [], None
+    if args.semi and not args.eval_only:
+        other = build_model(args)[0]  # network 2 (dual) or the frozen teacher (pseudo)
+        # with the contrast, each trained network also returns its tapped map; a teacher does not
+        tapped = Tapped if head else (lambda f: f)
+        semi = build_semi(args.semi, tapped(pose),
+                          lambda: tapped(other) if args.semi == "dual" else other, args,
+                          args.teacher)
+        if args.semi == "dual":
+            poses.append(other)
+            heads += [build_head(args, other)] if head else []
+    trained = ICON(semi or Tapped(pose), heads) if head else semi or pose
+    trained.to(device)
+    if args.channels_last:
+        trained.to(memory_format=torch.channels_last)
+    return poses, heads, trained, semi
 
-# --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each
-#   step.
-# PRCC's "4 ~ 8" negative classes: only 7 other pairs exist, so the draw is capped at the other
+
+# ----------------------------------------------------------------------------------------------
+# ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)) with hard sampling: one block that needs
+# only torch and takes explicit arguments; `icon_contrast` is its entry point. A keypoint's pixels
+# (left open by the paper) are where its Gaussian target is >= 0.5. Everything is batched over query
+# classes and queries: the only Python loop is over SKCC and PRCC.
+
 # classes
 RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)),
                  "prcc": dict(queries=(3, 5), negatives=(4, 8))}
@@ -546,7 +571,7 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
     # fp32, outside autocast
     feats, valid = keypoint_embeddings(emb, joints, usable, input_size, offsets, claim)
     hardness = class_hardness(heatmaps, target, usable.float()) if sampling == "hard" else None
-    common = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau,
+    shared = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau,
                   intra=intra, person=person)
     # every head parameter stays in the graph when no class qualifies, so DDP finds all its
     # gradients
@@ -556,7 +581,7 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
         l_sin, _ = contrast_term(feats, valid, hardness, num_query_classes=hard_q[0],
                                  # Eq. (1)
                                  num_negative_classes=hard_h[0],
-                                 random_counts=random_counts["skcc"], **common)
+                                 random_counts=random_counts["skcc"], **shared)
         ctr = ctr + lambda_1 * l_sin
         terms["skcc"] = l_sin.detach()
     if lambda_2 > 0:
@@ -565,136 +590,86 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
         pair_hardness = None if hardness is None else (hardness[a] + hardness[b]) / 2
         l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness,
                                   num_query_classes=hard_q[1], num_negative_classes=hard_h[1],
-                                  random_counts=random_counts["prcc"], **common)  # Eq. (4)
+                                  random_counts=random_counts["prcc"], **shared)  # Eq. (4)
         ctr = ctr + lambda_2 * l_pair
         terms["prcc"] = l_pair.detach()
     return ctr, terms
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line onto the contrast
-
-def contrast_options(args):
-    """icon_contrast's keyword arguments from the command line."""
-    return dict(input_size=args.input_size, pairs=LIMB_PAIRS[args.data], lambda_1=args.lambda_1,
-                lambda_2=args.lambda_2, tau=args.tau, sigma=args.sigma,
-                region_thresh=args.region_thresh, sampling=args.sampling,
-                intra=args.contrast == "intra", num_queries=args.num_queries,
-                num_negatives=args.num_negatives, hard_q=args.hard_q, hard_h=args.hard_h)
-
-
-def visible_thresholds(args):
-    """(K,) lowest raw flag at which each joint counts as visible: --visible-flag, except the joints
-    whose flag only says "labeled" (LABEL_ONLY_JOINTS), which count from 1."""
-    t = torch.full((args.num_joints,), float(args.visible_flag))
-    t[LABEL_ONLY_JOINTS[args.data]] = 1.0
-    return t
-
-
-def visible_joints(vis_flag, args):
-    """(B, K) the joints that count as visible: "only the visible keypoint categories are considered
-    ... the occluded or unlabeled joints are ignored", per dataset (see LABEL_ONLY_JOINTS)."""
-    return vis_flag >= visible_thresholds(args).to(vis_flag.device)
-
-
-def icon_losses(model, batch, args, device):
-    """One training batch through the model: Eq. (5), L_total = L_mse + λp (λ1 L_sin + λ2 L_pair).
-    Returns the total and a dict of its terms (detached) for the log. With the contrast off (λp = 0)
-    this is mrpose.py's SimpleBaseline step exactly."""
-    x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
-    joints, visible = batch["joints"].to(device), batch["visible"].to(device)
-    target, weight = gaussian_targets(joints, visible, args.input_size, args.heatmap_size,
-                                      args.sigma)
-    with autocast(args, device):
-        out = model(x)
-    if not args.contrast_on:
-        loss = joints_mse_loss(out.float(), target, weight)  # Eq. (5), L_mse
-        return loss, dict(mse=loss.detach())
-    heatmaps, emb = out
-    mse = joints_mse_loss(heatmaps.float(), target, weight)  # Eq. (5), L_mse (HRNet's 0.5 x mean)
-    ctr, terms = contrast_loss(heatmaps, emb, joints, target, weight, batch["vis_flag"].to(device),
-                               args, batch["pid"].to(device))
-    return mse + args.lambda_p * ctr, dict(mse=mse.detach(), **terms)  # Eq. (5)
-
-
-def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, person=None):
-    """icon_contrast on one labeled batch: its visible joints are usable, every labeled joint claims
-    its region's pixels. Returns the loss and its terms (detached)."""
-    usable = visible_joints(vis_flag, args) & (weight > 0)
-    return icon_contrast(heatmaps, emb, joints, target, usable, claim=weight > 0, person=person,
-                         **contrast_options(args))
-
-
-# ----------------------------------------------------------------------------------------------
-# Semi-supervised setting (§ICON under Fully/Semi-supervised Setting, Table 4): common/semi.py's
-# training (Xie et al.'s dual networks = SSPose, or the pseudo-label teacher of Eq. (6)) with ICON's
-# contrast added
-
-def semi_wrapper(args, model, pose):
-    """--semi around `pose` (network 1, the reported one). With the contrast on, every trained
-    network runs its labeled crops with its own projection head (`model` = ICON(pose, head) for
-    network 1)."""
-    labeled = (lambda nets: [model] + [ICON(f, build_head(args, f))
-                                       for f in nets[1:]]) if args.contrast_on else None
-    return build_semi(args.semi, pose, lambda: build_model(args)[0], args, args.teacher, labeled)
-
+# The train step: Eq. (5); under --semi (Table 4), Eq. (7): common/semi.py's loss (Xie et al.'s
+# dual networks = SSPose, or the pseudo-label teacher of Eq. (6)) plus each trained network's
+# contrast
 
 # γ of Eq. (6): a pseudo-labeled joint enters the contrast where its map's peak reaches it
 PSEUDO_GAMMA = 0.75
 
 
-def pseudo_joints(heatmaps, input_size, gamma=PSEUDO_GAMMA):
-    """Pseudo-labeled joints of unlabeled crops: the integer argmax of each (teacher) heatmap in
-    input pixels (heatmap pixel j stands for input pixel stride x j) and (B, K) where its peak is >=
-    γ."""
-    b, k, h, w = heatmaps.shape
-    peak, idx = heatmaps.detach().flatten(2).max(-1)
-    stride = heatmaps.new_tensor([input_size[0] / w, input_size[1] / h])
-    xy = torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
-    return xy * stride, peak >= gamma
+def visible_flags(args):
+    """(K,) the lowest raw flag at which each joint counts as visible ("only the visible keypoint
+    categories are considered"): --visible-flag, 1 for LABEL_ONLY_JOINTS."""
+    t = torch.full((args.num_joints,), float(args.visible_flag))
+    t[LABEL_ONLY_JOINTS[args.data]] = 1.0
+    return t
 
 
-def semi_losses(model, semi_model, batch, args, device, rng):
-    """Eq. (7): L_mse^semi + λp L_ctrcon. L_mse^semi is Eq. (6) (--semi pseudo) or Xie et al.'s
-    0.5 sup1 + 0.5 sup2 + cons1 + cons2 (--semi dual, SSPose); L_ctrcon is each trained network's,
-    summed, over one pool of its labeled crops (GT joints) and, with --contrast-crops all, its
-    unlabeled crops with gradient (dual: its hard view; pseudo: the student's crop) as further
-    persons, their joints at the argmax of the map that supervises them (dual: the other network's
-    warped easy view; pseudo: the teacher's) where its peak reaches γ = 0.75, counted visible ("f_k
-    can be derived according to the coordinate groundtruth" of labels "generated as
-    pseudo-labels")."""
-    labeled, unlabeled = batch["labeled"], batch["unlabeled"]
+def train_step(model, semi, batch, args, device, rng):
+    """One batch through `model` (DDP and compiled) -> the loss and its terms (detached). With the
+    contrast off (λp = 0) this is mrpose.py's step exactly."""
+    labeled = batch["labeled"] if semi else batch
     x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
-    xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
     joints = labeled["joints"].to(device)
     target, weight = gaussian_targets(joints, labeled["visible"].to(device), args.input_size,
                                       args.heatmap_size, args.sigma)
-    with autocast(args, device):
-        out = model(x, xu, semi_model.draw_view(rng, xu.shape[0]))
-    loss, terms = semi_model.loss(out, target, weight)  # Eq. (6), or the dual loss
-    if not out["sup_extra"]:
+    if semi:
+        xu = batch["unlabeled"]["image"].to(device, non_blocking=True)
+        xu = to_memory_format(normalize(xu), args)
+        with autocast(args, device):
+            out = model(x, xu, semi.draw_view(rng, xu.shape[0]))
+        loss, terms = semi.loss(out, target, weight)  # Eq. (6), or the dual loss
+        outs = out["sup"]
+    else:
+        with autocast(args, device):
+            out = model(x)
+        outs = [out]
+        loss = joints_mse_loss(heatmaps_of(out).float(), target, weight)  # Eq. (5), L_mse
+        terms = {"mse": loss.detach()}
+    if not args.contrast_on:
         return loss, terms
-    usable = visible_joints(labeled["vis_flag"].to(device), args) & (weight > 0)
+    usable = (labeled["vis_flag"].to(device) >= visible_flags(args).to(device)) & (weight > 0)
     person = labeled["pid"].to(device)
-    for i, (heatmaps, emb) in enumerate(zip(out["sup"], out["sup_extra"])):
+    for i, (heatmaps, emb) in enumerate(outs):  # each trained network's own pool
         pool = [heatmaps.float(), emb, joints, target, usable, weight > 0, person]
-        if args.contrast_crops == "all":
+        if semi and args.contrast_crops == "all":
+            # its unlabeled crops with gradient as further persons, their joints at the argmax of
+            # the map that supervises them (dual: the other network's warped easy view; pseudo:
+            # the teacher's) where its peak reaches γ
             teacher = out["targets"][i]
-            joints_u, usable_u = pseudo_joints(teacher, args.input_size)
-            pool_u = [out["cons"][i].float(), out["cons_extra"][i], joints_u, teacher, usable_u,
-                      usable_u, unlabeled["pid"].to(device)]
+            stride = teacher.new_tensor([args.input_size[0] / teacher.shape[-1],
+                                         args.input_size[1] / teacher.shape[-2]])
+            confident = pseudo_label_mask(teacher.detach(), PSEUDO_GAMMA) > 0
+            heatmaps_u, emb_u = out["cons"][i]
+            pool_u = [heatmaps_u.float(), emb_u, argmax_joints(teacher.detach()) * stride, teacher,
+                      confident, confident, batch["unlabeled"]["pid"].to(device)]
             pool = [torch.cat(pair) for pair in zip(pool, pool_u)]
         heatmaps, emb, joints_p, target_p, usable_p, claim, person_p = pool
         ctr, parts = icon_contrast(heatmaps, emb, joints_p, target_p, usable_p, claim=claim,
-                                   person=person_p, **contrast_options(args))
-        loss = loss + args.lambda_p * ctr  # Eq. (7)
-        terms.update({f"{k}{i + 1}": v for k, v in parts.items()})
+                                   person=person_p, input_size=args.input_size,
+                                   pairs=LIMB_PAIRS[args.data], lambda_1=args.lambda_1,
+                                   lambda_2=args.lambda_2, tau=args.tau, sigma=args.sigma,
+                                   region_thresh=args.region_thresh, sampling=args.sampling,
+                                   intra=args.contrast == "intra", num_queries=args.num_queries,
+                                   num_negatives=args.num_negatives, hard_q=args.hard_q,
+                                   hard_h=args.hard_h)
+        loss = loss + args.lambda_p * ctr  # Eq. (5) (Eq. (7) under --semi)
+        terms.update({f"{k}{i + 1}" if semi else k: v for k, v in parts.items()})
     return loss, terms
+
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation extras: keypoint embeddings on the validation set (Fig. 5) and keypoint recall (Table
-# 6).
+# 6)
 
 def gt_val_dataset(args, val_ds, info):
     """The validation persons with their ground-truth joints (with --det-json, val_ds holds
@@ -721,7 +696,7 @@ def embedding_separation(pose, dataset, args, device, max_persons=256):
     for batch in loader:
         x = to_memory_format(normalize(batch["image"].to(device)), args)
         with autocast(args, device):
-            _, tap = forward_tapped(pose, x)
+            _, tap = Tapped(pose)(x)
         tap = tap.float()
         size = tap.new_tensor([tap.shape[-1], tap.shape[-2]])
         stride = tap.new_tensor(args.input_size) / size
@@ -731,7 +706,7 @@ def embedding_separation(pose, dataset, args, device, max_persons=256):
         # (B, K, D)
         f = F.grid_sample(tap, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
         inside = ((joints >= 0) & (joints < joints.new_tensor(args.input_size))).all(-1)
-        keep = visible_joints(batch["vis_flag"].to(device), args) & inside
+        keep = (batch["vis_flag"].to(device) >= visible_flags(args).to(device)) & inside
         feats.append(f[keep])
         classes.append(keep.nonzero()[:, 1])
         instances.append(batch["index"].to(device)[:, None].expand_as(keep)[keep])
@@ -764,7 +739,7 @@ def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
     if recall:
         _, conf, _ = predict(pose, gt_ds, args, device, info)
         flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
-        out["recall"] = keypoint_recall(conf, flags, visible_thresholds(args).numpy())
+        out["recall"] = keypoint_recall(conf, flags, visible_flags(args).numpy())
     if dist.is_main():
         same, other, x, k = embedding_separation(pose, gt_ds, args, device)
         out.update(embed_same=same, embed_other=other, embed_sep=same - other)
@@ -797,42 +772,12 @@ SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2
               "peak2", "pseudo_kept"]
 
 
-def print_summary(args):
-    pose, head, _ = build_model(args)
-    n, gmacs = summary(pose, args.input_size)
-    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
-             f"parameters" if head else "")
-    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
-          f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
-          f"inference{extra}")
-
-
-def build_networks(args, device):
-    """(pose network, projection head or None, the trained module, the --semi wrapper or None), on
-    `device`. The pose network (network 1) is evaluated and saved; ICON(pose, head) trains it with
-    the contrast, and the --semi wrapper trains that with network 2 (dual) or a frozen teacher
-    (pseudo)."""
-    pose, head, report = build_model(args)
-    if report and dist.is_main():
-        print(report)
-    if args.weights:
-        load_weights(pose, args.weights, flags=MODEL_FLAGS)
-    model = pose if head is None else ICON(pose, head)
-    semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
-    trained = semi_model or model
-    trained.to(device)
-    if args.channels_last:
-        trained.to(memory_format=torch.channels_last)
-    return pose, head, trained, semi_model
-
-
-def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
-          device, data_device):
-    """One epoch, or up to iteration `total_iters`, of Eq. (5) (Eq. (7) under --semi). `model` is
-    what runs the forward (DDP and compiled). Returns the epoch's log entry (each term averaged
-    over iterations and ranks, lr, img/s) and the iteration reached."""
+def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,
+          data_device):
+    """One epoch, or up to iteration `total_iters`. Returns the epoch's log entry (each term
+    averaged over iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
-    names = SEMI_TERMS if semi_model else TERMS
+    names = SEMI_TERMS if semi else TERMS
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
                         f"epoch {epoch + 1} ")
@@ -842,11 +787,8 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
             break
         if data_device is not None:  # the workers read bytes: decode and crop the batch here
             batch = decode_crops(batch, data_device, args.input_size)
-        if semi_model:  # Eq. (7)
-            loss, terms = semi_losses(model, semi_model, batch, args, device,
-                                      np.random.default_rng([args.seed, dist.rank(), it]))
-        else:
-            loss, terms = icon_losses(model, batch, args, device)
+        loss, terms = train_step(model, semi, batch, args, device,
+                                 np.random.default_rng([args.seed, dist.rank(), it]))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -857,7 +799,7 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
                                                 for k in names[1:]])
         sums += values
         n_iters += 1
-        n = (batch["labeled"] if semi_model else batch)["image"].shape[0] * world
+        n = (batch["labeled"] if semi else batch)["image"].shape[0] * world
         n_seen += n
         if (i + 1) % args.print_freq == 0:
             mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
@@ -872,33 +814,28 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
                 lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0)), it
 
 
-def resume(path, args, pose, head, semi_model, **states):
+def resume(path, args, poses, heads, **states):
     """Load the run saved in `path`: the pose network(s) and projection head(s), then each of
     `states` (optimizer=...). Returns (epoch, iteration, best score)."""
     ckpt = load_checkpoint(path)
     check_resume_args(path, ckpt.get("args", {}), args, RESUME_KEYS)
-    load_weights(pose, path, ckpt, flags=MODEL_FLAGS)
-    if head is not None:
-        head.load_state_dict(ckpt["proj"])
-    if args.semi == "dual":
-        load_weights(semi_model.nets[1], path, ckpt["model2"], flags=MODEL_FLAGS)
-        if head is not None:
-            semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
+    load_weights(poses[0], path, ckpt, flags=MODEL_FLAGS)
+    if len(poses) == 2:
+        load_weights(poses[1], path, ckpt["model2"], flags=MODEL_FLAGS)
+    for key, head in zip(("proj", "proj2"), heads):
+        head.load_state_dict(ckpt[key])
     epoch, it = restore_training(path, ckpt, dist.rank(), **states)
     return epoch, it, ckpt["best"]
 
 
-def checkpoint_state(pose, head, semi_model, **training):
-    """checkpoint.pth: the pose network under "model" (so the file also evaluates as a pose
-    network), its projection head apart ("proj"), network 2 and its head under --semi dual
-    ("model2", "proj2"), and the `training` state."""
-    state = {"model": pose.state_dict(), **training}
-    if head is not None:
-        state["proj"] = head.state_dict()
-    if semi_model is not None and len(semi_model.nets) == 2:
-        state["model2"] = semi_model.nets[1].state_dict()
-        if head is not None:
-            state["proj2"] = semi_model.labeled[1].head.state_dict()
+def checkpoint_state(poses, heads, **training):
+    """checkpoint.pth: network 1 under "model" (so the file also evaluates as a pose network), its
+    projection head apart ("proj"), network 2 and its head under --semi dual ("model2", "proj2"),
+    and the `training` state."""
+    state = {"model": poses[0].state_dict(), **training}
+    state.update({key: head.state_dict() for key, head in zip(("proj", "proj2"), heads)})
+    if len(poses) == 2:
+        state["model2"] = poses[1].state_dict()
     return state
 
 
@@ -917,6 +854,16 @@ def save_epoch(args, state, history, epochs, best_state=None):
             print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
 
 
+def print_summary(args):
+    pose, head, _ = build_model(args)
+    n, gmacs = summary(pose, args.input_size)
+    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
+             f"parameters" if head else "")
+    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
+          f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
+          f"inference{extra}")
+
+
 def main():
     args = get_args()
     if begin(args, run_plan):
@@ -929,7 +876,8 @@ def main():
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
 
-    pose, head, trained, semi_model = build_networks(args, device)
+    poses, heads, trained, semi = build_networks(args, device)
+    pose = poses[0]
 
     # Data
     if args.data == "demo":  # generated on first use, then cached under data/cache
@@ -944,7 +892,7 @@ def main():
             evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall)
         dist.cleanup()
         return
-    if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
+    if semi:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
     # --batch-size is the total over ranks; the contrast runs over each rank's own batch (the
     # paper's "batch size is 16", per GPU)
@@ -957,46 +905,48 @@ def main():
                                         if data_device is not None else None)
     total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
 
-    # Optimisation. BatchNorm per rank, no SyncBN: paper silent; HRNet's DataParallel runs
-    # normalise over each GPU's share, the paper's "batch size 16" per GPU
+    # Optimisation. BatchNorm per rank, no SyncBN (paper silent; HRNet's DataParallel normalises
+    # over each GPU's share)
     ddp_model = compile_model(dist.ddp(trained, device), args.compile)
-    # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen
-    # teacher
+    # Adam, no weight decay (HRNet), over the pose network(s) then the projection head(s); never a
+    # frozen teacher
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, best, history = 0, 0, -1.0, []
     if args.resume:
-        start_epoch, it, best = resume(args.resume, args, pose, head, semi_model,
-                                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start_epoch, it, best = resume(args.resume, args, poses, heads, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=scaler)
         epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
         history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
-        extra = (f" + {sum(p.numel() for p in head.parameters()):,} in the projection head "
-                 f"(training only)" if head else "")
-        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters{extra}; "
-              f"{len(train_ds)} train / {len(val_ds)} val persons; {len(loader)} it/epoch x "
+        n_head = sum(p.numel() for p in heads[0].parameters()) if heads else 0
+        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters"
+              + (f" + {n_head:,} in the projection head (training only)" if heads else "")
+              + f"; {len(train_ds)} train / {len(val_ds)} val persons; {len(loader)} it/epoch x "
               f"{epochs} epochs = {total_iters} iterations on {world} x {device}; "
               + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), "
-                 f"{args.sampling} sampling, {args.contrast}-image" if head
+                 f"{args.sampling} sampling, {args.contrast}-image" if heads
                  else "baseline (λp = 0)")
-              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model
+              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi
                  else "")
-              + (f", contrast on {args.contrast_crops} crops" if semi_model and head else ""))
+              + (f", contrast on {args.contrast_crops} crops" if semi and heads else ""))
+    # besides network 1: network 2 and the mean of both heatmaps (--semi dual, the official three)
+    others = ({"net2": poses[1], "ensemble": Ensemble(nn.ModuleList(poses))} if len(poses) == 2
+              else None)
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        log, it = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+        log, it = train(loader, ddp_model, semi, optimizer, scheduler, scaler, epoch, it,
                         total_iters, args, device, data_device)
         last = it >= total_iters
         best_state = None
         if (epoch + 1) % eval_every == 0 or last:
             dist.broadcast_buffers(pose)
-            log.update(validate(pose, val_ds, args, device, info,
-                                semi_model.eval_models() if semi_model else None))
+            log.update(validate(pose, val_ds, args, device, info, others))
             log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info,
                                        args.recall and last))
             if main_proc and main_metric(log["metrics"]) > best:
@@ -1007,7 +957,7 @@ def main():
         history.append(log)
         rngs = dist.gather_objects(rng_state())
         if main_proc:
-            state = checkpoint_state(pose, head, semi_model, optimizer=optimizer.state_dict(),
+            state = checkpoint_state(poses, heads, optimizer=optimizer.state_dict(),
                                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                                      epoch=epoch + 1, iteration=it, best=best, args=vars(args),
                                      rng=rngs)
