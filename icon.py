@@ -38,7 +38,6 @@ from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.metrics import keypoint_recall
 from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
                          pose_augmentation, pose_eval, resume_path)
-from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
 from common.semi import (Ensemble, PairedDataset, argmax_joints, build_semi, build_unlabeled,
                          heatmaps_of, pseudo_label_mask)
@@ -668,95 +667,6 @@ def train_step(model, semi, batch, args, device, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation extras: keypoint embeddings on the validation set (Fig. 5) and keypoint recall (Table
-# 6)
-
-def gt_val_dataset(args, val_ds, info):
-    """The validation persons with their ground-truth joints (with --det-json, val_ds holds
-    detections)."""
-    if not args.det_json:
-        return val_ds
-    records, _ = read_coco(info["coco"], data_paths(args)["val_images"],
-                           args.input_size[0] / args.input_size[1])
-    return TopDownDataset(records, args.input_size, info["flip_pairs"], [])
-
-
-@torch.no_grad()
-def embedding_separation(pose, dataset, args, device, max_persons=256):
-    """Fig. 5 as a number: encoder features at the visible GT joints of the first `max_persons`
-    validation persons, sampled (bilinear) from the tapped map, before the projection head, so a
-    baseline run and an ICON run are measured alike. Returns (mean cosine of same-class pairs across
-    instances, mean cosine of other-class pairs across instances, features (n, D), classes (n,))."""
-    pose.eval()
-    subset = torch.utils.data.Subset(dataset, range(min(max_persons, len(dataset))))
-    loader = torch.utils.data.DataLoader(subset,
-                                         batch_size=max(1, args.batch_size // dist.world_size()),
-                                         num_workers=args.workers)
-    feats, classes, instances = [], [], []
-    for batch in loader:
-        x = to_memory_format(normalize(batch["image"].to(device)), args)
-        with autocast(args, device):
-            _, tap = Tapped(pose)(x)
-        tap = tap.float()
-        size = tap.new_tensor([tap.shape[-1], tap.shape[-2]])
-        stride = tap.new_tensor(args.input_size) / size
-        joints = batch["joints"].to(device)
-        # feature pixel i sits at input pixel stride x i
-        grid = (joints / stride + 0.5) / size * 2 - 1
-        # (B, K, D)
-        f = F.grid_sample(tap, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
-        inside = ((joints >= 0) & (joints < joints.new_tensor(args.input_size))).all(-1)
-        keep = (batch["vis_flag"].to(device) >= visible_flags(args).to(device)) & inside
-        feats.append(f[keep])
-        classes.append(keep.nonzero()[:, 1])
-        instances.append(batch["index"].to(device)[:, None].expand_as(keep)[keep])
-    if not feats or not sum(len(f) for f in feats):
-        return float("nan"), float("nan"), None, None
-    x = F.normalize(torch.cat(feats), dim=1)
-    k, n = torch.cat(classes), torch.cat(instances)
-    sim = x @ x.T
-    across = n[:, None] != n[None, :]
-    same = (k[:, None] == k[None, :]) & across
-    other = (k[:, None] != k[None, :]) & across
-    return sim[same].mean().item(), sim[other].mean().item(), x.cpu(), k.cpu()
-
-
-def plot_embedding_pca(path, x, k, names, same, other, title):
-    """embeddings.png: the first two principal components of the unit features, coloured by keypoint
-    class."""
-    xc = x - x.mean(0)
-    _, _, v = torch.linalg.svd(xc, full_matrices=False)
-    plot_embeddings(path, (xc @ v[:2].T).numpy(), k.numpy(), names,
-                    f"{title}: cosine same class {same:.3f}, other classes {other:.3f} (across "
-                    f"instances)")
-
-
-def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
-    """The separation number (+ embeddings.png) and, with `recall`, Table 6's recall (+
-    recall.json). Every rank takes part in the recall's prediction; rank 0 measures the
-    embeddings."""
-    out = {}
-    if recall:
-        _, conf, _ = predict(pose, gt_ds, args, device, info)
-        flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
-        out["recall"] = keypoint_recall(conf, flags, visible_flags(args).numpy())
-    if dist.is_main():
-        same, other, x, k = embedding_separation(pose, gt_ds, args, device)
-        out.update(embed_same=same, embed_other=other, embed_sep=same - other)
-        if x is not None:
-            plot_embedding_pca(os.path.join(args.out, "embeddings.png"), x, k,
-                               JOINT_NAMES[args.data], same, other,
-                               f"{args.backbone} tapped features")
-        if recall:
-            save_json(os.path.join(args.out, "recall.json"), out["recall"])
-            print("recall: " + " ".join(f"{t} {v:.3f}" for t, v in out["recall"].items()),
-                  flush=True)
-        print(f"embeddings (tapped features, val): same-class cosine {same:.4f}, other-class "
-              f"{other:.4f}, separation {same - other:.4f}", flush=True)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
 # (validate) and saves (save_epoch)
 
@@ -828,6 +738,23 @@ def resume(path, args, poses, heads, **states):
     return epoch, it, ckpt["best"]
 
 
+def validate_recall(pose, val_ds, args, device, info):
+    """Table 6: keypoint recall (common/metrics.py) on GT boxes; every rank predicts, rank 0 writes
+    recall.json."""
+    gt_ds = val_ds
+    if args.det_json:  # val_ds holds detections
+        records, _ = read_coco(info["coco"], data_paths(args)["val_images"],
+                               args.input_size[0] / args.input_size[1])
+        gt_ds = TopDownDataset(records, args.input_size, info["flip_pairs"], [])
+    _, conf, _ = predict(pose, gt_ds, args, device, info)
+    flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
+    recall = keypoint_recall(conf, flags, visible_flags(args).numpy())
+    if dist.is_main():
+        save_json(os.path.join(args.out, "recall.json"), recall)
+        print("recall: " + " ".join(f"{t} {v:.3f}" for t, v in recall.items()), flush=True)
+    return {"recall": recall}
+
+
 def checkpoint_state(poses, heads, **training):
     """checkpoint.pth: network 1 under "model" (so the file also evaluates as a pose network), its
     projection head apart ("proj"), network 2 and its head under --semi dual ("model2", "proj2"),
@@ -883,13 +810,12 @@ def main():
     if args.data == "demo":  # generated on first use, then cached under data/cache
         args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
-    gt_ds = gt_val_dataset(args, val_ds, info)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
     if args.eval_only:
         validate(pose, val_ds, args, device, info, oracle=args.oracle)
-        if not args.oracle:
-            evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall)
+        if args.recall and not args.oracle:
+            validate_recall(pose, val_ds, args, device, info)
         dist.cleanup()
         return
     if semi:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
@@ -947,8 +873,8 @@ def main():
         if (epoch + 1) % eval_every == 0 or last:
             dist.broadcast_buffers(pose)
             log.update(validate(pose, val_ds, args, device, info, others))
-            log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info,
-                                       args.recall and last))
+            if args.recall and last:
+                log.update(validate_recall(pose, val_ds, args, device, info))
             if main_proc and main_metric(log["metrics"]) > best:
                 best = main_metric(log["metrics"])
                 # the inference model: the pose network alone, without the projection head
