@@ -9,14 +9,10 @@ them to the MSE. Inference is the baseline's (a SimpleBaseline one also evaluate
 
     python icon.py --data demo                                  # laptop CPU, minutes
     python icon.py --data demo --lambda-p 0                     # the baseline, same schedule
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco
-        # Table 3, SBN-R50 + ICON (ImageNet)
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \\
-        --pretrained hrnet_w32-36af842e.pth                     # Table 3, HRNet-W32 + ICON
-    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose \\
-        --det-json DETECTIONS.json
-        # Table 2: CrowdPose test, SBN-R50 + ICON, on person detections
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco   # Table 3, SBN-R50
     python icon.py --data demo --labeled 10% --semi dual        # Table 4, SSPose + ICON
+
+The paper's runs: README.md.
 """
 import argparse
 import math
@@ -51,30 +47,22 @@ from common.utils import (Progress, UserError, autocast, check_finite, check_res
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
-# Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of
-# --data".
+# Arguments: the paper's defaults (§Implementation Details) per dataset; None: --data's preset
 
+# HRNet's schedule and augmentation ("the learning rate follows HRNet"); batch "16" per GPU on 4
 PRESETS = {
-    # COCO: 256x192 (Table 3 also 384x288: --input-size 288 384), 210 epochs, "the learning rate
-    # follows HRNet": Adam 1e-3, x0.1 at 170 and 200. Flip, rotation ±45°, scale [0.65, 1.35],
-    # half-body (HRNet's p 0.3). Batch "16": per GPU on the paper's 4 V100s (paper ambiguous), 64 in
-    # total, lr not rescaled
+    # Table 3 also 384x288: --input-size 288 384
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=210, lr_steps=(170, 200),
                  lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64,
                  workers=4, head_channels=256, channels_last=False),
-    # MPII: 180 epochs; the text says 384x384, but every MPII baseline it compares with (Tables 1,
-    # 4, 5, 7) is the published 256x256 number, so 256x256 (--input-size 384 384 for the text's
-    # size). Drops where HRNet's 170/200 of 210 fall in 180 epochs (paper silent)
+    # 256x256, as the MPII baselines it compares with (the text: --input-size 384 384)
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=180, lr_steps=(145, 170),
                  lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64,
                  workers=4, head_channels=256, channels_last=False),
-    # CrowdPose: 220 epochs (trainval -> test, the standard protocol); drops where HRNet's 170/200
-    # of 210 fall in 220 epochs, rounded (paper silent)
     "crowdpose": dict(backbone="resnet50", input_size=(192, 256), epochs=220, lr_steps=(180, 210),
                       lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3,
                       batch_size=64, workers=4, head_channels=256, channels_last=False),
-    # demo: mrpose.py's demo preset (ResNet-18 from scratch at 96x128, 64-channel deconvs, 5 epochs)
-    # with the contrast on; not a paper setting
+    # mrpose.py's demo preset with the contrast on; not a paper setting
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, half_body_prob=0.0, batch_size=16, eval_every=2,
                  workers=1, head_channels=64, channels_last=True, amp="auto"),
@@ -86,122 +74,86 @@ HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
 MODEL_FLAGS = "--backbone/--head-channels/--data"
 # HRNet's release
 HRNET_IMAGENET = {"hrnet_w32": "hrnet_w32-36af842e.pth", "hrnet_w48": "hrnet_w48-8ef0771d.pth"}
-# Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8
-# limb bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for
-# these, so only they are built (a pair with M = 0 would be the zero vector)
+# Eqs. (2)-(3): "8 pairs ... adjacent joints (e.g. elbow -> wrist)": the limb bones, where M_kij = 1
+# (a pair with M = 0 would be the zero vector, so only these are built)
 LIMB_PAIRS = {
     "coco": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "demo": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "mpii": [(13, 14), (14, 15), (12, 11), (11, 10), (3, 4), (4, 5), (2, 1), (1, 0)],
     "crowdpose": [(0, 2), (2, 4), (1, 3), (3, 5), (6, 8), (8, 10), (7, 9), (9, 11)],
 }
-# Joints whose raw flag says "labeled", not "visible": CrowdPose's head and neck carry v = 1 in
-# every labeled person (its limbs use COCO's 1 occluded / 2 visible), so a v = 2 rule would drop
-# both classes; they count from v = 1. MPII's HRNet json has no occlusion flag (joints_vis =
-# labeled): every labeled joint counts
+# joints whose raw flag says "labeled", not "visible" (CrowdPose's head and neck: v = 1 in every
+# labeled person); they count from v = 1. MPII's json has no occlusion flag: every labeled joint
 LABEL_ONLY_JOINTS = {"coco": [], "demo": [], "mpii": [], "crowdpose": [12, 13]}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
-                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet; "
-                        "default: the --data preset)")
+                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet")
     p.add_argument("--pretrained", default=None,
                    help="ResNet: 'torchvision' (ImageNet, downloads; the coco/mpii/crowdpose "
                         "default), a backbone .pth or 'none' (scratch, the demo's); HRNet: "
                         "hrnet_w32-36af842e.pth (coco/mpii/crowdpose ask for it) or 'none'")
-    p.add_argument("--head-channels", type=int, default=None,
-                   help="deconv width of SimpleBaseline (paper: 256; "
-                   "default: the --data preset)")
+    p.add_argument("--head-channels", type=int, default=None, help="SimpleBaseline's deconv width")
     # ICON (§Method, §Implementation Details)
-    p.add_argument("--lambda-p", type=float, default=1.0,
-                   help="λp of Eq. (5); 0 trains the baseline alone")
+    p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0: the baseline")
     p.add_argument("--lambda-1", type=float, default=0.3, help="λ1 of Eq. (5), SKCC")
     p.add_argument("--lambda-2", type=float, default=0.7, help="λ2 of Eq. (5), PRCC")
-    p.add_argument("--no-skcc", dest="skcc", action="store_false",
-                   help="turn SKCC off: Table 5 'Base+PRCC' (λ1 = 0)")
-    p.add_argument("--no-prcc", dest="prcc", action="store_false",
-                   help="turn PRCC off: Table 5 'Base+SKCC' (λ2 = 0)")
+    p.add_argument("--no-skcc", dest="skcc", action="store_false", help="Table 5's Base+PRCC")
+    p.add_argument("--no-prcc", dest="prcc", action="store_false", help="Table 5's Base+SKCC")
     p.add_argument("--tau", type=float, default=0.07, help="temperature τ of Eqs. (1), (4)")
     p.add_argument("--sampling", default="hard", choices=["hard", "random", "all"], help="Table 7")
     p.add_argument("--contrast", default="inter", choices=["inter", "intra"],
                    help="Table 5: across the instances of the batch, or within each instance")
     p.add_argument("--num-queries", type=int, default=256, help="queries per query class (Table 8)")
-    p.add_argument("--num-negatives", type=int, default=512,
-                   help="negatives per query class (Table 8)")
+    p.add_argument("--num-negatives", type=int, default=512, help="per query class (Table 8)")
     p.add_argument("--hard-q", type=int, nargs=2, default=[5, 8], metavar=("SKCC", "PRCC"),
                    help="hard sampling: number of query classes Q")
     p.add_argument("--hard-h", type=int, nargs=2, default=[6, 4], metavar=("SKCC", "PRCC"),
                    help="hard sampling: number of negative classes H per query class")
-    p.add_argument("--embed-dim", type=int, default=256,
-                   help="m, the projection head's output width (paper silent)")
-    p.add_argument("--region-thresh", type=float, default=0.5,
-                   help="a joint's pixels: where its Gaussian target is >= this (1: the joint's "
-                        "pixel alone)")
+    p.add_argument("--embed-dim", type=int, default=256, help="m, the projection head's width")
+    p.add_argument("--region-thresh", type=float, default=0.5, help="a joint's pixels: target >=")
     p.add_argument("--visible-flag", type=int, default=2, choices=[1, 2],
                    help="lowest raw visibility flag counted as visible (contrast, --recall, "
-                        "embeddings); 2: visible only, 1: occluded too (CrowdPose head/neck always "
-                        "from 1; MPII: every labeled joint)")
+                        "embeddings); 1 adds occluded joints")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="dataset and its preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None,
-                   help="dataset root: COCO (annotations/, train2017/, val2017/), "
-                   "MPII (annot/, images/) or CrowdPose (annotations/, images/) layout")
+    p.add_argument("--data-root", default=None, help="dataset root, in its official layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--labeled", type=parse_labeled, default=None,
-                   help="train on N persons, or P%% of them (few-label)")
-    # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi): Xie et al.'s dual networks
-    # (SSPose) or the pseudo-label teacher of Eq. (6); ICON's contrast on top unless --lambda-p 0
+    p.add_argument("--labeled", type=parse_labeled, default=None, help="N persons or P%% of them")
+    # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi)
     p.add_argument("--semi", default=None, choices=["none", "dual", "pseudo"],
-                   help="Table 4: dual = SSPose (two networks), pseudo = Eq. (6) (frozen "
-                        "--teacher)")
+                   help="dual = SSPose (two networks), pseudo = Eq. (6) (frozen --teacher)")
     p.add_argument("--unlabeled", default="rest", choices=["all", "rest"],
-                   help="unlabeled persons: those outside --labeled (ICON: \"the remaining\") or "
-                        "every training person (Xie et al.'s official sets)")
-    p.add_argument("--teacher", default=None,
-                   help="--semi pseudo: checkpoint trained on the labeled set only")
-    p.add_argument("--joint-cutout", type=int, default=0,
-                   help="--semi dual: Joint Cutout boxes per hard view")
+                   help="unlabeled persons: those outside --labeled (ICON's) or all (Xie et al.'s)")
+    p.add_argument("--teacher", default=None, help="--semi pseudo: a labeled-only checkpoint")
+    p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: boxes per hard view")
     p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
-                   help="--semi: the contrast's persons: labeled and unlabeled crops "
-                        "(pseudo-labeled joints) or the labeled ones only")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                   help="network input width and height (default: the --data preset)")
-    p.add_argument("--sigma", type=float, default=2.0,
-                   help="Gaussian σ of the targets (heatmap pixels)")
+                   help="--semi: the contrast's persons, labeled and unlabeled or labeled only")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--sigma", type=float, default=2.0, help="targets' σ (heatmap pixels)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
-                   help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
+                   help="sf: scale x N(1, sf) clipped to 1 ± sf")
     p.add_argument("--rot-factor", type=float, default=None,
-                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: the "
-                        "--data preset)")
+                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="turn off the horizontal-flip augmentation (on by default)")
-    p.add_argument("--half-body-prob", type=float, default=None,
-                   help="HRNet half-body augmentation (default: the --data preset)")
+    p.add_argument("--half-body-prob", type=float, default=None, help="HRNet's half-body")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: the --data preset)")
+    p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
     p.add_argument("--lr-steps", type=int, nargs="+", default=None,
-                   help="x0.1 at these epochs (or iterations with --iters; "
-                   "default: the --data preset)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate, not scaled with the batch "
-                   "(HRNet: 1e-3; default: the --data preset)")
-    p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="total over all ranks; the contrast runs per rank (default: the --data "
-                        "preset)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: the --data preset)")
+                   help="x0.1 at these epochs (or iterations with --iters)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's, not scaled with the batch")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     evaluation = add_pose_eval_args(p)  # the val set, its boxes, --eval-only, --weights
-    evaluation.add_argument("--recall", action="store_true",
-                            help="Table 6: share of visible GT keypoints whose confidence exceeds "
-                                 "0.1..0.9 (GT boxes)")
+    evaluation.add_argument("--recall", action="store_true", help="Table 6's keypoint recall")
     finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
@@ -209,8 +161,7 @@ def get_args(argv=None):
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])
     args.semi = None if args.semi == "none" else args.semi
-    # ICON's unlabeled persons come from the same set
-    args.unlabeled_ann = args.unlabeled_images = None
+    args.unlabeled_ann = args.unlabeled_images = None  # ICON's unlabeled persons: the same set
     # --no-skcc / --no-prcc drop one term of Eq. (5); the other keeps its λ (paper silent)
     args.lambda_1 = args.lambda_1 if args.skcc else 0.0
     args.lambda_2 = args.lambda_2 if args.prcc else 0.0
@@ -221,10 +172,9 @@ def get_args(argv=None):
     if args.backbone in HRNETS and args.pretrained == "torchvision":
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official "
                         "ImageNet .pth file")
-    # the paper initialises every backbone from ImageNet; the demo trains from scratch
+    # ImageNet, as the paper; none for the demo or weights from a checkpoint / not needed
     if args.pretrained is None:
         if args.data == "demo" or args.eval_only or args.weights or args.resume or args.summary:
-            # the demo's preset, or the weights come from a checkpoint / are not needed
             args.pretrained = "none"
         elif args.backbone in HRNETS:
             raise UserError(f"--backbone {args.backbone} on --data {args.data}: pass --pretrained "
@@ -235,8 +185,8 @@ def get_args(argv=None):
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
     args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
-                                        + (f"-{args.semi}" if args.semi
-                                           else "") + ("" if args.contrast_on else "-baseline"))
+                                        + (f"-{args.semi}" if args.semi else "")
+                                        + ("" if args.contrast_on else "-baseline"))
     args.resume = resume_path(args)
     return args
 
@@ -249,13 +199,11 @@ def run_plan(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model (§Approach Overview). The pose network is the baseline, unchanged. The projection head
-# f_proj sits on the encoder "parallel to the regression head" and only trains: ResNet's "res-4"
-# (C4, stride 16; Detectron's naming of torchvision's layer3) or HRNet's stage-3 output.
+# Model (§Approach Overview): the baseline pose network, and a training-only projection head
+# "parallel to the regression head" on ResNet's "res-4" (C4, stride 16) or HRNet's stage 3
 
 class ProjectionHead(nn.Module):
-    """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmaps' 1/4, L2-normalised
-    per pixel ("all embeddings are L2-normalized", after Eq. (1)); fp32."""
+    """f_proj: D-channel map -> unit m-dimensional pixel embeddings at the heatmaps' 1/4 (fp32)."""
 
     def __init__(self, cin, m, heatmap_size):
         super().__init__()
@@ -363,7 +311,8 @@ def build_networks(args, device):
 # (left open by the paper) are where its Gaussian target is >= 0.5. Everything is batched over query
 # classes and queries: the only Python loop is over SKCC and PRCC.
 
-# classes
+# --sampling random (§Hard Sampling): query and negative class counts, drawn uniformly each step
+# (PRCC's 4-8 negative classes capped at the 7 other pairs)
 RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)),
                  "prcc": dict(queries=(3, 5), negatives=(4, 8))}
 # a logit that vanishes in exp() yet keeps logsumexp's gradient finite (|i·j|/τ <= 1/0.07)
@@ -379,12 +328,9 @@ def region_offsets(sigma, thresh):
 
 
 def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
-    """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): the
-    joint is usable, its centre pixel and that region pixel lie on the map, and the pixel is the
-    joint's own. One class per pixel: where regions of a person overlap, a pixel belongs to the
-    joint whose Gaussian target is highest there (the nearest centre; the lower joint index on a
-    tie) among the joints that `claim` it (B, K) (those with a target; default: `usable`), so no
-    pixel is its own negative."""
+    """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): a usable
+    joint's on-map pixels that are its own, the nearest centre among the joints that `claim` them
+    (B, K; default `usable`), so no pixel is its own negative."""
     b, m, h, w = emb.shape
     k = joints.shape[1]
     stride = joints.new_tensor([input_size[0] / w, input_size[1] / h])
@@ -405,20 +351,15 @@ def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
 
 
 def pair_embeddings(feats, valid, pairs):
-    """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised to unit
-    length ("all embeddings are L2-normalized"). The region pixel at offset o of joint i pairs with
-    the pixel at the same offset of joint j (the pairing is left open; this one needs no sampling);
-    a pair pixel is valid where both are (each its own joint's, so adjacent limbs share only their
-    common joint)."""
+    """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised; region
+    pixel o of joint i pairs with pixel o of joint j, valid where both are."""
     a, b = (torch.tensor(s, device=feats.device) for s in zip(*pairs))
     return F.normalize((feats[:, a] + feats[:, b]) / 2, dim=-1), valid[:, a] & valid[:, b]
 
 
 def class_hardness(heatmaps, target, usable):
-    """Per-class hardness: "larger uncertainty (entropy of joint prediction value) and prediction
-    loss". How the two combine is left open: the entropy of the predicted heatmap as a spatial
-    distribution (divided by log HW) plus the joint's MSE, each averaged over the batch's usable
-    instances and divided by its largest class value, so both weigh alike."""
+    """Per-class hardness, "larger uncertainty (entropy of joint prediction value) and prediction
+    loss": heatmap entropy / log HW plus MSE over the usable instances, each scaled to max 1."""
     heat = heatmaps.detach().float()
     p = heat.relu().flatten(2) + 1e-12
     p = p / p.sum(-1, keepdim=True)
@@ -430,13 +371,9 @@ def class_hardness(heatmaps, target, usable):
 
 
 def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
-    """Query classes (nq,) and their negative classes (nq, C) as a mask.
-
-    hard: the q hardest eligible classes; for each, the h present classes whose prototypes (mean
-    embedding in the batch; the paper's "feature similarity ... cosine") are most similar to its
-    own. random: counts drawn uniformly from `counts` (the negatives' top capped at the C - 1 other
-    classes), classes uniformly. all: every eligible class against every other present class. Query
-    classes left without a negative class are dropped."""
+    """Query classes (nq,) and their negative classes (nq, C) as a mask. hard: the q hardest, each
+    against the h most similar prototypes ("feature similarity ... cosine"); random: uniform counts
+    and classes; all: every eligible class against every other present class."""
     c = len(eligible)
     device = eligible.device
     n_eligible = int(eligible.sum())
@@ -465,15 +402,10 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
 
 
 def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
-    """Indices and masks of Eq. (1) for the query classes `qc`; entries are indexed into the
-    class-major pool (C, B*O) of `valid` (B, C, O).
-
-    Queries: `num_queries` pixels of the class, drawn with replacement (as ReCo; 256 is then always
-    reachable). Positives P_i: every pixel of the class in the instances of another person (inter;
-    `person` (B,) ids, default every instance its own) / the other pixels of the query's own joint
-    (intra: "the self as positive"). Negatives N_i: inter, `num_negatives` pixels drawn with
-    replacement from the negative classes and shared by the class's queries; intra, every pixel of
-    the negative classes in the query's own instance (at most H x O, fewer than 512)."""
+    """Eq. (1)'s draws for the query classes `qc`, indexed into the class-major pool (C, B*O) of
+    `valid` (B, C, O): queries with replacement (ReCo); positives P_i the class's pixels in another
+    person (inter; `person` (B,) ids) or the query's own joint's other pixels (intra); negatives
+    N_i drawn from the negative classes (inter) or all of them in the query's instance (intra)."""
     b, c, o = valid.shape
     device = valid.device
     ok = valid.transpose(0, 1).reshape(c, b * o)
@@ -500,10 +432,8 @@ def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, p
 def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
     """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
         L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
-    q (nq, Nq, m); pos (nq, P, m) with pos_mask (nq, Nq, P); neg (nq, N, m) or (N, m) shared,
-    neg_mask (nq, Nq, N) or None (all valid). L_i is averaged over the queries that have a positive
-    and a negative, then over the classes that have such a query (the paper leaves the averaging
-    open). Returns (loss, number of classes that contributed)."""
+    q (nq, Nq, m); pos (nq, P, m), pos_mask (nq, Nq, P); neg (nq, N, m) or shared (N, m), neg_mask
+    (nq, Nq, N) or None. Mean over queries, then classes -> (loss, classes that contributed)."""
     s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
     s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
     has_neg = torch.ones_like(pos_mask[..., 0])
@@ -511,7 +441,7 @@ def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
         s_neg = s_neg.masked_fill(~neg_mask, MASKED)
         has_neg = neg_mask.any(-1)
     lse = torch.logsumexp(s_neg, -1, keepdim=True)
-    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable  # Eq. (1)
+    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable
     n_pos = pos_mask.sum(-1)
     per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
     has = (n_pos > 0) & has_neg
@@ -522,15 +452,12 @@ def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
 
 def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_negative_classes,
                   random_counts, num_queries, num_negatives, tau, intra, person=None):
-    """SKCC (Eq. (1)) or PRCC (Eq. (4)) over one batch: feats (B, C, O, m) unit embeddings of the C
-    classes (keypoints or limb pairs), valid (B, C, O), hardness (C,) (hard sampling), person (B,)
-    ids (inter: positives come from another person). Returns (loss, number of query classes
-    used)."""
+    """SKCC (Eq. (1)) or PRCC (Eq. (4)): feats (B, C, O, m) unit embeddings of the C classes
+    (keypoints or limb pairs), valid (B, C, O), hardness (C,) -> (loss, query classes used)."""
     b, c, o, m = feats.shape
     count = valid.sum(-1)  # (B, C) pixels per instance and class
     present = (count > 0).any(0)
-    # a query class needs a positive: the class in two persons (inter), two pixels of one joint
-    # (intra)
+    # a query class needs a positive: in two persons (inter), two pixels of one joint (intra)
     if intra:
         eligible = (count >= 2).any(0)
     else:
@@ -539,8 +466,7 @@ def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_ne
         eligible = ((count > 0)[:, None] & (count > 0)[None] & differ).any(0).any(0)
     pool = feats.transpose(0, 1).reshape(c, b * o, m)
     ok = valid.transpose(0, 1).reshape(c, b * o)
-    with torch.no_grad():
-        # class prototypes for hard negatives
+    with torch.no_grad():  # class prototypes for hard negatives
         proto = F.normalize((pool * ok[..., None]).sum(1), dim=-1)
     qc, neg_classes = choose_classes(sampling, hardness, proto, eligible, present,
                                      num_query_classes, num_negative_classes, random_counts)
@@ -558,29 +484,19 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
                   sampling="hard", intra=False, num_queries=256, num_negatives=512, hard_q=(5, 8),
                   hard_h=(6, 4), random_counts=RANDOM_COUNTS):
     """L_ctrcon = λ1 L_sin + λ2 L_pair (Eq. (5)) of one pool of person crops (defaults: the
-    paper's).
-
-    heatmaps (B, K, h, w) predicted (hard sampling's hardness), emb (B, m, h, w) unit pixel
-    embeddings of the projection head, joints (B, K, 2) in input pixels, target (B, K, h, w) the
-    heatmaps' targets, usable (B, K) the joints that enter the contrast, claim (B, K) the joints
-    whose Gaussian owns pixels (default usable), person (B,) person ids (default: each crop its
-    own), input_size (w, h), pairs the 8 limb pairs (i, j) of PRCC. Returns (loss, {"skcc", "prcc"}:
-    its terms, detached)."""
+    paper's). heatmaps, target (B, K, h, w); emb (B, m, h, w) unit pixel embeddings; joints (B, K,
+    2) input pixels; usable, claim (B, K); person (B,) ids -> (loss, {"skcc", "prcc"} detached)."""
     offsets = region_offsets(sigma, region_thresh)
-    # fp32, outside autocast
     feats, valid = keypoint_embeddings(emb, joints, usable, input_size, offsets, claim)
     hardness = class_hardness(heatmaps, target, usable.float()) if sampling == "hard" else None
     shared = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau,
                   intra=intra, person=person)
-    # every head parameter stays in the graph when no class qualifies, so DDP finds all its
-    # gradients
-    ctr = emb.sum() * 0
+    ctr = emb.sum() * 0  # the head stays in the graph when no class qualifies: DDP needs its grads
     terms = {}
     if lambda_1 > 0:
         l_sin, _ = contrast_term(feats, valid, hardness, num_query_classes=hard_q[0],
-                                 # Eq. (1)
                                  num_negative_classes=hard_h[0],
-                                 random_counts=random_counts["skcc"], **shared)
+                                 random_counts=random_counts["skcc"], **shared)  # Eq. (1)
         ctr = ctr + lambda_1 * l_sin
         terms["skcc"] = l_sin.detach()
     if lambda_2 > 0:
@@ -596,9 +512,8 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
 
 
 # ----------------------------------------------------------------------------------------------
-# The train step: Eq. (5); under --semi (Table 4), Eq. (7): common/semi.py's loss (Xie et al.'s
-# dual networks = SSPose, or the pseudo-label teacher of Eq. (6)) plus each trained network's
-# contrast
+# The train step: Eq. (5); under --semi (Table 4), Eq. (7): common/semi.py's loss (SSPose's dual
+# networks, or Eq. (6)'s pseudo-label teacher) plus each trained network's contrast
 
 # γ of Eq. (6): a pseudo-labeled joint enters the contrast where its map's peak reaches it
 PSEUDO_GAMMA = 0.75
@@ -606,7 +521,7 @@ PSEUDO_GAMMA = 0.75
 
 def visible_flags(args):
     """(K,) the lowest raw flag at which each joint counts as visible ("only the visible keypoint
-    categories are considered"): --visible-flag, 1 for LABEL_ONLY_JOINTS."""
+    categories are considered")."""
     t = torch.full((args.num_joints,), float(args.visible_flag))
     t[LABEL_ONLY_JOINTS[args.data]] = 1.0
     return t
@@ -631,7 +546,7 @@ def train_step(model, semi, batch, args, device, rng):
         with autocast(args, device):
             out = model(x)
         outs = [out]
-        loss = joints_mse_loss(heatmaps_of(out).float(), target, weight)  # Eq. (5), L_mse
+        loss = joints_mse_loss(heatmaps_of(out).float(), target, weight)  # L_mse
         terms = {"mse": loss.detach()}
     if not args.contrast_on:
         return loss, terms
@@ -639,10 +554,7 @@ def train_step(model, semi, batch, args, device, rng):
     person = labeled["pid"].to(device)
     for i, (heatmaps, emb) in enumerate(outs):  # each trained network's own pool
         pool = [heatmaps.float(), emb, joints, target, usable, weight > 0, person]
-        if semi and args.contrast_crops == "all":
-            # its unlabeled crops with gradient as further persons, their joints at the argmax of
-            # the map that supervises them (dual: the other network's warped easy view; pseudo:
-            # the teacher's) where its peak reaches γ
+        if semi and args.contrast_crops == "all":  # its unlabeled crops with gradient too
             teacher = out["targets"][i]
             stride = teacher.new_tensor([args.input_size[0] / teacher.shape[-1],
                                          args.input_size[1] / teacher.shape[-2]])
@@ -665,7 +577,6 @@ def train_step(model, semi, batch, args, device, rng):
     return loss, terms
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
 # (validate) and saves (save_epoch)
@@ -675,23 +586,17 @@ RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "l
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
                "semi", "contrast_crops")
-# what the log keeps of each step (those a mode has): the supervised terms, or common/semi.py's
-# terms and each network's contrast under --semi
-TERMS = ["loss", "mse", "skcc", "prcc"]
-SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1",
-              "peak2", "pseudo_kept"]
 
 
 def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,
           data_device):
-    """One epoch, or up to iteration `total_iters`. Returns the epoch's log entry (each term
-    averaged over iterations and ranks, lr, img/s) and the iteration reached."""
+    """One epoch, or up to iteration `total_iters`. Returns the epoch's log entry (each term of the
+    step averaged over iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
-    names = SEMI_TERMS if semi else TERMS
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
                         f"epoch {epoch + 1} ")
-    sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
+    sums, n_iters, n_seen, t0 = {}, 0, 0, time.time()
     for i, batch in enumerate(loader):
         if it >= total_iters:
             break
@@ -705,22 +610,20 @@ def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_it
         scaler.update()
         scheduler.step()
         it += 1
-        values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device))
-                                                for k in names[1:]])
-        sums += values
+        values = {"loss": loss.detach(), **terms}
+        sums = {k: sums.get(k, 0) + v for k, v in values.items()}
         n_iters += 1
         n = (batch["labeled"] if semi else batch)["image"].shape[0] * world
         n_seen += n
         if (i + 1) % args.print_freq == 0:
-            mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
-            check_finite(mean[0], it, os.path.join(args.out, "checkpoint.pth"))
+            # the same on every rank: all stop together
+            mean = {k: dist.all_reduce_mean(v) for k, v in values.items()}
+            check_finite(mean["loss"], it, os.path.join(args.out, "checkpoint.pth"))
             progress.step(i, args.print_freq * n, lr=optimizer.param_groups[0]["lr"],
-                          **{k: v.item() for k, v in zip(names, mean) if k in terms
-                             or k == "loss"})
-    means = dist.all_reduce_mean(sums / max(1, n_iters))
-    check_finite(means[0], it, os.path.join(args.out, "checkpoint.pth"))
-    return dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, means)
-                                                  if k == "loss" or k in terms},
+                          **{k: v.item() for k, v in mean.items()})
+    means = {k: dist.all_reduce_mean(v / max(1, n_iters)) for k, v in sums.items()}
+    check_finite(means["loss"], it, os.path.join(args.out, "checkpoint.pth"))
+    return dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in means.items()},
                 lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0)), it
 
 
@@ -755,25 +658,13 @@ def validate_recall(pose, val_ds, args, device, info):
     return {"recall": recall}
 
 
-def checkpoint_state(poses, heads, **training):
-    """checkpoint.pth: network 1 under "model" (so the file also evaluates as a pose network), its
-    projection head apart ("proj"), network 2 and its head under --semi dual ("model2", "proj2"),
-    and the `training` state."""
-    state = {"model": poses[0].state_dict(), **training}
-    state.update({key: head.state_dict() for key, head in zip(("proj", "proj2"), heads)})
-    if len(poses) == 2:
-        state["model2"] = poses[1].state_dict()
-    return state
-
-
 def save_epoch(args, state, history, epochs, best_state=None):
     """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
     (common/topdown.py) and the epoch line."""
     save_outputs(args.out, state, history, best_state)
     log = history[-1]
-    print(f"epoch {log['epoch']}/{epochs}: "
-          + ", ".join(f"{k} {log[k]:.6f}" for k in (SEMI_TERMS if args.semi else TERMS)
-                      if k in log)
+    terms = [k for k, v in log.items() if isinstance(v, float) and k not in ("lr", "img_per_s")]
+    print(f"epoch {log['epoch']}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in terms)
           + f", {log['img_per_s']:.1f} img/s"
           + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
     for k, v in log.items():  # network 2, the ensemble
@@ -781,22 +672,18 @@ def save_epoch(args, state, history, epochs, best_state=None):
             print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
 
 
-def print_summary(args):
-    pose, head, _ = build_model(args)
-    n, gmacs = summary(pose, args.input_size)
-    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
-             f"parameters" if head else "")
-    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
-          f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
-          f"inference{extra}")
-
-
 def main():
     args = get_args()
     if begin(args, run_plan):
         return
     if args.summary:
-        print_summary(args)
+        pose, head, _ = build_model(args)
+        n, gmacs = summary(pose, args.input_size)
+        extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
+                 f"parameters" if head else "")
+        print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
+              f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
+              f"inference{extra}")
         return
     rank, world, device = dist.setup(args.device)
     data_device = resolve_data_device(args.data_device)
@@ -820,8 +707,7 @@ def main():
         return
     if semi:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    # --batch-size is the total over ranks; the contrast runs over each rank's own batch (the
-    # paper's "batch size is 16", per GPU)
+    # --batch-size is the total over ranks; the contrast runs over each rank's own batch
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
@@ -831,11 +717,9 @@ def main():
                                         if data_device is not None else None)
     total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
 
-    # Optimisation. BatchNorm per rank, no SyncBN (paper silent; HRNet's DataParallel normalises
-    # over each GPU's share)
+    # Optimisation: BatchNorm per rank, as HRNet's DataParallel; Adam, no weight decay (HRNet),
+    # over the pose network(s) then the projection head(s), never a frozen teacher
     ddp_model = compile_model(dist.ddp(trained, device), args.compile)
-    # Adam, no weight decay (HRNet), over the pose network(s) then the projection head(s); never a
-    # frozen teacher
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
@@ -848,17 +732,13 @@ def main():
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
-        n_head = sum(p.numel() for p in heads[0].parameters()) if heads else 0
-        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters"
-              + (f" + {n_head:,} in the projection head (training only)" if heads else "")
-              + f"; {len(train_ds)} train / {len(val_ds)} val persons; {len(loader)} it/epoch x "
-              f"{epochs} epochs = {total_iters} iterations on {world} x {device}; "
-              + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), "
-                 f"{args.sampling} sampling, {args.contrast}-image" if heads
-                 else "baseline (λp = 0)")
-              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi
-                 else "")
-              + (f", contrast on {args.contrast_crops} crops" if semi and heads else ""))
+        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters; "
+              f"{len(train_ds)} train {'pairs' if semi else 'persons'} / {len(val_ds)} val "
+              f"persons; {len(loader)} it/epoch x {epochs} epochs = {total_iters} iterations on "
+              f"{world} x {device}; " + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 "
+                                         f"{args.lambda_2}), {args.sampling} sampling, "
+                                         f"{args.contrast}-image" if heads else "baseline")
+              + (f"; --semi {args.semi}" if semi else ""))
     # besides network 1: network 2 and the mean of both heatmaps (--semi dual, the official three)
     others = ({"net2": poses[1], "ensemble": Ensemble(nn.ModuleList(poses))} if len(poses) == 2
               else None)
@@ -882,11 +762,12 @@ def main():
                               "metrics": log["metrics"]}
         history.append(log)
         rngs = dist.gather_objects(rng_state())
-        if main_proc:
-            state = checkpoint_state(poses, heads, optimizer=optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                     epoch=epoch + 1, iteration=it, best=best, args=vars(args),
-                                     rng=rngs)
+        if main_proc:  # network 1 under "model" (it evaluates as a pose network), the rest apart
+            state = dict(model=pose.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         epoch=epoch + 1, iteration=it, best=best, args=vars(args), rng=rngs)
+            state.update({k: m.state_dict() for k, m in zip(("proj", "proj2"), heads)})
+            state.update({"model2": f.state_dict() for f in poses[1:]})
             save_epoch(args, state, history, epochs, best_state)
         if last:
             break
