@@ -3,7 +3,7 @@
 
 Xie et al., "An Empirical Study of the Collapsing Problem in Semi-Supervised 2D Human Pose
 Estimation" (ICCV 2021; MSCL calls it ESCP, ICON calls it SSPose; official code
-xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eqs. (6)-(7)):
+xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eq. (6)):
 
 - `PairedDataset`: every item is one labeled and one unlabeled person crop (1:1 per step).
 - `ConsistencyTraining`: two networks (`dual`, the official pose_dual) or one (`cons`, pose_cons).
@@ -26,10 +26,10 @@ A training script uses it in a few lines (see mrpose.py):
     out = ddp(semi_model)(x, xu, view)
     loss, parts = semi_model.loss(out, target, weight)
 
-`out` holds per network its outputs on the labeled crops (`sup`) and on the hard views (`cons`),
-passed through untouched (heatmaps, or (heatmaps, features) for a network that returns both), the
-unlabeled easy-view heatmaps (`easy`), the consistency targets (`targets`, no gradient) and the
-hard-view inputs (`hard`), so a method can add its own terms on them.
+`out` holds per network its outputs on the labeled crops (`sup`) and on the hard views (`cons`;
+pseudo: the unlabeled crops), passed through untouched (heatmaps, or (heatmaps, features) for a
+network that returns both), the unlabeled easy-view heatmaps (`easy`), the consistency targets
+(`targets`, no gradient) and the hard-view inputs (`hard`), so a method can add its own terms.
 
 Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's
 convention); input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates
