@@ -307,9 +307,10 @@ def build_networks(args, device):
 
 # ----------------------------------------------------------------------------------------------
 # ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)) with hard sampling: one block that needs
-# only torch and takes explicit arguments; `icon_contrast` is its entry point. A keypoint's pixels
-# (left open by the paper) are where its Gaussian target is >= 0.5. Everything is batched over query
-# classes and queries: the only Python loop is over SKCC and PRCC.
+# only torch and takes explicit arguments; `icon_contrast` is its entry point. In the paper's order:
+# keypoint pixels and Eq. (1), pair embeddings (Eqs. (2)-(3); Eq. (4) is Eq. (1) on them), hard
+# sampling, then Eq. (5)'s sum. Batched over query classes and queries: the only Python loop is over
+# SKCC and PRCC.
 
 # --sampling random (§Hard Sampling): query and negative class counts, drawn uniformly each step
 # (PRCC's 4-8 negative classes capped at the 7 other pairs)
@@ -348,6 +349,55 @@ def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
     index = px[..., 1].clamp(0, h - 1) * w + px[..., 0].clamp(0, w - 1)
     flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, m)
     return flat[torch.arange(b, device=emb.device)[:, None, None], index], valid
+
+
+def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
+    """Eq. (1)'s draws for the query classes `qc`, indexed into the class-major pool (C, B*O) of
+    `valid` (B, C, O): queries with replacement (ReCo); positives P_i the class's pixels in another
+    person (inter; `person` (B,) ids) or the query's own joint's other pixels (intra); negatives
+    N_i drawn from the negative classes (inter) or all of them in the query's instance (intra)."""
+    b, c, o = valid.shape
+    device = valid.device
+    ok = valid.transpose(0, 1).reshape(c, b * o)
+    inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
+    qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
+    q_inst = inst[qi]
+    if intra:
+        same = q_inst[..., None] == inst  # (nq, Nq, B*O)
+        pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
+    else:
+        pid = torch.arange(b, device=device) if person is None else person.to(device)
+        pos_mask = ok[qc][:, None] & (pid[q_inst][..., None] != pid[inst])
+    candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
+    if intra:
+        neg_index = None
+        neg_mask = candidates[:, None, :] & (q_inst[..., None] == inst.repeat(c))  # (nq, Nq, C*B*O)
+    else:
+        # (nq, Nn)
+        neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)
+        neg_mask = None
+    return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
+
+
+def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
+    """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
+        L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
+    q (nq, Nq, m); pos (nq, P, m), pos_mask (nq, Nq, P); neg (nq, N, m) or shared (N, m), neg_mask
+    (nq, Nq, N) or None. Mean over queries, then classes -> (loss, classes that contributed)."""
+    s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
+    s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
+    has_neg = torch.ones_like(pos_mask[..., 0])
+    if neg_mask is not None:
+        s_neg = s_neg.masked_fill(~neg_mask, MASKED)
+        has_neg = neg_mask.any(-1)
+    lse = torch.logsumexp(s_neg, -1, keepdim=True)
+    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable
+    n_pos = pos_mask.sum(-1)
+    per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
+    has = (n_pos > 0) & has_neg
+    per_class = (per_query * has).sum(-1) / has.sum(-1).clamp(min=1)
+    counted = has.any(-1)
+    return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
 
 
 def pair_embeddings(feats, valid, pairs):
@@ -399,55 +449,6 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
         neg = (rank < n_neg[:, None]) & other[qc]
     keep = neg.any(-1)
     return qc[keep], neg[keep]
-
-
-def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
-    """Eq. (1)'s draws for the query classes `qc`, indexed into the class-major pool (C, B*O) of
-    `valid` (B, C, O): queries with replacement (ReCo); positives P_i the class's pixels in another
-    person (inter; `person` (B,) ids) or the query's own joint's other pixels (intra); negatives
-    N_i drawn from the negative classes (inter) or all of them in the query's instance (intra)."""
-    b, c, o = valid.shape
-    device = valid.device
-    ok = valid.transpose(0, 1).reshape(c, b * o)
-    inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
-    qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
-    q_inst = inst[qi]
-    if intra:
-        same = q_inst[..., None] == inst  # (nq, Nq, B*O)
-        pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
-    else:
-        pid = torch.arange(b, device=device) if person is None else person.to(device)
-        pos_mask = ok[qc][:, None] & (pid[q_inst][..., None] != pid[inst])
-    candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
-    if intra:
-        neg_index = None
-        neg_mask = candidates[:, None, :] & (q_inst[..., None] == inst.repeat(c))  # (nq, Nq, C*B*O)
-    else:
-        # (nq, Nn)
-        neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)
-        neg_mask = None
-    return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
-
-
-def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
-    """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
-        L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
-    q (nq, Nq, m); pos (nq, P, m), pos_mask (nq, Nq, P); neg (nq, N, m) or shared (N, m), neg_mask
-    (nq, Nq, N) or None. Mean over queries, then classes -> (loss, classes that contributed)."""
-    s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
-    s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
-    has_neg = torch.ones_like(pos_mask[..., 0])
-    if neg_mask is not None:
-        s_neg = s_neg.masked_fill(~neg_mask, MASKED)
-        has_neg = neg_mask.any(-1)
-    lse = torch.logsumexp(s_neg, -1, keepdim=True)
-    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable
-    n_pos = pos_mask.sum(-1)
-    per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
-    has = (n_pos > 0) & has_neg
-    per_class = (per_query * has).sum(-1) / has.sum(-1).clamp(min=1)
-    counted = has.any(-1)
-    return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
 
 
 def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_negative_classes,
