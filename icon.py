@@ -2,24 +2,17 @@
 2023).
 
 A top-down pose network (SimpleBaseline on a ResNet, or HRNet) trained with the joints MSE plus two
-contrastive terms computed on a training-only projection head: SKCC (Eq. (1)) pulls the pixel
-embeddings of one keypoint class together across the people of a batch and pushes the other classes
-away; PRCC (Eqs. (2)-(4)) does the same for the 8 limb pairs; Eq. (5) adds them to the MSE. Hard
-sampling picks the query classes (uncertain, high-loss joints) and the negative classes (the most
-similar ones). The head is dropped at inference: the saved pose network is the baseline's, same
-parameters and FLOPs (a SimpleBaseline one also evaluates in `mrpose.py --eval-only --weights`). One
-file: arguments, data, model, loss, DDP training, evaluation.
+contrastive terms on a training-only projection head: SKCC (Eq. (1)) over keypoint embeddings across
+the people of a batch, PRCC (Eqs. (2)-(4)) over the 8 limb pairs, with hard sampling; Eq. (5) adds
+them to the MSE. Inference is the baseline's (a SimpleBaseline one also evaluates in `mrpose.py
+--eval-only --weights`). Fig. 5's embeddings: `python -m eval.icon_embeddings`.
 
     python icon.py --data demo                                  # laptop CPU, minutes
     python icon.py --data demo --lambda-p 0                     # the baseline, same schedule
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco
-        # Table 3, SBN-R50 + ICON (ImageNet)
-    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco --backbone hrnet_w32 \\
-        --pretrained hrnet_w32-36af842e.pth                     # Table 3, HRNet-W32 + ICON
-    torchrun --nproc_per_node=4 icon.py --data crowdpose --data-root /data/crowdpose \\
-        --det-json DETECTIONS.json
-        # Table 2: CrowdPose test, SBN-R50 + ICON, on person detections
+    torchrun --nproc_per_node=4 icon.py --data coco --data-root /data/coco   # Table 3, SBN-R50
     python icon.py --data demo --labeled 10% --semi dual        # Table 4, SSPose + ICON
+
+The paper's runs: README.md.
 """
 import argparse
 import math
@@ -36,13 +29,14 @@ from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
 from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
                            resolve_data_device)
-from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.heatmap import gaussian_targets, joints_mse_loss
+from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
+from common.metrics import keypoint_recall
 from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
                          pose_augmentation, pose_eval, resume_path)
-from common.plots import plot_embeddings
 from common.posenet import SimpleBaseline
-from common.semi import PairedDataset, build_semi, build_unlabeled
+from common.semi import (Ensemble, PairedDataset, argmax_joints, build_semi, build_unlabeled,
+                         heatmaps_of, pseudo_label_mask)
 from common.topdown import (build_data, data_paths, format_metrics, load_weights, main_metric,
                             parse_labeled, predict, resumed_epochs, save_outputs, schedule,
                             summary, to_memory_format, validate)
@@ -53,30 +47,22 @@ from common.utils import (Progress, UserError, autocast, check_finite, check_res
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
-# Arguments. Paper defaults (§Implementation Details) per dataset; `None` means "the preset of
-# --data".
+# Arguments: the paper's defaults (§Implementation Details) per dataset; None: --data's preset
 
+# HRNet's schedule and augmentation ("the learning rate follows HRNet"); batch "16" per GPU on 4
 PRESETS = {
-    # COCO: 256x192 (Table 3 also 384x288: --input-size 288 384), 210 epochs, "the learning rate
-    # follows HRNet": Adam 1e-3, x0.1 at 170 and 200. Flip, rotation ±45°, scale [0.65, 1.35],
-    # half-body (HRNet's p 0.3). Batch "16": per GPU on the paper's 4 V100s (paper ambiguous), 64 in
-    # total, lr not rescaled
+    # Table 3 also 384x288: --input-size 288 384
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=210, lr_steps=(170, 200),
                  lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64,
                  workers=4, head_channels=256, channels_last=False),
-    # MPII: 180 epochs; the text says 384x384, but every MPII baseline it compares with (Tables 1,
-    # 4, 5, 7) is the published 256x256 number, so 256x256 (--input-size 384 384 for the text's
-    # size). Drops where HRNet's 170/200 of 210 fall in 180 epochs (paper silent)
+    # 256x256, as the MPII baselines it compares with (the text: --input-size 384 384)
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=180, lr_steps=(145, 170),
                  lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3, batch_size=64,
                  workers=4, head_channels=256, channels_last=False),
-    # CrowdPose: 220 epochs (trainval -> test, the standard protocol); drops where HRNet's 170/200
-    # of 210 fall in 220 epochs, rounded (paper silent)
     "crowdpose": dict(backbone="resnet50", input_size=(192, 256), epochs=220, lr_steps=(180, 210),
                       lr=1e-3, scale_factor=0.35, rot_factor=45.0, half_body_prob=0.3,
                       batch_size=64, workers=4, head_channels=256, channels_last=False),
-    # demo: mrpose.py's demo preset (ResNet-18 from scratch at 96x128, 64-channel deconvs, 5 epochs)
-    # with the contrast on; not a paper setting
+    # mrpose.py's demo preset with the contrast on; not a paper setting
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, half_body_prob=0.0, batch_size=16, eval_every=2,
                  workers=1, head_channels=64, channels_last=True, amp="auto"),
@@ -88,122 +74,86 @@ HRNETS = {"hrnet_w32": 32, "hrnet_w48": 48}
 MODEL_FLAGS = "--backbone/--head-channels/--data"
 # HRNet's release
 HRNET_IMAGENET = {"hrnet_w32": "hrnet_w32-36af842e.pth", "hrnet_w48": "hrnet_w48-8ef0771d.pth"}
-# Eqs. (2)-(3): "we divide all joints into 8 pairs ... adjacent joints (e.g. elbow -> wrist)": the 8
-# limb bones, shoulder-elbow, elbow-wrist, hip-knee, knee-ankle on both sides. M_kij = 1 exactly for
-# these, so only they are built (a pair with M = 0 would be the zero vector)
+# Eqs. (2)-(3): "8 pairs ... adjacent joints (e.g. elbow -> wrist)": the limb bones, where M_kij = 1
+# (a pair with M = 0 would be the zero vector, so only these are built)
 LIMB_PAIRS = {
     "coco": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "demo": [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)],
     "mpii": [(13, 14), (14, 15), (12, 11), (11, 10), (3, 4), (4, 5), (2, 1), (1, 0)],
     "crowdpose": [(0, 2), (2, 4), (1, 3), (3, 5), (6, 8), (8, 10), (7, 9), (9, 11)],
 }
-# Joints whose raw flag says "labeled", not "visible": CrowdPose's head and neck carry v = 1 in
-# every labeled person (its limbs use COCO's 1 occluded / 2 visible), so a v = 2 rule would drop
-# both classes; they count from v = 1. MPII's HRNet json has no occlusion flag (joints_vis =
-# labeled): every labeled joint counts
+# joints whose raw flag says "labeled", not "visible" (CrowdPose's head and neck: v = 1 in every
+# labeled person); they count from v = 1. MPII's json has no occlusion flag: every labeled joint
 LABEL_ONLY_JOINTS = {"coco": [], "demo": [], "mpii": [], "crowdpose": [12, 13]}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS) + list(HRNETS),
-                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet (pose_hrnet; "
-                        "default: the --data preset)")
+                   help="resnet*: SimpleBaseline on that ResNet; hrnet_w32/w48: HRNet")
     p.add_argument("--pretrained", default=None,
                    help="ResNet: 'torchvision' (ImageNet, downloads; the coco/mpii/crowdpose "
                         "default), a backbone .pth or 'none' (scratch, the demo's); HRNet: "
                         "hrnet_w32-36af842e.pth (coco/mpii/crowdpose ask for it) or 'none'")
-    p.add_argument("--head-channels", type=int, default=None,
-                   help="deconv width of SimpleBaseline (paper: 256; "
-                   "default: the --data preset)")
+    p.add_argument("--head-channels", type=int, default=None, help="SimpleBaseline's deconv width")
     # ICON (§Method, §Implementation Details)
-    p.add_argument("--lambda-p", type=float, default=1.0,
-                   help="λp of Eq. (5); 0 trains the baseline alone")
+    p.add_argument("--lambda-p", type=float, default=1.0, help="λp of Eq. (5); 0: the baseline")
     p.add_argument("--lambda-1", type=float, default=0.3, help="λ1 of Eq. (5), SKCC")
     p.add_argument("--lambda-2", type=float, default=0.7, help="λ2 of Eq. (5), PRCC")
-    p.add_argument("--no-skcc", dest="skcc", action="store_false",
-                   help="turn SKCC off: Table 5 'Base+PRCC' (λ1 = 0)")
-    p.add_argument("--no-prcc", dest="prcc", action="store_false",
-                   help="turn PRCC off: Table 5 'Base+SKCC' (λ2 = 0)")
+    p.add_argument("--no-skcc", dest="skcc", action="store_false", help="Table 5's Base+PRCC")
+    p.add_argument("--no-prcc", dest="prcc", action="store_false", help="Table 5's Base+SKCC")
     p.add_argument("--tau", type=float, default=0.07, help="temperature τ of Eqs. (1), (4)")
     p.add_argument("--sampling", default="hard", choices=["hard", "random", "all"], help="Table 7")
     p.add_argument("--contrast", default="inter", choices=["inter", "intra"],
                    help="Table 5: across the instances of the batch, or within each instance")
     p.add_argument("--num-queries", type=int, default=256, help="queries per query class (Table 8)")
-    p.add_argument("--num-negatives", type=int, default=512,
-                   help="negatives per query class (Table 8)")
+    p.add_argument("--num-negatives", type=int, default=512, help="per query class (Table 8)")
     p.add_argument("--hard-q", type=int, nargs=2, default=[5, 8], metavar=("SKCC", "PRCC"),
                    help="hard sampling: number of query classes Q")
     p.add_argument("--hard-h", type=int, nargs=2, default=[6, 4], metavar=("SKCC", "PRCC"),
                    help="hard sampling: number of negative classes H per query class")
-    p.add_argument("--embed-dim", type=int, default=256,
-                   help="m, the projection head's output width (paper silent)")
-    p.add_argument("--region-thresh", type=float, default=0.5,
-                   help="a joint's pixels: where its Gaussian target is >= this (1: the joint's "
-                        "pixel alone)")
+    p.add_argument("--embed-dim", type=int, default=256, help="m, the projection head's width")
+    p.add_argument("--region-thresh", type=float, default=0.5, help="a joint's pixels: target >=")
     p.add_argument("--visible-flag", type=int, default=2, choices=[1, 2],
                    help="lowest raw visibility flag counted as visible (contrast, --recall, "
-                        "embeddings); 2: visible only, 1: occluded too (CrowdPose head/neck always "
-                        "from 1; MPII: every labeled joint)")
+                        "embeddings); 1 adds occluded joints")
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="dataset and its preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None,
-                   help="dataset root: COCO (annotations/, train2017/, val2017/), "
-                   "MPII (annot/, images/) or CrowdPose (annotations/, images/) layout")
+    p.add_argument("--data-root", default=None, help="dataset root, in its official layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
-    p.add_argument("--labeled", type=parse_labeled, default=None,
-                   help="train on N persons, or P%% of them (few-label)")
-    # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi): Xie et al.'s dual networks
-    # (SSPose) or the pseudo-label teacher of Eq. (6); ICON's contrast on top unless --lambda-p 0
+    p.add_argument("--labeled", type=parse_labeled, default=None, help="N persons or P%% of them")
+    # semi-supervised (Table 4; common/semi.py, as mrpose.py --semi)
     p.add_argument("--semi", default=None, choices=["none", "dual", "pseudo"],
-                   help="Table 4: dual = SSPose (two networks), pseudo = Eq. (6) (frozen "
-                        "--teacher)")
+                   help="dual = SSPose (two networks), pseudo = Eq. (6) (frozen --teacher)")
     p.add_argument("--unlabeled", default="rest", choices=["all", "rest"],
-                   help="unlabeled persons: those outside --labeled (ICON: \"the remaining\") or "
-                        "every training person (Xie et al.'s official sets)")
-    p.add_argument("--teacher", default=None,
-                   help="--semi pseudo: checkpoint trained on the labeled set only")
-    p.add_argument("--joint-cutout", type=int, default=0,
-                   help="--semi dual: Joint Cutout boxes per hard view")
+                   help="unlabeled persons: those outside --labeled (ICON's) or all (Xie et al.'s)")
+    p.add_argument("--teacher", default=None, help="--semi pseudo: a labeled-only checkpoint")
+    p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: boxes per hard view")
     p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
-                   help="--semi: the contrast's persons: labeled and unlabeled crops "
-                        "(pseudo-labeled joints) or the labeled ones only")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                   help="network input width and height (default: the --data preset)")
-    p.add_argument("--sigma", type=float, default=2.0,
-                   help="Gaussian σ of the targets (heatmap pixels)")
+                   help="--semi: the contrast's persons, labeled and unlabeled or labeled only")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--sigma", type=float, default=2.0, help="targets' σ (heatmap pixels)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
-                   help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
+                   help="sf: scale x N(1, sf) clipped to 1 ± sf")
     p.add_argument("--rot-factor", type=float, default=None,
-                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: the "
-                        "--data preset)")
+                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="turn off the horizontal-flip augmentation (on by default)")
-    p.add_argument("--half-body-prob", type=float, default=None,
-                   help="HRNet half-body augmentation (default: the --data preset)")
+    p.add_argument("--half-body-prob", type=float, default=None, help="HRNet's half-body")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: the --data preset)")
+    p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
     p.add_argument("--lr-steps", type=int, nargs="+", default=None,
-                   help="x0.1 at these epochs (or iterations with --iters; "
-                   "default: the --data preset)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate, not scaled with the batch "
-                   "(HRNet: 1e-3; default: the --data preset)")
-    p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="total over all ranks; the contrast runs per rank (default: the --data "
-                        "preset)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: the --data preset)")
+                   help="x0.1 at these epochs (or iterations with --iters)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's, not scaled with the batch")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     evaluation = add_pose_eval_args(p)  # the val set, its boxes, --eval-only, --weights
-    evaluation.add_argument("--recall", action="store_true",
-                            help="Table 6: share of visible GT keypoints whose confidence exceeds "
-                                 "0.1..0.9 (GT boxes)")
+    evaluation.add_argument("--recall", action="store_true", help="Table 6's keypoint recall")
     finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
@@ -211,8 +161,7 @@ def get_args(argv=None):
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])
     args.semi = None if args.semi == "none" else args.semi
-    # ICON's unlabeled persons come from the same set
-    args.unlabeled_ann = args.unlabeled_images = None
+    args.unlabeled_ann = args.unlabeled_images = None  # ICON's unlabeled persons: the same set
     # --no-skcc / --no-prcc drop one term of Eq. (5); the other keeps its λ (paper silent)
     args.lambda_1 = args.lambda_1 if args.skcc else 0.0
     args.lambda_2 = args.lambda_2 if args.prcc else 0.0
@@ -223,10 +172,9 @@ def get_args(argv=None):
     if args.backbone in HRNETS and args.pretrained == "torchvision":
         raise UserError("--pretrained torchvision: torchvision has no HRNet; pass the official "
                         "ImageNet .pth file")
-    # the paper initialises every backbone from ImageNet; the demo trains from scratch
+    # ImageNet, as the paper; none for the demo or weights from a checkpoint / not needed
     if args.pretrained is None:
         if args.data == "demo" or args.eval_only or args.weights or args.resume or args.summary:
-            # the demo's preset, or the weights come from a checkpoint / are not needed
             args.pretrained = "none"
         elif args.backbone in HRNETS:
             raise UserError(f"--backbone {args.backbone} on --data {args.data}: pass --pretrained "
@@ -237,8 +185,8 @@ def get_args(argv=None):
     if not 0 < args.region_thresh <= 1:
         raise UserError("--region-thresh must be in (0, 1]")
     args.out = args.out or os.path.join("runs", f"icon-{args.data}-{args.backbone}"
-                                        + (f"-{args.semi}" if args.semi
-                                           else "") + ("" if args.contrast_on else "-baseline"))
+                                        + (f"-{args.semi}" if args.semi else "")
+                                        + ("" if args.contrast_on else "-baseline"))
     args.resume = resume_path(args)
     return args
 
@@ -251,15 +199,11 @@ def run_plan(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model (§Approach Overview). The pose network is the baseline, unchanged. The projection head
-# f_proj sits on the encoder "parallel to the regression head" and only trains: ResNet's "res-4"
-# (C4, stride 16; Detectron's naming of torchvision's layer3) or HRNet's stage-3 output.
+# Model (§Approach Overview): the baseline pose network, and a training-only projection head
+# "parallel to the regression head" on ResNet's "res-4" (C4, stride 16) or HRNet's stage 3
 
 class ProjectionHead(nn.Module):
-    """f_proj: D-channel map -> m-dimensional pixel embeddings at the heatmap resolution,
-    L2-normalised per pixel. The paper gives neither the layers nor m: the standard pixel-contrast
-    head (1x1 conv-BN-ReLU-1x1 conv, m = 256, as ReCo, which ICON cites), upsampled bilinearly to
-    the heatmaps' 1/4."""
+    """f_proj: D-channel map -> unit m-dimensional pixel embeddings at the heatmaps' 1/4 (fp32)."""
 
     def __init__(self, cin, m, heatmap_size):
         super().__init__()
@@ -270,33 +214,43 @@ class ProjectionHead(nn.Module):
     def forward(self, tap):
         w, h = self.heatmap_size
         z = F.interpolate(self.net(tap), size=(h, w), mode="bilinear", align_corners=False)
-        # "all embeddings are L2-normalized" (after Eq. (1)); fp32
         return F.normalize(z.float(), dim=1)
 
 
-def forward_tapped(pose, x):
-    """Heatmaps and the tapped encoder map in one pass (one forward, as DDP expects). HRNet: its
-    stage-3 branches (1/4, 1/8, 1/16) upsampled to 1/4 and concatenated, as HRNetV2's representation
-    head does for pixel-level tasks (paper silent on how the stage-3 branches meet the head)."""
-    if isinstance(pose, PoseHighResolutionNet):
-        heatmaps, stage3 = pose(x, return_stage3=True)
-        size = stage3[0].shape[-2:]
-        return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear",
-                                                                align_corners=False)
-                                                  for y in stage3[1:]], 1)
-    return pose(x, return_c4=True)
+class Tapped(nn.Module):
+    """A pose network that also returns the map its projection head reads, in one forward (as DDP
+    expects): ResNet's C4, or HRNet's stage-3 branches upsampled to 1/4 and concatenated."""
+
+    def __init__(self, pose):
+        super().__init__()
+        self.pose = pose
+
+    def forward(self, x):
+        if isinstance(self.pose, PoseHighResolutionNet):
+            heatmaps, stage3 = self.pose(x, return_stage3=True)
+            size = stage3[0].shape[-2:]
+            return heatmaps, torch.cat([stage3[0]] + [F.interpolate(y, size=size, mode="bilinear",
+                                                                    align_corners=False)
+                                                      for y in stage3[1:]], 1)
+        return self.pose(x, return_c4=True)
 
 
 class ICON(nn.Module):
-    """Pose network + projection head, trained together; only `pose` is saved for inference."""
+    """What trains: `net`, a Tapped pose network or (--semi) common/semi.py's wrapper of them, and
+    each trained network's projection head, applied to the passes with gradient it returns."""
 
-    def __init__(self, pose, head):
+    def __init__(self, net, heads):
         super().__init__()
-        self.pose, self.head = pose, head
+        self.net, self.heads = net, nn.ModuleList(heads)
 
-    def forward(self, x):
-        heatmaps, tap = forward_tapped(self.pose, x)
-        return heatmaps, self.head(tap)
+    def forward(self, *inputs):
+        out = self.net(*inputs)
+        if isinstance(out, dict):  # --semi: per network, its labeled crops and its hard view
+            for key in ("sup", "cons"):
+                out[key] = [(h, head(tap)) for (h, tap), head in zip(out[key], self.heads)]
+            return out
+        heatmaps, tap = out
+        return heatmaps, self.heads[0](tap)
 
 
 def build_model(args):
@@ -325,20 +279,41 @@ def build_head(args, pose):
     return ProjectionHead(channels, args.embed_dim, args.heatmap_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)), as one block that needs only torch and
-# takes explicit keyword arguments: `icon_contrast` is the entry point (icon.py's `contrast_options`
-# maps the command line onto it). "Each keypoint embedding f_k can be derived according to the
-# coordinate groundtruth"; the positives of Eq. (1) are "other pixels also belonging to the same
-# category". Which pixels belong to a keypoint is left open: its region is where its Gaussian target
-# (σ = 2) is >= 0.5, 21 pixels, so that 256 queries and 512 negatives per class (Table 8) exist in a
-# batch of 16 people. Everything is batched over query classes and queries: the only Python loop is
-# over SKCC and PRCC.
+def build_networks(args, device):
+    """(pose networks, their projection heads, the trained module, common/semi.py's wrapper or
+    None), on `device`. poses[0] is evaluated and saved; --semi dual adds network 2."""
+    pose, head, report = build_model(args)
+    if report and dist.is_main():
+        print(report)
+    if args.weights:
+        load_weights(pose, args.weights, flags=MODEL_FLAGS)
+    poses, heads, semi = [pose], [head] if head else [], None
+    if args.semi and not args.eval_only:
+        other = build_model(args)[0]  # network 2 (dual) or the frozen teacher (pseudo)
+        # with the contrast, each trained network also returns its tapped map; a teacher does not
+        tapped = Tapped if head else (lambda f: f)
+        semi = build_semi(args.semi, tapped(pose),
+                          lambda: tapped(other) if args.semi == "dual" else other, args,
+                          args.teacher)
+        if args.semi == "dual":
+            poses.append(other)
+            heads += [build_head(args, other)] if head else []
+    trained = ICON(semi or Tapped(pose), heads) if head else semi or pose
+    trained.to(device)
+    if args.channels_last:
+        trained.to(memory_format=torch.channels_last)
+    return poses, heads, trained, semi
 
-# --sampling random (§Hard Sampling): numbers of query and negative classes, drawn uniformly each
-#   step.
-# PRCC's "4 ~ 8" negative classes: only 7 other pairs exist, so the draw is capped at the other
-# classes
+
+# ----------------------------------------------------------------------------------------------
+# ICON's contrast, SKCC (Eq. (1)) and PRCC (Eqs. (2)-(4)) with hard sampling: one block that needs
+# only torch and takes explicit arguments; `icon_contrast` is its entry point. In the paper's order:
+# keypoint pixels and Eq. (1), pair embeddings (Eqs. (2)-(3); Eq. (4) is Eq. (1) on them), hard
+# sampling, then Eq. (5)'s sum. Batched over query classes and queries: the only Python loop is over
+# SKCC and PRCC.
+
+# --sampling random (§Hard Sampling): query and negative class counts, drawn uniformly each step
+# (PRCC's 4-8 negative classes capped at the 7 other pairs)
 RANDOM_COUNTS = {"skcc": dict(queries=(6, 9), negatives=(5, 10)),
                  "prcc": dict(queries=(3, 5), negatives=(4, 8))}
 # a logit that vanishes in exp() yet keeps logsumexp's gradient finite (|i·j|/τ <= 1/0.07)
@@ -354,12 +329,9 @@ def region_offsets(sigma, thresh):
 
 
 def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
-    """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): the
-    joint is usable, its centre pixel and that region pixel lie on the map, and the pixel is the
-    joint's own. One class per pixel: where regions of a person overlap, a pixel belongs to the
-    joint whose Gaussian target is highest there (the nearest centre; the lower joint index on a
-    tie) among the joints that `claim` it (B, K) (those with a target; default: `usable`), so no
-    pixel is its own negative."""
+    """Embeddings (B, K, O, m) of every joint's region pixels and their validity (B, K, O): a usable
+    joint's on-map pixels that are its own, the nearest centre among the joints that `claim` them
+    (B, K; default `usable`), so no pixel is its own negative."""
     b, m, h, w = emb.shape
     k = joints.shape[1]
     stride = joints.new_tensor([input_size[0] / w, input_size[1] / h])
@@ -379,21 +351,65 @@ def keypoint_embeddings(emb, joints, usable, input_size, offsets, claim=None):
     return flat[torch.arange(b, device=emb.device)[:, None, None], index], valid
 
 
+def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
+    """Eq. (1)'s draws for the query classes `qc`, indexed into the class-major pool (C, B*O) of
+    `valid` (B, C, O): queries with replacement (ReCo); positives P_i the class's pixels in another
+    person (inter; `person` (B,) ids) or the query's own joint's other pixels (intra); negatives
+    N_i drawn from the negative classes (inter) or all of them in the query's instance (intra)."""
+    b, c, o = valid.shape
+    device = valid.device
+    ok = valid.transpose(0, 1).reshape(c, b * o)
+    inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
+    qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
+    q_inst = inst[qi]
+    if intra:
+        same = q_inst[..., None] == inst  # (nq, Nq, B*O)
+        pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
+    else:
+        pid = torch.arange(b, device=device) if person is None else person.to(device)
+        pos_mask = ok[qc][:, None] & (pid[q_inst][..., None] != pid[inst])
+    candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
+    if intra:
+        neg_index = None
+        neg_mask = candidates[:, None, :] & (q_inst[..., None] == inst.repeat(c))  # (nq, Nq, C*B*O)
+    else:
+        # (nq, Nn)
+        neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)
+        neg_mask = None
+    return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
+
+
+def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
+    """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
+        L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
+    q (nq, Nq, m); pos (nq, P, m), pos_mask (nq, Nq, P); neg (nq, N, m) or shared (N, m), neg_mask
+    (nq, Nq, N) or None. Mean over queries, then classes -> (loss, classes that contributed)."""
+    s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
+    s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
+    has_neg = torch.ones_like(pos_mask[..., 0])
+    if neg_mask is not None:
+        s_neg = s_neg.masked_fill(~neg_mask, MASKED)
+        has_neg = neg_mask.any(-1)
+    lse = torch.logsumexp(s_neg, -1, keepdim=True)
+    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable
+    n_pos = pos_mask.sum(-1)
+    per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
+    has = (n_pos > 0) & has_neg
+    per_class = (per_query * has).sum(-1) / has.sum(-1).clamp(min=1)
+    counted = has.any(-1)
+    return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
+
+
 def pair_embeddings(feats, valid, pairs):
-    """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised to unit
-    length ("all embeddings are L2-normalized"). The region pixel at offset o of joint i pairs with
-    the pixel at the same offset of joint j (the pairing is left open; this one needs no sampling);
-    a pair pixel is valid where both are (each its own joint's, so adjacent limbs share only their
-    common joint)."""
+    """Eq. (3): f_kij = M_kij (f_ki + f_kj) / 2 over the limb pairs (M = 1), re-normalised; region
+    pixel o of joint i pairs with pixel o of joint j, valid where both are."""
     a, b = (torch.tensor(s, device=feats.device) for s in zip(*pairs))
     return F.normalize((feats[:, a] + feats[:, b]) / 2, dim=-1), valid[:, a] & valid[:, b]
 
 
 def class_hardness(heatmaps, target, usable):
-    """Per-class hardness: "larger uncertainty (entropy of joint prediction value) and prediction
-    loss". How the two combine is left open: the entropy of the predicted heatmap as a spatial
-    distribution (divided by log HW) plus the joint's MSE, each averaged over the batch's usable
-    instances and divided by its largest class value, so both weigh alike."""
+    """Per-class hardness, "larger uncertainty (entropy of joint prediction value) and prediction
+    loss": heatmap entropy / log HW plus MSE over the usable instances, each scaled to max 1."""
     heat = heatmaps.detach().float()
     p = heat.relu().flatten(2) + 1e-12
     p = p / p.sum(-1, keepdim=True)
@@ -405,13 +421,9 @@ def class_hardness(heatmaps, target, usable):
 
 
 def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
-    """Query classes (nq,) and their negative classes (nq, C) as a mask.
-
-    hard: the q hardest eligible classes; for each, the h present classes whose prototypes (mean
-    embedding in the batch; the paper's "feature similarity ... cosine") are most similar to its
-    own. random: counts drawn uniformly from `counts` (the negatives' top capped at the C - 1 other
-    classes), classes uniformly. all: every eligible class against every other present class. Query
-    classes left without a negative class are dropped."""
+    """Query classes (nq,) and their negative classes (nq, C) as a mask. hard: the q hardest, each
+    against the h most similar prototypes ("feature similarity ... cosine"); random: uniform counts
+    and classes; all: every eligible class against every other present class."""
     c = len(eligible)
     device = eligible.device
     n_eligible = int(eligible.sum())
@@ -439,73 +451,14 @@ def choose_classes(sampling, hardness, proto, eligible, present, q, h, counts):
     return qc[keep], neg[keep]
 
 
-def sample_contrast(valid, qc, neg_classes, num_queries, num_negatives, intra, person=None):
-    """Indices and masks of Eq. (1) for the query classes `qc`; entries are indexed into the
-    class-major pool (C, B*O) of `valid` (B, C, O).
-
-    Queries: `num_queries` pixels of the class, drawn with replacement (as ReCo; 256 is then always
-    reachable). Positives P_i: every pixel of the class in the instances of another person (inter;
-    `person` (B,) ids, default every instance its own) / the other pixels of the query's own joint
-    (intra: "the self as positive"). Negatives N_i: inter, `num_negatives` pixels drawn with
-    replacement from the negative classes and shared by the class's queries; intra, every pixel of
-    the negative classes in the query's own instance (at most H x O, fewer than 512)."""
-    b, c, o = valid.shape
-    device = valid.device
-    ok = valid.transpose(0, 1).reshape(c, b * o)
-    inst = torch.arange(b, device=device).repeat_interleave(o)  # instance of each pool entry
-    qi = torch.multinomial(ok[qc].float(), num_queries, replacement=True)  # (nq, Nq)
-    q_inst = inst[qi]
-    if intra:
-        same = q_inst[..., None] == inst  # (nq, Nq, B*O)
-        pos_mask = ok[qc][:, None] & same & (qi[..., None] != torch.arange(b * o, device=device))
-    else:
-        pid = torch.arange(b, device=device) if person is None else person.to(device)
-        pos_mask = ok[qc][:, None] & (pid[q_inst][..., None] != pid[inst])
-    candidates = (neg_classes[:, :, None] & ok[None]).reshape(len(qc), c * b * o)
-    if intra:
-        neg_index = None
-        neg_mask = candidates[:, None, :] & (q_inst[..., None] == inst.repeat(c))  # (nq, Nq, C*B*O)
-    else:
-        # (nq, Nn)
-        neg_index = torch.multinomial(candidates.float(), num_negatives, replacement=True)
-        neg_mask = None
-    return dict(qi=qi, q_inst=q_inst, pos_mask=pos_mask, neg_index=neg_index, neg_mask=neg_mask)
-
-
-def info_nce(q, pos, pos_mask, neg, neg_mask, tau):
-    """Eq. (1) (Eq. (4) on pair embeddings), batched over query classes:
-        L_i = 1/|P_i| Σ_{p ∈ P_i} -log( e^{i·p/τ} / (e^{i·p/τ} + Σ_{n ∈ N_i} e^{i·n/τ}) )
-    q (nq, Nq, m); pos (nq, P, m) with pos_mask (nq, Nq, P); neg (nq, N, m) or (N, m) shared,
-    neg_mask (nq, Nq, N) or None (all valid). L_i is averaged over the queries that have a positive
-    and a negative, then over the classes that have such a query (the paper leaves the averaging
-    open). Returns (loss, number of classes that contributed)."""
-    s_pos = q @ pos.transpose(-1, -2) / tau  # (nq, Nq, P)
-    s_neg = q @ neg.transpose(-1, -2) / tau  # (nq, Nq, N)
-    has_neg = torch.ones_like(pos_mask[..., 0])
-    if neg_mask is not None:
-        s_neg = s_neg.masked_fill(~neg_mask, MASKED)
-        has_neg = neg_mask.any(-1)
-    lse = torch.logsumexp(s_neg, -1, keepdim=True)
-    nll = torch.logaddexp(s_pos, lse) - s_pos  # -log(e^sp / (e^sp + Σ e^sn)), stable  # Eq. (1)
-    n_pos = pos_mask.sum(-1)
-    per_query = (nll * pos_mask).sum(-1) / n_pos.clamp(min=1)
-    has = (n_pos > 0) & has_neg
-    per_class = (per_query * has).sum(-1) / has.sum(-1).clamp(min=1)
-    counted = has.any(-1)
-    return (per_class * counted).sum() / counted.sum().clamp(min=1), int(counted.sum())
-
-
 def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_negative_classes,
                   random_counts, num_queries, num_negatives, tau, intra, person=None):
-    """SKCC (Eq. (1)) or PRCC (Eq. (4)) over one batch: feats (B, C, O, m) unit embeddings of the C
-    classes (keypoints or limb pairs), valid (B, C, O), hardness (C,) (hard sampling), person (B,)
-    ids (inter: positives come from another person). Returns (loss, number of query classes
-    used)."""
+    """SKCC (Eq. (1)) or PRCC (Eq. (4)): feats (B, C, O, m) unit embeddings of the C classes
+    (keypoints or limb pairs), valid (B, C, O), hardness (C,) -> (loss, query classes used)."""
     b, c, o, m = feats.shape
     count = valid.sum(-1)  # (B, C) pixels per instance and class
     present = (count > 0).any(0)
-    # a query class needs a positive: the class in two persons (inter), two pixels of one joint
-    # (intra)
+    # a query class needs a positive: in two persons (inter), two pixels of one joint (intra)
     if intra:
         eligible = (count >= 2).any(0)
     else:
@@ -514,8 +467,7 @@ def contrast_term(feats, valid, hardness, *, sampling, num_query_classes, num_ne
         eligible = ((count > 0)[:, None] & (count > 0)[None] & differ).any(0).any(0)
     pool = feats.transpose(0, 1).reshape(c, b * o, m)
     ok = valid.transpose(0, 1).reshape(c, b * o)
-    with torch.no_grad():
-        # class prototypes for hard negatives
+    with torch.no_grad():  # class prototypes for hard negatives
         proto = F.normalize((pool * ok[..., None]).sum(1), dim=-1)
     qc, neg_classes = choose_classes(sampling, hardness, proto, eligible, present,
                                      num_query_classes, num_negative_classes, random_counts)
@@ -533,29 +485,19 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
                   sampling="hard", intra=False, num_queries=256, num_negatives=512, hard_q=(5, 8),
                   hard_h=(6, 4), random_counts=RANDOM_COUNTS):
     """L_ctrcon = λ1 L_sin + λ2 L_pair (Eq. (5)) of one pool of person crops (defaults: the
-    paper's).
-
-    heatmaps (B, K, h, w) predicted (hard sampling's hardness), emb (B, m, h, w) unit pixel
-    embeddings of the projection head, joints (B, K, 2) in input pixels, target (B, K, h, w) the
-    heatmaps' targets, usable (B, K) the joints that enter the contrast, claim (B, K) the joints
-    whose Gaussian owns pixels (default usable), person (B,) person ids (default: each crop its
-    own), input_size (w, h), pairs the 8 limb pairs (i, j) of PRCC. Returns (loss, {"skcc", "prcc"}:
-    its terms, detached)."""
+    paper's). heatmaps, target (B, K, h, w); emb (B, m, h, w) unit pixel embeddings; joints (B, K,
+    2) input pixels; usable, claim (B, K); person (B,) ids -> (loss, {"skcc", "prcc"} detached)."""
     offsets = region_offsets(sigma, region_thresh)
-    # fp32, outside autocast
     feats, valid = keypoint_embeddings(emb, joints, usable, input_size, offsets, claim)
     hardness = class_hardness(heatmaps, target, usable.float()) if sampling == "hard" else None
-    common = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau,
+    shared = dict(sampling=sampling, num_queries=num_queries, num_negatives=num_negatives, tau=tau,
                   intra=intra, person=person)
-    # every head parameter stays in the graph when no class qualifies, so DDP finds all its
-    # gradients
-    ctr = emb.sum() * 0
+    ctr = emb.sum() * 0  # the head stays in the graph when no class qualifies: DDP needs its grads
     terms = {}
     if lambda_1 > 0:
         l_sin, _ = contrast_term(feats, valid, hardness, num_query_classes=hard_q[0],
-                                 # Eq. (1)
                                  num_negative_classes=hard_h[0],
-                                 random_counts=random_counts["skcc"], **common)
+                                 random_counts=random_counts["skcc"], **shared)  # Eq. (1)
         ctr = ctr + lambda_1 * l_sin
         terms["skcc"] = l_sin.detach()
     if lambda_2 > 0:
@@ -564,231 +506,76 @@ def icon_contrast(heatmaps, emb, joints, target, usable, *, input_size, pairs, c
         pair_hardness = None if hardness is None else (hardness[a] + hardness[b]) / 2
         l_pair, _ = contrast_term(pair_feats, pair_valid, pair_hardness,
                                   num_query_classes=hard_q[1], num_negative_classes=hard_h[1],
-                                  random_counts=random_counts["prcc"], **common)  # Eq. (4)
+                                  random_counts=random_counts["prcc"], **shared)  # Eq. (4)
         ctr = ctr + lambda_2 * l_pair
         terms["prcc"] = l_pair.detach()
     return ctr, terms
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line onto the contrast
-
-def contrast_options(args):
-    """icon_contrast's keyword arguments from the command line."""
-    return dict(input_size=args.input_size, pairs=LIMB_PAIRS[args.data], lambda_1=args.lambda_1,
-                lambda_2=args.lambda_2, tau=args.tau, sigma=args.sigma,
-                region_thresh=args.region_thresh, sampling=args.sampling,
-                intra=args.contrast == "intra", num_queries=args.num_queries,
-                num_negatives=args.num_negatives, hard_q=args.hard_q, hard_h=args.hard_h)
-
-
-def visible_thresholds(args):
-    """(K,) lowest raw flag at which each joint counts as visible: --visible-flag, except the joints
-    whose flag only says "labeled" (LABEL_ONLY_JOINTS), which count from 1."""
-    t = torch.full((args.num_joints,), float(args.visible_flag))
-    t[LABEL_ONLY_JOINTS[args.data]] = 1.0
-    return t
-
-
-def visible_joints(vis_flag, args):
-    """(B, K) the joints that count as visible: "only the visible keypoint categories are considered
-    ... the occluded or unlabeled joints are ignored", per dataset (see LABEL_ONLY_JOINTS)."""
-    return vis_flag >= visible_thresholds(args).to(vis_flag.device)
-
-
-def icon_losses(model, batch, args, device):
-    """One training batch through the model: Eq. (5), L_total = L_mse + λp (λ1 L_sin + λ2 L_pair).
-    Returns the total and a dict of its terms (detached) for the log. With the contrast off (λp = 0)
-    this is mrpose.py's SimpleBaseline step exactly."""
-    x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
-    joints, visible = batch["joints"].to(device), batch["visible"].to(device)
-    target, weight = gaussian_targets(joints, visible, args.input_size, args.heatmap_size,
-                                      args.sigma)
-    with autocast(args, device):
-        out = model(x)
-    if not args.contrast_on:
-        loss = joints_mse_loss(out.float(), target, weight)  # Eq. (5), L_mse
-        return loss, dict(mse=loss.detach())
-    heatmaps, emb = out
-    mse = joints_mse_loss(heatmaps.float(), target, weight)  # Eq. (5), L_mse (HRNet's 0.5 x mean)
-    ctr, terms = contrast_loss(heatmaps, emb, joints, target, weight, batch["vis_flag"].to(device),
-                               args, batch["pid"].to(device))
-    return mse + args.lambda_p * ctr, dict(mse=mse.detach(), **terms)  # Eq. (5)
-
-
-def contrast_loss(heatmaps, emb, joints, target, weight, vis_flag, args, person=None):
-    """icon_contrast on one labeled batch: its visible joints are usable, every labeled joint claims
-    its region's pixels. Returns the loss and its terms (detached)."""
-    usable = visible_joints(vis_flag, args) & (weight > 0)
-    return icon_contrast(heatmaps, emb, joints, target, usable, claim=weight > 0, person=person,
-                         **contrast_options(args))
-
-
-# ----------------------------------------------------------------------------------------------
-# Semi-supervised setting (§ICON under Fully/Semi-supervised Setting, Table 4): common/semi.py's
-# training (Xie et al.'s dual networks = SSPose, or the pseudo-label teacher of Eq. (6)) with ICON's
-# contrast added
-
-def semi_wrapper(args, model, pose):
-    """--semi around `pose` (network 1, the reported one). With the contrast on, every trained
-    network runs its labeled crops with its own projection head (`model` = ICON(pose, head) for
-    network 1)."""
-    labeled = (lambda nets: [model] + [ICON(f, build_head(args, f))
-                                       for f in nets[1:]]) if args.contrast_on else None
-    return build_semi(args.semi, pose, lambda: build_model(args)[0], args, args.teacher, labeled)
-
+# The train step: Eq. (5); under --semi (Table 4), Eq. (7): common/semi.py's loss (SSPose's dual
+# networks, or Eq. (6)'s pseudo-label teacher) plus each trained network's contrast
 
 # γ of Eq. (6): a pseudo-labeled joint enters the contrast where its map's peak reaches it
 PSEUDO_GAMMA = 0.75
 
 
-def pseudo_joints(heatmaps, input_size, gamma=PSEUDO_GAMMA):
-    """Pseudo-labeled joints of unlabeled crops: the integer argmax of each (teacher) heatmap in
-    input pixels (heatmap pixel j stands for input pixel stride x j) and (B, K) where its peak is >=
-    γ."""
-    b, k, h, w = heatmaps.shape
-    peak, idx = heatmaps.detach().flatten(2).max(-1)
-    stride = heatmaps.new_tensor([input_size[0] / w, input_size[1] / h])
-    xy = torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
-    return xy * stride, peak >= gamma
+def visible_flags(args):
+    """(K,) the lowest raw flag at which each joint counts as visible ("only the visible keypoint
+    categories are considered")."""
+    t = torch.full((args.num_joints,), float(args.visible_flag))
+    t[LABEL_ONLY_JOINTS[args.data]] = 1.0
+    return t
 
 
-def semi_losses(model, semi_model, batch, args, device, rng):
-    """Eq. (7): L_mse^semi + λp L_ctrcon. L_mse^semi is Eq. (6) (--semi pseudo) or Xie et al.'s
-    0.5 sup1 + 0.5 sup2 + cons1 + cons2 (--semi dual, SSPose); L_ctrcon is each trained network's,
-    summed, over one pool of its labeled crops (GT joints) and, with --contrast-crops all, its
-    unlabeled crops with gradient (dual: its hard view; pseudo: the student's crop) as further
-    persons, their joints at the argmax of the map that supervises them (dual: the other network's
-    warped easy view; pseudo: the teacher's) where its peak reaches γ = 0.75, counted visible ("f_k
-    can be derived according to the coordinate groundtruth" of labels "generated as
-    pseudo-labels")."""
-    labeled, unlabeled = batch["labeled"], batch["unlabeled"]
+def train_step(model, semi, batch, args, device, rng):
+    """One batch through `model` (DDP and compiled) -> the loss and its terms (detached). With the
+    contrast off (λp = 0) this is mrpose.py's step exactly."""
+    labeled = batch["labeled"] if semi else batch
     x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
-    xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
     joints = labeled["joints"].to(device)
     target, weight = gaussian_targets(joints, labeled["visible"].to(device), args.input_size,
                                       args.heatmap_size, args.sigma)
-    with autocast(args, device):
-        out = model(x, xu, semi_model.draw_view(rng, xu.shape[0]))
-    loss, terms = semi_model.loss(out, target, weight)  # Eq. (6), or the dual loss
-    if not out["sup_extra"]:
+    if semi:
+        xu = batch["unlabeled"]["image"].to(device, non_blocking=True)
+        xu = to_memory_format(normalize(xu), args)
+        with autocast(args, device):
+            out = model(x, xu, semi.draw_view(rng, xu.shape[0]))
+        loss, terms = semi.loss(out, target, weight)  # Eq. (6), or the dual loss
+        outs = out["sup"]
+    else:
+        with autocast(args, device):
+            out = model(x)
+        outs = [out]
+        loss = joints_mse_loss(heatmaps_of(out).float(), target, weight)  # L_mse
+        terms = {"mse": loss.detach()}
+    if not args.contrast_on:
         return loss, terms
-    usable = visible_joints(labeled["vis_flag"].to(device), args) & (weight > 0)
+    usable = (labeled["vis_flag"].to(device) >= visible_flags(args).to(device)) & (weight > 0)
     person = labeled["pid"].to(device)
-    for i, (heatmaps, emb) in enumerate(zip(out["sup"], out["sup_extra"])):
+    for i, (heatmaps, emb) in enumerate(outs):  # each trained network's own pool
         pool = [heatmaps.float(), emb, joints, target, usable, weight > 0, person]
-        if args.contrast_crops == "all":
+        if semi and args.contrast_crops == "all":  # its unlabeled crops with gradient too
             teacher = out["targets"][i]
-            joints_u, usable_u = pseudo_joints(teacher, args.input_size)
-            pool_u = [out["cons"][i].float(), out["cons_extra"][i], joints_u, teacher, usable_u,
-                      usable_u, unlabeled["pid"].to(device)]
+            stride = teacher.new_tensor([args.input_size[0] / teacher.shape[-1],
+                                         args.input_size[1] / teacher.shape[-2]])
+            confident = pseudo_label_mask(teacher.detach(), PSEUDO_GAMMA) > 0
+            heatmaps_u, emb_u = out["cons"][i]
+            pool_u = [heatmaps_u.float(), emb_u, argmax_joints(teacher.detach()) * stride, teacher,
+                      confident, confident, batch["unlabeled"]["pid"].to(device)]
             pool = [torch.cat(pair) for pair in zip(pool, pool_u)]
         heatmaps, emb, joints_p, target_p, usable_p, claim, person_p = pool
         ctr, parts = icon_contrast(heatmaps, emb, joints_p, target_p, usable_p, claim=claim,
-                                   person=person_p, **contrast_options(args))
-        loss = loss + args.lambda_p * ctr  # Eq. (7)
-        terms.update({f"{k}{i + 1}": v for k, v in parts.items()})
+                                   person=person_p, input_size=args.input_size,
+                                   pairs=LIMB_PAIRS[args.data], lambda_1=args.lambda_1,
+                                   lambda_2=args.lambda_2, tau=args.tau, sigma=args.sigma,
+                                   region_thresh=args.region_thresh, sampling=args.sampling,
+                                   intra=args.contrast == "intra", num_queries=args.num_queries,
+                                   num_negatives=args.num_negatives, hard_q=args.hard_q,
+                                   hard_h=args.hard_h)
+        loss = loss + args.lambda_p * ctr  # Eq. (5) (Eq. (7) under --semi)
+        terms.update({f"{k}{i + 1}" if semi else k: v for k, v in parts.items()})
     return loss, terms
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation extras: keypoint embeddings on the validation set (Fig. 5) and keypoint recall (Table
-# 6).
-
-def gt_val_dataset(args, val_ds, info):
-    """The validation persons with their ground-truth joints (with --det-json, val_ds holds
-    detections)."""
-    if not args.det_json:
-        return val_ds
-    records, _ = read_coco(info["coco"], data_paths(args)["val_images"],
-                           args.input_size[0] / args.input_size[1])
-    return TopDownDataset(records, args.input_size, info["flip_pairs"], [])
-
-
-@torch.no_grad()
-def embedding_separation(pose, dataset, args, device, max_persons=256):
-    """Fig. 5 as a number: encoder features at the visible GT joints of the first `max_persons`
-    validation persons, sampled (bilinear) from the tapped map, before the projection head, so a
-    baseline run and an ICON run are measured alike. Returns (mean cosine of same-class pairs across
-    instances, mean cosine of other-class pairs across instances, features (n, D), classes (n,))."""
-    pose.eval()
-    subset = torch.utils.data.Subset(dataset, range(min(max_persons, len(dataset))))
-    loader = torch.utils.data.DataLoader(subset,
-                                         batch_size=max(1, args.batch_size // dist.world_size()),
-                                         num_workers=args.workers)
-    feats, classes, instances = [], [], []
-    for batch in loader:
-        x = to_memory_format(normalize(batch["image"].to(device)), args)
-        with autocast(args, device):
-            _, tap = forward_tapped(pose, x)
-        tap = tap.float()
-        size = tap.new_tensor([tap.shape[-1], tap.shape[-2]])
-        stride = tap.new_tensor(args.input_size) / size
-        joints = batch["joints"].to(device)
-        # feature pixel i sits at input pixel stride x i
-        grid = (joints / stride + 0.5) / size * 2 - 1
-        # (B, K, D)
-        f = F.grid_sample(tap, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
-        inside = ((joints >= 0) & (joints < joints.new_tensor(args.input_size))).all(-1)
-        keep = visible_joints(batch["vis_flag"].to(device), args) & inside
-        feats.append(f[keep])
-        classes.append(keep.nonzero()[:, 1])
-        instances.append(batch["index"].to(device)[:, None].expand_as(keep)[keep])
-    if not feats or not sum(len(f) for f in feats):
-        return float("nan"), float("nan"), None, None
-    x = F.normalize(torch.cat(feats), dim=1)
-    k, n = torch.cat(classes), torch.cat(instances)
-    sim = x @ x.T
-    across = n[:, None] != n[None, :]
-    same = (k[:, None] == k[None, :]) & across
-    other = (k[:, None] != k[None, :]) & across
-    return sim[same].mean().item(), sim[other].mean().item(), x.cpu(), k.cpu()
-
-
-def plot_embedding_pca(path, x, k, names, same, other, title):
-    """embeddings.png: the first two principal components of the unit features, coloured by keypoint
-    class."""
-    xc = x - x.mean(0)
-    _, _, v = torch.linalg.svd(xc, full_matrices=False)
-    plot_embeddings(path, (xc @ v[:2].T).numpy(), k.numpy(), names,
-                    f"{title}: cosine same class {same:.3f}, other classes {other:.3f} (across "
-                    f"instances)")
-
-
-RECALL_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
-def keypoint_recall(conf, flags, visible_flag, thresholds=RECALL_THRESHOLDS):
-    """Table 6: share of visible GT keypoints (raw flag >= visible_flag, a number or one per joint)
-    whose predicted confidence (heatmap maximum) exceeds t."""
-    vis = flags >= visible_flag
-    return {f"{t:.1f}": float((conf[vis] > t).mean()) if vis.any() else float("nan")
-            for t in thresholds}
-
-
-def evaluate_extras(pose, val_ds, gt_ds, args, device, info, recall):
-    """The separation number (+ embeddings.png) and, with `recall`, Table 6's recall (+
-    recall.json). Every rank takes part in the recall's prediction; rank 0 measures the
-    embeddings."""
-    out = {}
-    if recall:
-        _, conf, _ = predict(pose, gt_ds, args, device, info)
-        flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
-        out["recall"] = keypoint_recall(conf, flags, visible_thresholds(args).numpy())
-    if dist.is_main():
-        same, other, x, k = embedding_separation(pose, gt_ds, args, device)
-        out.update(embed_same=same, embed_other=other, embed_sep=same - other)
-        if x is not None:
-            plot_embedding_pca(os.path.join(args.out, "embeddings.png"), x, k,
-                               JOINT_NAMES[args.data], same, other,
-                               f"{args.backbone} tapped features")
-        if recall:
-            save_json(os.path.join(args.out, "recall.json"), out["recall"])
-            print("recall: " + " ".join(f"{t} {v:.3f}" for t, v in out["recall"].items()),
-                  flush=True)
-        print(f"embeddings (tapped features, val): same-class cosine {same:.4f}, other-class "
-              f"{other:.4f}, separation {same - other:.4f}", flush=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,116 +587,76 @@ RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "l
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
                "semi", "contrast_crops")
-# what the log keeps of each step (those a mode has): the supervised terms, or common/semi.py's
-# terms and each network's contrast under --semi
-TERMS = ["loss", "mse", "skcc", "prcc"]
-SEMI_TERMS = ["loss", "sup1", "sup2", "cons1", "cons2", "skcc1", "prcc1", "skcc2", "prcc2", "peak1",
-              "peak2", "pseudo_kept"]
 
 
-def print_summary(args):
-    pose, head, _ = build_model(args)
-    n, gmacs = summary(pose, args.input_size)
-    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
-             f"parameters" if head else "")
-    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
-          f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
-          f"inference{extra}")
-
-
-def build_networks(args, device):
-    """(pose network, projection head or None, the trained module, the --semi wrapper or None), on
-    `device`. The pose network (network 1) is evaluated and saved; ICON(pose, head) trains it with
-    the contrast, and the --semi wrapper trains that with network 2 (dual) or a frozen teacher
-    (pseudo)."""
-    pose, head, report = build_model(args)
-    if report and dist.is_main():
-        print(report)
-    if args.weights:
-        load_weights(pose, args.weights, flags=MODEL_FLAGS)
-    model = pose if head is None else ICON(pose, head)
-    semi_model = semi_wrapper(args, model, pose) if args.semi and not args.eval_only else None
-    trained = semi_model or model
-    trained.to(device)
-    if args.channels_last:
-        trained.to(memory_format=torch.channels_last)
-    return pose, head, trained, semi_model
-
-
-def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
-          device, data_device):
-    """One epoch, or up to iteration `total_iters`, of Eq. (5) (Eq. (7) under --semi). `model` is
-    what runs the forward (DDP and compiled). Returns the epoch's log entry (each term averaged
-    over iterations and ranks, lr, img/s) and the iteration reached."""
+def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,
+          data_device):
+    """One epoch, or up to iteration `total_iters`. Returns the epoch's log entry (each term of the
+    step averaged over iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
-    names = SEMI_TERMS if semi_model else TERMS
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
                         f"epoch {epoch + 1} ")
-    sums, n_iters, n_seen, t0 = torch.zeros(len(names), device=device), 0, 0, time.time()
+    sums, n_iters, n_seen, t0 = {}, 0, 0, time.time()
     for i, batch in enumerate(loader):
         if it >= total_iters:
             break
         if data_device is not None:  # the workers read bytes: decode and crop the batch here
             batch = decode_crops(batch, data_device, args.input_size)
-        if semi_model:  # Eq. (7)
-            loss, terms = semi_losses(model, semi_model, batch, args, device,
-                                      np.random.default_rng([args.seed, dist.rank(), it]))
-        else:
-            loss, terms = icon_losses(model, batch, args, device)
+        loss, terms = train_step(model, semi, batch, args, device,
+                                 np.random.default_rng([args.seed, dist.rank(), it]))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         it += 1
-        values = torch.stack([loss.detach()] + [terms.get(k, torch.zeros((), device=device))
-                                                for k in names[1:]])
-        sums += values
+        values = {"loss": loss.detach(), **terms}
+        sums = {k: sums.get(k, 0) + v for k, v in values.items()}
         n_iters += 1
-        n = (batch["labeled"] if semi_model else batch)["image"].shape[0] * world
+        n = (batch["labeled"] if semi else batch)["image"].shape[0] * world
         n_seen += n
         if (i + 1) % args.print_freq == 0:
-            mean = dist.all_reduce_mean(values)  # the same on every rank: all stop together
-            check_finite(mean[0], it, os.path.join(args.out, "checkpoint.pth"))
+            # the same on every rank: all stop together
+            mean = {k: dist.all_reduce_mean(v) for k, v in values.items()}
+            check_finite(mean["loss"], it, os.path.join(args.out, "checkpoint.pth"))
             progress.step(i, args.print_freq * n, lr=optimizer.param_groups[0]["lr"],
-                          **{k: v.item() for k, v in zip(names, mean) if k in terms
-                             or k == "loss"})
-    means = dist.all_reduce_mean(sums / max(1, n_iters))
-    check_finite(means[0], it, os.path.join(args.out, "checkpoint.pth"))
-    return dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in zip(names, means)
-                                                  if k == "loss" or k in terms},
+                          **{k: v.item() for k, v in mean.items()})
+    means = {k: dist.all_reduce_mean(v / max(1, n_iters)) for k, v in sums.items()}
+    check_finite(means["loss"], it, os.path.join(args.out, "checkpoint.pth"))
+    return dict(epoch=epoch + 1, iteration=it, **{k: v.item() for k, v in means.items()},
                 lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0)), it
 
 
-def resume(path, args, pose, head, semi_model, **states):
+def resume(path, args, poses, heads, **states):
     """Load the run saved in `path`: the pose network(s) and projection head(s), then each of
     `states` (optimizer=...). Returns (epoch, iteration, best score)."""
     ckpt = load_checkpoint(path)
     check_resume_args(path, ckpt.get("args", {}), args, RESUME_KEYS)
-    load_weights(pose, path, ckpt, flags=MODEL_FLAGS)
-    if head is not None:
-        head.load_state_dict(ckpt["proj"])
-    if args.semi == "dual":
-        load_weights(semi_model.nets[1], path, ckpt["model2"], flags=MODEL_FLAGS)
-        if head is not None:
-            semi_model.labeled[1].head.load_state_dict(ckpt["proj2"])
+    load_weights(poses[0], path, ckpt, flags=MODEL_FLAGS)
+    if len(poses) == 2:
+        load_weights(poses[1], path, ckpt["model2"], flags=MODEL_FLAGS)
+    for key, head in zip(("proj", "proj2"), heads):
+        head.load_state_dict(ckpt[key])
     epoch, it = restore_training(path, ckpt, dist.rank(), **states)
     return epoch, it, ckpt["best"]
 
 
-def checkpoint_state(pose, head, semi_model, **training):
-    """checkpoint.pth: the pose network under "model" (so the file also evaluates as a pose
-    network), its projection head apart ("proj"), network 2 and its head under --semi dual
-    ("model2", "proj2"), and the `training` state."""
-    state = {"model": pose.state_dict(), **training}
-    if head is not None:
-        state["proj"] = head.state_dict()
-    if semi_model is not None and len(semi_model.nets) == 2:
-        state["model2"] = semi_model.nets[1].state_dict()
-        if head is not None:
-            state["proj2"] = semi_model.labeled[1].head.state_dict()
-    return state
+def validate_recall(pose, val_ds, args, device, info):
+    """Table 6: keypoint recall (common/metrics.py) on GT boxes; every rank predicts, rank 0 writes
+    recall.json."""
+    gt_ds = val_ds
+    if args.det_json:  # val_ds holds detections
+        records, _ = read_coco(info["coco"], data_paths(args)["val_images"],
+                               args.input_size[0] / args.input_size[1])
+        gt_ds = TopDownDataset(records, args.input_size, info["flip_pairs"], [])
+    _, conf, _ = predict(pose, gt_ds, args, device, info)
+    flags = np.stack([r.get("vis_flag", 2 * r["visible"]) for r in gt_ds.records])
+    recall = keypoint_recall(conf, flags, visible_flags(args).numpy())
+    if dist.is_main():
+        save_json(os.path.join(args.out, "recall.json"), recall)
+        print("recall: " + " ".join(f"{t} {v:.3f}" for t, v in recall.items()), flush=True)
+    return {"recall": recall}
 
 
 def save_epoch(args, state, history, epochs, best_state=None):
@@ -917,9 +664,8 @@ def save_epoch(args, state, history, epochs, best_state=None):
     (common/topdown.py) and the epoch line."""
     save_outputs(args.out, state, history, best_state)
     log = history[-1]
-    print(f"epoch {log['epoch']}/{epochs}: "
-          + ", ".join(f"{k} {log[k]:.6f}" for k in (SEMI_TERMS if args.semi else TERMS)
-                      if k in log)
+    terms = [k for k, v in log.items() if isinstance(v, float) and k not in ("lr", "img_per_s")]
+    print(f"epoch {log['epoch']}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in terms)
           + f", {log['img_per_s']:.1f} img/s"
           + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
     for k, v in log.items():  # network 2, the ensemble
@@ -932,32 +678,37 @@ def main():
     if begin(args, run_plan):
         return
     if args.summary:
-        print_summary(args)
+        pose, head, _ = build_model(args)
+        n, gmacs = summary(pose, args.input_size)
+        extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
+                 f"parameters" if head else "")
+        print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
+              f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
+              f"inference{extra}")
         return
     rank, world, device = dist.setup(args.device)
     data_device = resolve_data_device(args.data_device)
     main_proc = dist.is_main()
     seed_everything(args.seed + rank)
 
-    pose, head, trained, semi_model = build_networks(args, device)
+    poses, heads, trained, semi = build_networks(args, device)
+    pose = poses[0]
 
     # Data
     if args.data == "demo":  # generated on first use, then cached under data/cache
         args.data_root = demo_root(args.seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
-    gt_ds = gt_val_dataset(args, val_ds, info)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
     if args.eval_only:
         validate(pose, val_ds, args, device, info, oracle=args.oracle)
-        if not args.oracle:
-            evaluate_extras(pose, val_ds, gt_ds, args, device, info, args.recall)
+        if args.recall and not args.oracle:
+            validate_recall(pose, val_ds, args, device, info)
         dist.cleanup()
         return
-    if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
+    if semi:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    # --batch-size is the total over ranks; the contrast runs over each rank's own batch (the
-    # paper's "batch size is 16", per GPU)
+    # --batch-size is the total over ranks; the contrast runs over each rank's own batch
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
         raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
@@ -967,48 +718,44 @@ def main():
                                         if data_device is not None else None)
     total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
 
-    # Optimisation. BatchNorm per rank, no SyncBN: paper silent; HRNet's DataParallel runs
-    # normalise over each GPU's share, the paper's "batch size 16" per GPU
+    # Optimisation: BatchNorm per rank, as HRNet's DataParallel; Adam, no weight decay (HRNet),
+    # over the pose network(s) then the projection head(s), never a frozen teacher
     ddp_model = compile_model(dist.ddp(trained, device), args.compile)
-    # Adam, no weight decay (HRNet), over the pose network(s) and projection head(s); never a frozen
-    # teacher
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     start_epoch, it, best, history = 0, 0, -1.0, []
     if args.resume:
-        start_epoch, it, best = resume(args.resume, args, pose, head, semi_model,
-                                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start_epoch, it, best = resume(args.resume, args, poses, heads, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=scaler)
         epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
         history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
         if main_proc:
             print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
     if main_proc:
-        extra = (f" + {sum(p.numel() for p in head.parameters()):,} in the projection head "
-                 f"(training only)" if head else "")
-        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters{extra}; "
-              f"{len(train_ds)} train / {len(val_ds)} val persons; {len(loader)} it/epoch x "
-              f"{epochs} epochs = {total_iters} iterations on {world} x {device}; "
-              + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), "
-                 f"{args.sampling} sampling, {args.contrast}-image" if head
-                 else "baseline (λp = 0)")
-              + (f"; --semi {args.semi}, {len(train_ds)} (labeled, unlabeled) pairs" if semi_model
-                 else "")
-              + (f", contrast on {args.contrast_crops} crops" if semi_model and head else ""))
+        print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters; "
+              f"{len(train_ds)} train {'pairs' if semi else 'persons'} / {len(val_ds)} val "
+              f"persons; {len(loader)} it/epoch x {epochs} epochs = {total_iters} iterations on "
+              f"{world} x {device}; " + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 "
+                                         f"{args.lambda_2}), {args.sampling} sampling, "
+                                         f"{args.contrast}-image" if heads else "baseline")
+              + (f"; --semi {args.semi}" if semi else ""))
+    # besides network 1: network 2 and the mean of both heatmaps (--semi dual, the official three)
+    others = ({"net2": poses[1], "ensemble": Ensemble(nn.ModuleList(poses))} if len(poses) == 2
+              else None)
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        log, it = train(loader, ddp_model, semi_model, optimizer, scheduler, scaler, epoch, it,
+        log, it = train(loader, ddp_model, semi, optimizer, scheduler, scaler, epoch, it,
                         total_iters, args, device, data_device)
         last = it >= total_iters
         best_state = None
         if (epoch + 1) % eval_every == 0 or last:
             dist.broadcast_buffers(pose)
-            log.update(validate(pose, val_ds, args, device, info,
-                                semi_model.eval_models() if semi_model else None))
-            log.update(evaluate_extras(pose, val_ds, gt_ds, args, device, info,
-                                       args.recall and last))
+            log.update(validate(pose, val_ds, args, device, info, others))
+            if args.recall and last:
+                log.update(validate_recall(pose, val_ds, args, device, info))
             if main_proc and main_metric(log["metrics"]) > best:
                 best = main_metric(log["metrics"])
                 # the inference model: the pose network alone, without the projection head
@@ -1016,11 +763,12 @@ def main():
                               "metrics": log["metrics"]}
         history.append(log)
         rngs = dist.gather_objects(rng_state())
-        if main_proc:
-            state = checkpoint_state(pose, head, semi_model, optimizer=optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                     epoch=epoch + 1, iteration=it, best=best, args=vars(args),
-                                     rng=rngs)
+        if main_proc:  # network 1 under "model" (it evaluates as a pose network), the rest apart
+            state = dict(model=pose.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         epoch=epoch + 1, iteration=it, best=best, args=vars(args), rng=rngs)
+            state.update({k: m.state_dict() for k, m in zip(("proj", "proj2"), heads)})
+            state.update({"model2": f.state_dict() for f in poses[1:]})
             save_epoch(args, state, history, epochs, best_state)
         if last:
             break

@@ -1,5 +1,5 @@
-"""Pose-estimation metrics: COCO OKS-AP (via pycocotools), OKS-NMS, MPII PCKh and torso-normalised
-PCK.
+"""Pose-estimation metrics: COCO OKS-AP (via pycocotools), OKS-NMS, MPII PCKh, CrowdPose AP and
+ICON's keypoint recall.
 
 Conventions (coordinates are pixels of the original image):
 - COCO ground truth and results use COCO's own convention (continuous, 0-based); nothing is shifted.
@@ -138,9 +138,6 @@ def oks_nms(kpts_db, thresh=0.9, sigmas=None, vis_thresh=None):
 # --------------------------------------------------------------------------------------------------
 # MPII PCKh (the official evaluation as ported in SimpleBaseline/HRNet lib/dataset/mpii.py)
 
-MPII_JOINTS = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder",
-               "l_elbow", "l_wrist"]
 # Rows of the papers' PCKh table: each is the unweighted mean of the listed joints' PCKh, as the
 # official table.
 MPII_GROUPS = {"Head": (9, 8), "Shoulder": (13, 12), "Elbow": (14, 11), "Wrist": (15, 10),
@@ -240,29 +237,6 @@ def match_mpii_gt(annotations, gt, tol=1.0):
 
 
 # --------------------------------------------------------------------------------------------------
-# Torso-normalised PCK (MRPose Eq. 3)
-
-def pck_torso(pred, gt, visible, thr=0.2, rhip=12, lsho=5):
-    """PCK with r = thr: joint i is correct when ||y_i - y^_i|| / ||y_rhip - y_lsho|| <= thr.
-
-    pred, gt: (N,K,2); visible: (N,K) bool, joints to score. Defaults are COCO indices (right hip
-    12, left shoulder 5). Samples whose torso is not annotated (either joint invisible, or zero
-    length) cannot be normalised and are skipped. Returns (per_joint (K,) percent, mean percent over
-    all counted joints); NaN where nothing counted."""
-    pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
-    visible = np.asarray(visible, dtype=bool)
-    torso = np.linalg.norm(gt[:, rhip] - gt[:, lsho], axis=-1)                   # (N,)
-    usable = visible[:, rhip] & visible[:, lsho] & (torso > 0)
-    counted = visible & usable[:, None]
-    dist = np.linalg.norm(pred - gt, axis=-1) / np.where(usable, torso, 1.0)[:, None]
-    hits = (dist <= thr) & counted
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_joint = 100.0 * hits.sum(0) / counted.sum(0)
-        mean = 100.0 * hits.sum() / counted.sum()
-    return per_joint, float(mean)
-
-
-# --------------------------------------------------------------------------------------------------
 # CrowdPose AP: the numbers of the official crowdposetools (Jeff-sjtu/CrowdPose crowdpose-api), with
 # pycocotools. crowdposetools is pycocotools' COCOeval with: CrowdPose sigmas, OKS area = 0.53 x GT
 # box w x h (set on the GT by load_crowdpose / check_crowdpose), maxDets 20, only the 'all' area row
@@ -340,3 +314,17 @@ def crowdpose_eval(gt, results, verbose=True, easy=CROWD_EASY, hard=CROWD_HARD):
             row = f"type={name[3:]:>6s}" if "_" in name else "area=   all"
             print(f" {kind} @[ IoU={iou:<9} | {row} | maxDets= 20 ] = {value:0.3f}")
     return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Keypoint recall (ICON Table 6)
+
+RECALL_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def keypoint_recall(conf, flags, visible_flag, thresholds=RECALL_THRESHOLDS):
+    """Share of visible GT keypoints (raw flag >= visible_flag, a number or one per joint) whose
+    predicted confidence (heatmap maximum) exceeds t, per threshold t."""
+    vis = flags >= visible_flag
+    return {f"{t:.1f}": float((conf[vis] > t).mean()) if vis.any() else float("nan")
+            for t in thresholds}

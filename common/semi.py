@@ -3,7 +3,7 @@
 
 Xie et al., "An Empirical Study of the Collapsing Problem in Semi-Supervised 2D Human Pose
 Estimation" (ICCV 2021; MSCL calls it ESCP, ICON calls it SSPose; official code
-xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eqs. (6)-(7)):
+xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eq. (6)):
 
 - `PairedDataset`: every item is one labeled and one unlabeled person crop (1:1 per step).
 - `ConsistencyTraining`: two networks (`dual`, the official pose_dual) or one (`cons`, pose_cons).
@@ -14,8 +14,8 @@ xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2
   heatmaps.
 - `PseudoLabelTraining`: a frozen teacher trained on the labeled set only; its heatmaps on the
   unlabeled crops supervise the joints whose peak reaches γ (`pseudo_label_mask`), weight λu.
-- `collapse_monitor`: mean peak of the teachers' heatmaps on the unlabeled crops; it falls toward 0
-  when the networks collapse to all-background maps, the failure Xie et al. study.
+- `mean_peak`: mean peak of the teachers' heatmaps on the unlabeled crops; it falls toward 0 when
+  the networks collapse to all-background maps, the failure Xie et al. study.
 
 A training script uses it in a few lines (see mrpose.py):
 
@@ -26,12 +26,10 @@ A training script uses it in a few lines (see mrpose.py):
     out = ddp(semi_model)(x, xu, view)
     loss, parts = semi_model.loss(out, target, weight)
 
-`out` holds per network the labeled heatmaps (`sup`), the unlabeled easy-view heatmaps (`easy`), the
-consistency targets (`targets`, no gradient), the hard-view inputs (`hard`) and their heatmaps
-(`cons`), so another method (ICON) can add its own terms on them. `build_semi(..., labeled=...)`
-runs each network's passes with gradient through a module that also returns features (ICON: the
-network with its projection head); they come back as `sup_extra` (labeled crops) and `cons_extra`
-(hard views / the student's unlabeled crops).
+`out` holds per network its outputs on the labeled crops (`sup`) and on the hard views (`cons`;
+pseudo: the unlabeled crops), passed through untouched (heatmaps, or (heatmaps, features) for a
+network that returns both), the unlabeled easy-view heatmaps (`easy`), the consistency targets
+(`targets`, no gradient) and the hard-view inputs (`hard`), so a method can add its own terms.
 
 Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's
 convention); input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates
@@ -164,19 +162,6 @@ def warp_heatmaps(h, theta, input_size):
                                         (h.shape[-1], h.shape[-2])))
 
 
-def hard_points(points, theta, size):
-    """Where points (B, K, 2) in pixels of an image of `size` (w, h) land in the hard view:
-    A = N⁻¹ θ⁻¹ N, N the pixel -> normalised map. For tests and for methods that need the moved
-    joints."""
-    w, h = size
-    scale, shift = (points.new_tensor([2.0 / w, 2.0 / h]),
-                    points.new_tensor([1.0 / w - 1, 1.0 / h - 1]))
-    u = points * scale + shift
-    m, t = theta[:, :, :2].to(points), theta[:, :, 2].to(points)
-    u = torch.linalg.solve(m, (u - t[:, None]).transpose(1, 2)).transpose(1, 2)
-    return (u - shift) / scale
-
-
 def argmax_joints(heatmaps):
     """Integer argmax (x, y) per channel in heatmap pixels, whatever the peak's value: the official
     get_max_preds_tensor that Joint Cutout uses (no quarter offset, and unlike HRNet's get_max_preds
@@ -218,16 +203,12 @@ def joint_cutout(x, joints, draw):
     return x.masked_fill(mask[:, None], 0.0)
 
 
-def labeled_forward(nets, labeled, x):
-    """Per network, the heatmaps of the labeled crops and, where `labeled` gives each network a
-    module returning (heatmaps, extra), the extras (else None)."""
-    if labeled is None:
-        return [f(x) for f in nets], None
-    heatmaps, extra = zip(*(g(x) for g in labeled))
-    return list(heatmaps), list(extra)
+def heatmaps_of(output):
+    """A network's heatmaps: its output, or the first of the (heatmaps, features) it returns."""
+    return output[0] if isinstance(output, tuple) else output
 
 
-def collapse_monitor(heatmaps):
+def mean_peak(heatmaps):
     """Mean over samples and joints of each heatmap's peak (teachers on unlabeled crops): about the
     Gaussian's peak when healthy, toward 0 when the networks collapse to background."""
     return heatmaps.detach().flatten(2).amax(-1).mean()
@@ -251,7 +232,6 @@ class ConsistencyTraining(nn.Module):
                                                                tuple(heatmap_size), num_joints)
         (self.scale_factor, self.rot_factor, self.cutout,
          self.channels_last) = scale_factor, rot_factor, cutout, channels_last
-        self.labeled = None  # build_semi's `labeled` hook
 
     def draw_view(self, rng, n):
         """The random part of a step, drawn on the host so a run is reproducible: θ of the hard view
@@ -264,9 +244,9 @@ class ConsistencyTraining(nn.Module):
         return view
 
     def forward(self, x_l, x_u, view):
-        sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
+        sup = [f(x_l) for f in self.nets]
         with torch.no_grad():
-            easy = [f(x_u).float() for f in self.nets]
+            easy = [heatmaps_of(f(x_u)).float() for f in self.nets]
         teachers = easy[::-1]  # dual: network i learns from the other one; single: from itself
         stride = x_u.new_tensor([self.input_size[0] / self.heatmap_size[0],
                                  self.input_size[1] / self.heatmap_size[1]])
@@ -281,13 +261,8 @@ class ConsistencyTraining(nn.Module):
                 hard = [warp_images(x_u.float(), theta)] * len(self.nets)
         if self.channels_last:
             hard = [h.contiguous(memory_format=torch.channels_last) for h in hard]
-        if self.labeled is None:
-            cons, cons_extra = [f(h) for f, h in zip(self.nets, hard)], None
-        # the hard views through the `labeled` hook's modules too: their extras (ICON's embeddings)
-        else:
-            cons, cons_extra = (list(v) for v in zip(*(g(h) for g, h in zip(self.labeled, hard))))
-        return {"sup": sup, "sup_extra": sup_extra, "easy": easy, "targets": targets, "hard": hard,
-                "cons": cons, "cons_extra": cons_extra}
+        cons = [f(h) for f, h in zip(self.nets, hard)]
+        return {"sup": sup, "easy": easy, "targets": targets, "hard": hard, "cons": cons}
 
     def loss(self, out, target, weight):
         """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) +
@@ -295,12 +270,13 @@ class ConsistencyTraining(nn.Module):
         unlabeled crop counts (weight 1, no confidence threshold). Single network (PoseDisLoss):
         MSE(sup, G) + MSE(c, T)."""
         ones = torch.ones_like(weight)
-        sup = [joints_mse_loss(s.float(), target, weight) for s in out["sup"]]
-        cons = [joints_mse_loss(c.float(), t, ones) for c, t in zip(out["cons"], out["targets"])]
+        sup = [joints_mse_loss(heatmaps_of(s).float(), target, weight) for s in out["sup"]]
+        cons = [joints_mse_loss(heatmaps_of(c).float(), t, ones)
+                for c, t in zip(out["cons"], out["targets"])]
         loss = sum(sup) / len(sup) + sum(cons)
         parts = {f"sup{i + 1}": s.detach() for i, s in enumerate(sup)}
         parts.update({f"cons{i + 1}": c.detach() for i, c in enumerate(cons)})
-        parts.update({f"peak{i + 1}": collapse_monitor(e) for i, e in enumerate(out["easy"])})
+        parts.update({f"peak{i + 1}": mean_peak(e) for i, e in enumerate(out["easy"])})
         return loss, parts
 
     def eval_models(self):
@@ -341,7 +317,6 @@ class PseudoLabelTraining(nn.Module):
         self.nets = nn.ModuleList([student])
         self.teacher = teacher.requires_grad_(False).eval()
         self.gamma, self.lambda_u = gamma, lambda_u
-        self.labeled = None  # build_semi's `labeled` hook
 
     def train(self, mode=True):
         super().train(mode)
@@ -353,49 +328,40 @@ class PseudoLabelTraining(nn.Module):
 
     def forward(self, x_l, x_u, view=None):
         with torch.no_grad():
-            pseudo = self.teacher(x_u).float()
-        sup, sup_extra = labeled_forward(self.nets, self.labeled, x_l)
-        cons, cons_extra = labeled_forward(self.nets, self.labeled, x_u)
-        return {"sup": sup, "sup_extra": sup_extra, "easy": [pseudo], "targets": [pseudo],
-                "cons": cons, "cons_extra": cons_extra}
+            pseudo = heatmaps_of(self.teacher(x_u)).float()
+        sup, cons = [f(x_l) for f in self.nets], [f(x_u) for f in self.nets]
+        return {"sup": sup, "easy": [pseudo], "targets": [pseudo], "cons": cons}
 
     def loss(self, out, target, weight):
         """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints
         whose teacher peak reaches γ (ICON: γ = 0.75, λu = 0.1)."""
         mask = pseudo_label_mask(out["targets"][0], self.gamma)
-        sup = joints_mse_loss(out["sup"][0].float(), target, weight)
-        unsup = joints_mse_loss(out["cons"][0].float(), out["targets"][0], mask)
+        sup = joints_mse_loss(heatmaps_of(out["sup"][0]).float(), target, weight)
+        unsup = joints_mse_loss(heatmaps_of(out["cons"][0]).float(), out["targets"][0], mask)
         loss = sup + self.lambda_u * unsup  # Eq. (6)
         return loss, {"sup1": sup.detach(), "cons1": unsup.detach(),
-                      "peak1": collapse_monitor(out["easy"][0]), "pseudo_kept": mask.mean()}
+                      "peak1": mean_peak(out["easy"][0]), "pseudo_kept": mask.mean()}
 
     def eval_models(self):
         return {}
 
 
-def build_semi(mode, net1, make_net, args, teacher_path=None, labeled=None):
+def build_semi(mode, net1, make_net, args, teacher_path=None):
     """The training wrapper of `--semi dual|cons|pseudo` around the reported network `net1`.
     make_net() builds another network of the same architecture (network 2, or the teacher, whose
-    weights come from the checkpoint `teacher_path`). labeled(trained networks) -> one module per
-    network for its passes with gradient (labeled crops, and the hard view / the student's unlabeled
-    crop), returning (heatmaps, extra) (optional; ICON's projection heads): `sup_extra`,
-    `cons_extra`. Reads args.input_size, heatmap_size, num_joints, scale_factor, rot_factor,
-    hard_rot_factor (optional: the hard view's rotation factor; default rot_factor, as the official
-    configs' one ROT_FACTOR for both views), joint_cutout and channels_last."""
+    weights come from the checkpoint `teacher_path`). Reads args.input_size, heatmap_size,
+    num_joints, scale_factor, rot_factor, hard_rot_factor (optional: the hard view's rotation
+    factor; default rot_factor, as the official configs' one ROT_FACTOR for both views),
+    joint_cutout and channels_last."""
     hard_rot = getattr(args, "hard_rot_factor", None)
-    common = dict(input_size=args.input_size, heatmap_size=args.heatmap_size,
-                  num_joints=args.num_joints, scale_factor=args.scale_factor,
-                  rot_factor=args.rot_factor if hard_rot is None else hard_rot,
-                  cutout=args.joint_cutout, channels_last=args.channels_last)
     if mode in ("dual", "cons"):
-        semi = ConsistencyTraining(net1, make_net() if mode == "dual" else None, **common)
-    else:
-        if not teacher_path:
-            raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled "
-                            "set only)")
-        teacher = make_net()
-        load_weights(teacher, teacher_path)
-        semi = PseudoLabelTraining(net1, teacher)
-    if labeled:
-        semi.labeled = nn.ModuleList(labeled(list(semi.nets)))
-    return semi
+        return ConsistencyTraining(net1, make_net() if mode == "dual" else None, args.input_size,
+                                   args.heatmap_size, args.num_joints, args.scale_factor,
+                                   args.rot_factor if hard_rot is None else hard_rot,
+                                   args.joint_cutout, args.channels_last)
+    if not teacher_path:
+        raise UserError("--semi pseudo needs --teacher (a checkpoint trained on the labeled set "
+                        "only)")
+    teacher = make_net()
+    load_weights(teacher, teacher_path)
+    return PseudoLabelTraining(net1, teacher)

@@ -207,22 +207,22 @@ def spread_joints(k, w=48, h=64):
     # no occlusion flag: 2 x labeled, every labeled joint
     ("mpii", [2, 0] + [2] * 14, [1, 0] + [1] * 14),
 ])
-def test_visibility_rule_of_contrast_loss_per_dataset(data, flags, expected):
-    """contrast_loss's own rule: gradient at a joint's pixel exactly where the dataset's rule counts
-    it visible."""
+def test_visibility_rule_of_the_step_per_dataset(data, flags, expected):
+    """The train step's own rule: gradient at a joint's pixel exactly where the dataset's rule
+    counts it visible."""
     args = icon.get_args(["--data", data, "--input-size", "192", "256", "--sampling", "all",
                           "--pretrained", "none", "--num-queries", "32", "--num-negatives", "64"])
     k = args.num_joints
     b, m, (w, h) = 3, 8, args.heatmap_size
     joints = spread_joints(k, w, h)[None].repeat(b, 1, 1)
     vis_flag = torch.tensor(flags, dtype=torch.float32)[None].repeat(b, 1)
-    target, weight = icon.gaussian_targets(joints, (vis_flag > 0).float(), args.input_size,
-                                           args.heatmap_size)
     emb = F.normalize(torch.randn(b, m, h, w, generator=torch.Generator().manual_seed(0)),
                       dim=1).requires_grad_()
+    batch = dict(image=torch.zeros(b, 3, 256, 192, dtype=torch.uint8), joints=joints,
+                 visible=(vis_flag > 0).float(), vis_flag=vis_flag, pid=torch.arange(b))
     torch.manual_seed(0)
-    loss, _ = icon.contrast_loss(torch.rand(b, k, h, w), emb, joints, target, weight, vis_flag,
-                                 args)
+    loss, _ = icon.train_step(lambda x: (torch.rand(b, k, h, w), emb), None, batch, args,
+                              torch.device("cpu"), None)
     loss.backward()
     grad = emb.grad.abs().sum((0, 1))
     for j in range(k):
@@ -352,22 +352,11 @@ def test_class_hardness_ranks_uncertain_and_wrong_joints_and_ignores_unusable_on
     assert hard[2] == pytest.approx(0 + 1, abs=1e-4)  # a one-hot map has entropy 0; the largest MSE
 
 
-def test_keypoint_recall_counts_visible_joints_only():
-    conf = np.array([[0.95, 0.35, 0.05], [0.55, 0.99, 0.75]])
-    flags = np.array([[2, 2, 1], [2, 0, 2]])
-    r = icon.keypoint_recall(conf, flags, 2)
-    assert r["0.1"] == 1.0 and r["0.5"] == 0.75 and r["0.6"] == 0.5 and r["0.9"] == 0.25
-    # per joint: joint 2 counts from flag 1
-    r = icon.keypoint_recall(conf, flags, np.array([2, 2, 1]))
-    assert r["0.1"] == 0.8 and r["0.9"] == 0.2
-
-
 def test_the_contrast_block_lifts_out_with_torch_alone():
     """SKCC + PRCC as a user lifts them: the block of icon.py between its two section headers, run
     with torch imports only and explicit keyword arguments, gives icon.py's loss."""
     src = open(icon.__file__).read()
-    block = src[src.index("# ICON's contrast, SKCC"):src.index("# The command line onto the "
-                                                               "contrast")]
+    block = src[src.index("# ICON's contrast, SKCC"):src.index("# The train step")]
     ns = {}
     exec("import math\nimport torch\nimport torch.nn.functional as F\n" + block, ns)
     g = torch.Generator().manual_seed(0)
@@ -436,7 +425,7 @@ def test_hrnet_tap_and_head_shapes():
     pose, head, _ = icon.build_model(args)
     # the official W32, 17 joints: no head inside
     assert sum(p.numel() for p in pose.parameters()) == 28_536_113
-    heat, tap = icon.forward_tapped(pose.eval(), torch.zeros(1, 3, 64, 48))
+    heat, tap = icon.Tapped(pose).eval()(torch.zeros(1, 3, 64, 48))
     assert heat.shape == (1, 17, 16, 12) and tap.shape == (1, 32 + 64 + 128, 16, 12)
     z = head.eval()(tap)
     assert (z.shape == (1, 16, 16, 12) and torch.allclose(z.norm(dim=1), torch.ones(1, 16, 12),
@@ -471,14 +460,14 @@ def test_all_three_terms_fall_on_a_real_batch(tiny):
     torch.manual_seed(0)
     args = icon.get_args(tiny + SMALL + ["--num-queries", "64", "--num-negatives", "128"])
     pose, head, _ = icon.build_model(args)
-    model = icon.ICON(pose, head).train()
+    model = icon.ICON(icon.Tapped(pose), [head]).train()
     train, _, _ = build_data(args, train=True)
     batch = torch.utils.data.default_collate([train[i] for i in range(8)])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for _ in range(8):
         torch.manual_seed(1)  # the same draw of queries and negatives each step
-        loss, terms = icon.icon_losses(model, batch, args, torch.device("cpu"))
+        loss, terms = icon.train_step(model, None, batch, args, torch.device("cpu"), None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -491,13 +480,19 @@ def test_run_writes_outputs_and_saves_the_pose_network_alone(tiny, tmp_path):
     out = tmp_path / "icon"
     p = run_script("icon.py", tiny + SMALL + ["--iters", "2", "--lr-steps", "9", "--num-queries",
                                               "32", "--num-negatives", "64", "--out", out])
-    assert "embeddings (tapped features, val): same-class cosine" in p.stdout
     for name in ["checkpoint.pth", "best.pth", "log.jsonl", "metrics.json",
-                 "person_keypoints_val2017_icon_results.json", "predictions.png", "embeddings.png"]:
+                 "person_keypoints_val2017_icon_results.json", "predictions.png"]:
         assert (out / name).stat().st_size > 0, name
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert all(np.isfinite(log[k]) for k in ("loss", "mse", "skcc", "prcc", "embed_same",
-                                             "embed_other"))
+    assert all(np.isfinite(log[k]) for k in ("loss", "mse", "skcc", "prcc"))
+    # Fig. 5 runs on the saved model, outside training
+    assert not any(k.startswith("embed") for k in log) and not (out / "embeddings.png").exists()
+    p = run_script("-m", ["eval.icon_embeddings", "--checkpoint", out / "best.pth"])
+    assert "embeddings (tapped features, val): same-class cosine" in p.stdout
+    assert (out / "embeddings.png").stat().st_size > 0
+    sep = json.loads((out / "embeddings.json").read_text())
+    assert (all(np.isfinite(sep[k]) for k in ("embed_same", "embed_other", "embed_sep"))
+            and sep["embed_sep"] == pytest.approx(sep["embed_same"] - sep["embed_other"]))
     assert log["loss"] > log["mse"] and "AP" in log["metrics"]
     best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"]
     args = icon.get_args(tiny + SMALL)

@@ -31,26 +31,35 @@ def tiny(tmp_path_factory):
 
 
 def setup(argv):
-    """What icon.main builds for --semi: args, the wrapper and one (labeled, unlabeled) batch of 8
+    """What icon.main builds for --semi: args, icon.build_networks' (pose networks, projection
+    heads, trained module, common/semi.py's wrapper) and one (labeled, unlabeled) batch of 8
     pairs."""
     torch.manual_seed(0)
     args = icon.get_args(argv)
-    pose, head, _ = icon.build_model(args)
-    semi = icon.semi_wrapper(args, pose if head is None else icon.ICON(pose, head), pose).train()
+    poses, heads, trained, semi = icon.build_networks(args, CPU)
+    trained.train()
     train, _, info = build_data(args, train=True)
     paired = PairedDataset(train, build_unlabeled(args, train, info))
-    return args, semi, torch.utils.data.default_collate([paired[i] for i in range(8)])
+    return (args, (poses, heads, trained, semi),
+            torch.utils.data.default_collate([paired[i] for i in range(8)]))
+
+
+def step(nets, batch, args):
+    poses, heads, trained, semi = nets
+    return icon.train_step(trained, semi, batch, args, CPU, np.random.default_rng(0))
 
 
 def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops(tiny):
-    args, semi, batch = setup(tiny + ["--semi", "dual", "--contrast-crops", "labeled"])
-    assert semi.labeled[0].pose is semi.nets[0] and semi.labeled[1].pose is semi.nets[1]
-    assert semi.labeled[0].head is not semi.labeled[1].head  # each network its own projection head
+    args, nets, batch = setup(tiny + ["--semi", "dual", "--contrast-crops", "labeled"])
+    poses, heads, trained, semi = nets
+    assert trained.net is semi and [n.pose for n in semi.nets] == poses
+    assert len(heads) == 2 and heads[0] is not heads[1]  # each network its own projection head
     torch.manual_seed(5)
-    loss, terms = icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    loss, terms = step(nets, batch, args)
     # the same draws: supervised ICON's step (Eq. (5)) of each network on the labeled crops
     torch.manual_seed(5)
-    ref = [icon.icon_losses(g, batch["labeled"], args, CPU)[1] for g in semi.labeled]
+    ref = [icon.train_step(icon.ICON(icon.Tapped(f), [g]), None, batch["labeled"], args, CPU,
+                           None)[1] for f, g in zip(poses, heads)]
     for i, r in enumerate(ref, 1):
         assert torch.allclose(terms[f"sup{i}"], r["mse"])
         assert (torch.equal(terms[f"skcc{i}"], r["skcc"])
@@ -60,9 +69,9 @@ def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops
     ctr = sum(0.3 * r["skcc"] + 0.7 * r["prcc"] for r in ref)
     assert ctr > 1 and torch.allclose(loss.detach(), dual + args.lambda_p * ctr)  # Eq. (7), λp = 1
     # --lambda-p 0: no projection head, and the step is common/semi.py's dual loss alone
-    args0, semi0, batch0 = setup(tiny + ["--semi", "dual", "--lambda-p", "0"])
-    assert semi0.labeled is None
-    loss0, terms0 = icon.semi_losses(semi0, semi0, batch0, args0, CPU, np.random.default_rng(0))
+    args0, nets0, batch0 = setup(tiny + ["--semi", "dual", "--lambda-p", "0"])
+    assert nets0[1] == [] and nets0[2] is nets0[3] and nets0[3].nets[1] is nets0[0][1]
+    loss0, terms0 = step(nets0, batch0, args0)
     assert torch.allclose(loss0,
                           0.5 * (terms0["sup1"] + terms0["sup2"]) + terms0["cons1"]
                           + terms0["cons2"])
@@ -79,7 +88,8 @@ def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_
     teacher = tmp_path / "teacher.pth"
     save_checkpoint(teacher, {"model": icon.build_model(icon.get_args(tiny))[0].state_dict()})
     argv = tiny + ["--semi", mode] + (["--teacher", str(teacher)] if mode == "pseudo" else [])
-    args, semi, batch = setup(argv)
+    args, nets, batch = setup(argv)
+    poses, heads, trained, semi = nets
     pools, outs = [], []
     monkeypatch.setattr(icon, "icon_contrast", lambda *a,
                         **kw: (pools.append((a, kw)), (a[1].sum() * 0, {}))[1])
@@ -94,28 +104,29 @@ def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_
         outs.append(out)
         return out
     monkeypatch.setattr(semi, "forward", confident)
-    icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    step(nets, batch, args)
     assert len(pools) == len(semi.nets)
     for i, (a, kw) in enumerate(pools):
         heatmaps, emb, joints, target, usable = a
         out = outs[0]
         # 8 labeled + 8 unlabeled persons in one pool
         assert heatmaps.shape[0] == emb.shape[0] == 16
-        assert (torch.equal(emb[8:], out["cons_extra"][i])
-                and torch.equal(heatmaps[8:], out["cons"][i].float()))
+        assert (torch.equal(emb[8:], out["cons"][i][1])
+                and torch.equal(heatmaps[8:], out["cons"][i][0].float()))
         assert torch.equal(target[8:], out["targets"][i])  # hardness uses the pseudo target
         assert (joints[8:, :8] == torch.tensor([2.0, 3.0]) * 4).all()  # heatmap (2, 3) at stride 4
         assert (usable[8:, :8].all() and not usable[8:, 8:].any()
                 and torch.equal(kw["claim"][8:], usable[8:]))
-        assert (torch.equal(emb[:8], out["sup_extra"][i])
+        assert (torch.equal(emb[:8], out["sup"][i][1])
                 and torch.equal(joints[:8], batch["labeled"]["joints"]))
         assert torch.equal(kw["person"],
                            torch.cat([batch["labeled"]["pid"], batch["unlabeled"]["pid"]]))
     if mode == "dual":  # network i's hard view, through network i's own head
-        assert torch.equal(outs[0]["cons_extra"][1], semi.labeled[1](outs[0]["hard"][1])[1])
+        assert torch.equal(outs[0]["cons"][1][1],
+                           heads[1](icon.Tapped(poses[1])(outs[0]["hard"][1])[1]))
     pools.clear()
-    args, semi, batch = setup(argv + ["--contrast-crops", "labeled"])
-    icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    args, nets, batch = setup(argv + ["--contrast-crops", "labeled"])
+    step(nets, batch, args)
     assert all(a[1].shape[0] == 8 for a, _ in pools)
 
 
@@ -137,34 +148,36 @@ def test_person_ids_follow_the_person_across_labeled_and_unlabeled_items(tiny):
 
 def test_gradient_routing(tiny, tmp_path):
     # dual: network 1's contrast reaches network 1 and its head only
-    args, semi, batch = setup(tiny + ["--semi", "dual"])
+    args, (poses, heads, trained, semi), batch = setup(tiny + ["--semi", "dual"])
     labeled = batch["labeled"]
     x = icon.normalize(labeled["image"])
-    out = semi(x, icon.normalize(batch["unlabeled"]["image"]),
-               semi.draw_view(np.random.default_rng(0), 8))
+    out = trained(x, icon.normalize(batch["unlabeled"]["image"]),
+                  semi.draw_view(np.random.default_rng(0), 8))
     target, weight = icon.gaussian_targets(labeled["joints"], labeled["visible"], args.input_size,
                                            args.heatmap_size)
-    ctr, _ = icon.contrast_loss(out["sup"][0], out["sup_extra"][0], labeled["joints"], target,
-                                weight, labeled["vis_flag"], args)
+    usable = (labeled["vis_flag"] >= icon.visible_flags(args)) & (weight > 0)
+    ctr, _ = icon.icon_contrast(*out["sup"][0], labeled["joints"], target, usable,
+                                claim=weight > 0, input_size=args.input_size,
+                                pairs=icon.LIMB_PAIRS["coco"])
     ctr.backward()
-    assert all(p.grad is None or not p.grad.any() for p in semi.labeled[1].parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in semi.labeled[0].head.parameters())
+    assert all(p.grad is None or not p.grad.any()
+               for p in list(poses[1].parameters()) + list(heads[1].parameters()))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads[0].parameters())
     # the contrast taps C4: layer3 and below learn from it, layer4 does not
-    backbone = semi.nets[0].backbone
+    backbone = poses[0].backbone
     assert backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in backbone.layer4.parameters())
     # pseudo: the frozen teacher gets nothing from Eq. (7); the student and its head learn
     teacher = tmp_path / "teacher.pth"
     save_checkpoint(teacher, {"model": icon.build_model(icon.get_args(tiny))[0].state_dict()})
-    args, semi, batch = setup(tiny + ["--semi", "pseudo", "--teacher", str(teacher)])
-    loss, terms = icon.semi_losses(semi, semi, batch, args, CPU, np.random.default_rng(0))
+    args, nets, batch = setup(tiny + ["--semi", "pseudo", "--teacher", str(teacher)])
+    poses, heads, trained, semi = nets
+    loss, terms = step(nets, batch, args)
     loss.backward()
     assert ({"sup1", "cons1", "skcc1", "prcc1", "pseudo_kept"} <= set(terms)
-            and len(semi.labeled) == 1)
+            and len(heads) == 1)
     assert all(p.grad is None for p in semi.teacher.parameters()) and not semi.teacher.training
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in semi.labeled[0].head.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads[0].parameters())
 
 
 def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
@@ -175,7 +188,9 @@ def test_semi_run_saves_the_pose_network_alone_and_resumes(tiny, tmp_path):
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert ({"sup1", "sup2", "cons1", "cons2", "skcc1", "prcc2", "peak2", "metrics_net2",
              "metrics_ensemble"} <= set(log))
-    assert all(np.isfinite(log[k]) for k in ("loss", "skcc1", "skcc2", "embed_sep"))
+    assert all(np.isfinite(log[k]) for k in ("loss", "skcc1", "skcc2"))
+    run_script("-m", ["eval.icon_embeddings", "--checkpoint", out / "best.pth"])
+    assert np.isfinite(json.loads((out / "embeddings.json").read_text())["embed_sep"])
     pose = icon.build_model(icon.get_args(tiny))[0]
     best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"]
     # the inference model: network 1 alone, no head, no network 2

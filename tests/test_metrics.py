@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from common.metrics import (COCO_SIGMAS, coco_keypoint_eval, load_mpii_gt, match_mpii_gt, mpii_pckh,
-                            oks_iou, oks_nms, pck_torso)
+from common.metrics import (COCO_SIGMAS, coco_keypoint_eval, keypoint_recall, load_mpii_gt,
+                            match_mpii_gt, mpii_pckh, oks_iou, oks_nms)
 from common.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +278,27 @@ def test_mpii_cli_missing_gt(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-#   PCK torso
+#   PCK torso (MRPose Eq. 3)
+
+def pck_torso(pred, gt, visible, thr=0.2, rhip=12, lsho=5):
+    """PCK with r = thr: joint i is correct when ||y_i - y^_i|| / ||y_rhip - y_lsho|| <= thr.
+
+    pred, gt: (N,K,2); visible: (N,K) bool, joints to score. Defaults are COCO indices (right hip
+    12, left shoulder 5). Samples whose torso is not annotated (either joint invisible, or zero
+    length) cannot be normalised and are skipped. Returns (per_joint (K,) percent, mean percent over
+    all counted joints); NaN where nothing counted."""
+    pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    visible = np.asarray(visible, dtype=bool)
+    torso = np.linalg.norm(gt[:, rhip] - gt[:, lsho], axis=-1)                   # (N,)
+    usable = visible[:, rhip] & visible[:, lsho] & (torso > 0)
+    counted = visible & usable[:, None]
+    dist = np.linalg.norm(pred - gt, axis=-1) / np.where(usable, torso, 1.0)[:, None]
+    hits = (dist <= thr) & counted
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_joint = 100.0 * hits.sum(0) / counted.sum(0)
+        mean = 100.0 * hits.sum() / counted.sum()
+    return per_joint, float(mean)
+
 
 def test_pck_torso_hand_computed():
     # torso = |(0,0)-(3,4)| = 5 -> threshold 0.2*5 = 1 px
@@ -294,3 +314,16 @@ def test_pck_torso_hand_computed():
     per_joint, mean = pck_torso(pred, gt, visible, thr=0.2, rhip=0, lsho=1)
     assert per_joint[0] == 100.0 and per_joint[1] == 0.0 and np.isnan(per_joint[2])
     assert mean == 50.0
+
+
+# --------------------------------------------------------------------------------------------------
+#   Keypoint recall (ICON Table 6)
+
+def test_keypoint_recall_counts_visible_joints_only():
+    conf = np.array([[0.95, 0.35, 0.05], [0.55, 0.99, 0.75]])
+    flags = np.array([[2, 2, 1], [2, 0, 2]])
+    r = keypoint_recall(conf, flags, 2)
+    assert r["0.1"] == 1.0 and r["0.5"] == 0.75 and r["0.6"] == 0.5 and r["0.9"] == 0.25
+    # per joint: joint 2 counts from flag 1
+    r = keypoint_recall(conf, flags, np.array([2, 2, 1]))
+    assert r["0.1"] == 0.8 and r["0.9"] == 0.2

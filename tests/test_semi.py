@@ -11,14 +11,26 @@ import torch.nn as nn
 import mrpose
 from common.heatmap import joints_mse_loss
 from common.semi import (ConsistencyTraining, PairedDataset, PseudoLabelTraining, argmax_joints,
-                         build_semi, build_unlabeled, cutout_draw, hard_affine, hard_points,
-                         joint_cutout, pseudo_label_mask, warp_heatmaps, warp_images)
+                         build_semi, build_unlabeled, cutout_draw, hard_affine, joint_cutout,
+                         pseudo_label_mask, warp_heatmaps, warp_images)
 from common.topdown import build_data
 from common.utils import UserError
 from data.demo import make_demo
 from helpers import SHARED, assert_one_line_error, run_script
 
 INPUT, HEATMAP = (192, 256), (48, 64)  # (w, h), the COCO setting of Xie et al.
+
+
+def hard_points(points, theta, size):
+    """Where points (B, K, 2) in pixels of an image of `size` (w, h) land in the hard view:
+    A = N⁻¹ θ⁻¹ N, N the pixel -> normalised map."""
+    w, h = size
+    scale, shift = (points.new_tensor([2.0 / w, 2.0 / h]),
+                    points.new_tensor([1.0 / w - 1, 1.0 / h - 1]))
+    u = points * scale + shift
+    m, t = theta[:, :, :2].to(points), theta[:, :, 2].to(points)
+    u = torch.linalg.solve(m, (u - t[:, None]).transpose(1, 2)).transpose(1, 2)
+    return (u - shift) / scale
 
 
 def gaussian_map(centres, size, sigma=2.0):
@@ -173,6 +185,44 @@ def test_gradient_routing_and_loss():
     loss, _ = single.loss(out, target, weight)  # pose_cons: sup + cons, 1:1
     assert torch.allclose(loss, joints_mse_loss(out["sup"][0], target, weight)
                           + joints_mse_loss(out["cons"][0], out["targets"][0], ones))
+
+
+class WithFeatures(nn.Module):
+    """A network that returns (heatmaps, features), as a method that adds its own terms needs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), x.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["dual", "pseudo"])
+def test_outputs_pass_through_untouched_and_the_loss_reads_their_heatmaps(mode):
+    """Each network runs once per input: its outputs on the labeled crops (`sup`) and on the hard
+    view / the student's unlabeled crop (`cons`) come back as it returned them, (heatmaps,
+    features) included; the loss and the easy-view targets are those of its heatmaps alone."""
+    size = (32, 48)
+    x_l, x_u, target, weight = semi_batch(size=size)
+
+    def build(wrap):
+        if mode == "dual":
+            return ConsistencyTraining(wrap(Tiny(seed=1)), wrap(Tiny(seed=2)), size, (8, 12), 3)
+        return PseudoLabelTraining(wrap(Tiny(seed=1)), Tiny(seed=3))
+    plain, wrapped = build(lambda f: f), build(WithFeatures)
+    view = plain.draw_view(np.random.default_rng(0), 2)
+    out, out_f = plain(x_l, x_u, view), wrapped(x_l, x_u, view)
+    for key in ("sup", "cons"):
+        for h, (h_f, feats) in zip(out[key], out_f[key]):
+            assert torch.equal(h, h_f) and feats.shape[1] == 1
+    assert torch.equal(out_f["cons"][0][1], (out["hard"][0] if mode == "dual" else x_u).mean(1,
+                                                                                   keepdim=True))
+    for a, b in zip(out["targets"], out_f["targets"]):
+        assert torch.equal(a, b)
+    loss, parts = plain.loss(out, target, weight)
+    loss_f, parts_f = wrapped.loss(out_f, target, weight)
+    assert torch.equal(loss, loss_f) and parts.keys() == parts_f.keys()
 
 
 def test_joint_cutout_boxes():
