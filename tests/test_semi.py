@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mrpose
-from common.heatmap import joints_mse_loss
+from common.datasets import TopDownDataset
+from common.heatmap import gaussian_targets, joints_mse_loss
 from common.semi import (ConsistencyTraining, PairedDataset, PseudoLabelTraining, argmax_joints,
                          build_semi, build_unlabeled, cutout_draw, hard_affine, joint_cutout,
                          pseudo_label_mask, warp_heatmaps, warp_images)
 from common.topdown import build_data
+from common.transforms import normalize
 from common.utils import UserError
 from data.demo import make_demo
 from helpers import SHARED, assert_one_line_error, run_script
@@ -185,6 +188,101 @@ def test_gradient_routing_and_loss():
     loss, _ = single.loss(out, target, weight)  # pose_cons: sup + cons, 1:1
     assert torch.allclose(loss, joints_mse_loss(out["sup"][0], target, weight)
                           + joints_mse_loss(out["cons"][0], out["targets"][0], ones))
+
+
+class GroundTruthStub(nn.Module):
+    """A "network" that outputs each crop's ground-truth heatmaps, times `gain`: channels 3.. of
+    its input carry them (`carry_truth`) and it reads them back at the heatmap pixels (heatmap
+    pixel j sits at input pixel stride·j). A warp moves them with the image, so its output on a
+    hard view is the hard crop's ground truth."""
+
+    def __init__(self, stride, gain=1.0):
+        super().__init__()
+        self.stride, self.gain = stride, gain
+
+    def forward(self, x):
+        return self.gain * x[:, 3:, ::self.stride, ::self.stride]
+
+
+def carry_truth(crops, input_size, heatmap_size):
+    """Normalised crops with their ground-truth heatmaps (every joint) appended as channels,
+    upsampled bilinearly between the heatmap pixels: a function that bilinear warps of the image
+    and of the heatmaps sample alike. The heatmaps' first row and column are cleared, the one
+    place where the two warps' zero padding differs."""
+    truth, _ = gaussian_targets(crops["joints"], torch.ones_like(crops["visible"]), input_size,
+                                heatmap_size)
+    truth[..., 0, :] = 0
+    truth[..., :, 0] = 0
+    (iw, ih), (w, h) = input_size, heatmap_size
+    gx = torch.arange(iw) / (iw / w) * 2 / (w - 1) - 1  # input pixel p at heatmap pixel p / stride
+    gy = torch.arange(ih) / (ih / h) * 2 / (h - 1) - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).expand(len(truth), -1, -1, -1)
+    up = F.grid_sample(truth, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return torch.cat([normalize(crops["image"]), up], 1)
+
+
+@pytest.fixture(scope="module")
+def paired_truth(tmp_path_factory):
+    """One batch of 8 (labeled, unlabeled) pairs of the real pairing, the unlabeled crops keeping
+    their joints (a training run's unlabeled set drops them), as networks' inputs that carry the
+    ground truth, with the labeled crops' targets."""
+    root = make_demo(str(tmp_path_factory.mktemp("truth") / "demo"), seed=1, n_train=12, n_val=1)
+    args = mrpose.get_args(["--data", "coco", "--ann",
+                            f"{root}/annotations/person_keypoints_train2017.json", "--images",
+                            f"{root}/train2017", "--val-ann",
+                            f"{root}/annotations/person_keypoints_val2017.json", "--val-images",
+                            f"{root}/val2017", "--input-size", "64", "96", "--labeled", "4",
+                            "--unlabeled", "rest", "--semi", "dual", "--hard-rot-factor", "30",
+                            "--pretrained", "none"])
+    train, _, info = build_data(args, train=True)
+    unlabeled = TopDownDataset(info["unlabeled"], args.input_size, train.flip_pairs,
+                               train.upper_ids, train=True, scale_factor=train.scale_factor,
+                               rot_factor=train.rot_factor, seed=train.seed + 1)
+    paired = PairedDataset(train, unlabeled, args.seed)
+    batch = torch.utils.data.default_collate([paired[i] for i in range(8)])
+    target, weight = gaussian_targets(batch["labeled"]["joints"], batch["labeled"]["visible"],
+                                      args.input_size, args.heatmap_size)
+    return (args, carry_truth(batch["labeled"], args.input_size, args.heatmap_size),
+            carry_truth(batch["unlabeled"], args.input_size, args.heatmap_size), target, weight)
+
+
+def dual_of(args, net1, net2):
+    return build_semi("dual", net1, lambda: net2, args)
+
+
+def test_networks_that_output_the_ground_truth_agree_with_their_warped_teachers(paired_truth):
+    """Through the real pairing, hard view, warps and loss: networks whose heatmaps are each crop's
+    ground truth give zero consistency loss (a warp that misplaces the targets does not), and their
+    targets are real joints, not empty maps."""
+    args, x, xu, target, weight = paired_truth
+    stride = args.input_size[0] // args.heatmap_size[0]
+    dual = dual_of(args, GroundTruthStub(stride), GroundTruthStub(stride))
+    view = dual.draw_view(np.random.default_rng([0, 0, 0]), len(xu))
+    assert (view["theta"][:, 0, 1] != 0).any()  # Xie et al.'s hard view rotates
+    out = dual(x, xu, view)
+    _, parts = dual.loss(out, target, weight)
+    assert all(t.amax((2, 3)).mean() > 0.5 for t in out["targets"])
+    assert parts["cons1"] < 1e-12 and parts["cons2"] < 1e-12, parts
+
+
+def test_each_network_learns_from_the_other_at_the_official_weights(paired_truth):
+    """Network 2 outputs twice the ground truth: network 1's target is network 2's map, so each
+    consistency term is the MSE between the truth and twice the truth (zero if a network were
+    taught by itself); the total is 0.5 sup1 + 0.5 sup2 + cons1 + cons2."""
+    args, x, xu, target, weight = paired_truth
+    stride = args.input_size[0] // args.heatmap_size[0]
+    dual = dual_of(args, GroundTruthStub(stride), GroundTruthStub(stride, gain=2.0))
+    out = dual(x, xu, dual.draw_view(np.random.default_rng([0, 0, 0]), len(xu)))
+    loss, parts = dual.loss(out, target, weight)
+    truth = out["cons"][0]
+    ones = torch.ones_like(weight)
+    expected = joints_mse_loss(truth, 2 * truth, ones)
+    assert expected > 1e-4
+    assert torch.allclose(parts["cons1"], expected, rtol=1e-5, atol=1e-10)
+    assert torch.allclose(parts["cons2"], expected, rtol=1e-5, atol=1e-10)
+    sup1, sup2 = (joints_mse_loss(s, target, weight) for s in out["sup"])
+    assert sup2 > sup1  # network 2's labeled maps are twice the truth
+    assert torch.allclose(loss, 0.5 * sup1 + 0.5 * sup2 + 2 * expected, rtol=1e-5, atol=1e-10)
 
 
 class WithFeatures(nn.Module):
