@@ -362,7 +362,6 @@ def load_crowdpose(ann_file):
 AIC_JOINTS = ["right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
               "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee",
               "left_ankle", "head_top", "neck"]
-AIC_FLIP_PAIRS = [(0, 3), (1, 4), (2, 5), (6, 9), (7, 10), (8, 11)]
 
 
 def read_aic(ann_file, image_dir, aspect_ratio):

@@ -1,4 +1,4 @@
-"""Issue 17: the data path split between loader workers and the training device.
+"""The data path split between loader workers and the training device (fewer CPU cores per GPU).
 
 Self-supervised views (MoCo v2's augmentation, common/ssl.py): workers decode, draw the random
 resized crop and the flip, and cut the view (uint8, with its crop box and flip); the photometric

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 
+from common.dist import is_main, world_size
 from common.utils import UserError, save_json
 
 # Flags that name a file or folder, and the words that name it in a "not found" error.
@@ -136,15 +137,6 @@ def resume_path(args):
     return args.resume or None
 
 
-def world_size():
-    """The number of ranks torchrun will start (its WORLD_SIZE), 1 for a plain process."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank():
-    return int(os.environ.get("RANK", 0))
-
-
 def init_words(pretrained):
     """Where the backbone's weights come from, in words."""
     if pretrained in (None, "none"):
@@ -203,7 +195,7 @@ def begin(args, plan_fn):
         print(json.dumps(plan, indent=1, ensure_ascii=False))
         return True
     check_paths(args)
-    if rank() == 0:
+    if is_main():
         if note:
             print(note)
         if not (getattr(args, "summary", False) or getattr(args, "eval_only", False)):

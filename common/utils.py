@@ -14,6 +14,8 @@ import time
 import numpy as np
 import torch
 
+from common import dist
+
 
 class UserError(Exception):
     """Bad input from the user (missing file, corrupt image, wrong checkpoint).
@@ -30,13 +32,11 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        import torch.distributed as torch_dist
         # a DataLoader worker re-raises with the worker's traceback in the message: keep its last
         # line
         msg = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
-        rank = int(os.environ.get("RANK", 0))
-        started = torch_dist.is_available() and torch_dist.is_initialized()
-        if rank == 0 or started:
+        rank = dist.rank()
+        if rank == 0 or torch.distributed.is_initialized():
             print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         sys.exit(2)
 

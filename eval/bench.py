@@ -502,7 +502,7 @@ def bench_liftedcl(args):
 # ----------------------------------------------------------------------------------------------
 # 6. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling,
 # 256 queries and 512 negatives per class) against the same step at λp = 0 (the baseline), 256x192,
-# batch 8 as the issue asks
+# batch 8
 
 ICON_BATCH = 8
 
