@@ -201,6 +201,10 @@ def read_image(path):
     return load_image(path)[0]
 
 
+# the official law's constants (SimpleBaseline/HRNet JointsDataset); the run plan describes them
+P_ROTATION, P_FLIP, HALF_BODY_MIN_JOINTS = 0.6, 0.5, 8
+
+
 def draw_scale_rotation(rng, scale_factor, rot_factor):
     """The official law (SimpleBaseline/SimMRPose/HRNet JointsDataset, in their order of draws):
     scale factor from N(1, sf) clipped to 1 ± sf; rotation with probability 0.6 from N(0, rf)
@@ -208,7 +212,7 @@ def draw_scale_rotation(rng, scale_factor, rot_factor):
     factor = float(np.clip(rng.standard_normal() * scale_factor + 1, 1 - scale_factor,
                            1 + scale_factor))
     rot = (float(np.clip(rng.standard_normal() * rot_factor, -2 * rot_factor, 2 * rot_factor))
-           if rng.random() <= 0.6 else 0.0)
+           if rng.random() <= P_ROTATION else 0.0)
     return factor, rot
 
 
@@ -222,7 +226,8 @@ class TopDownDataset(torch.utils.data.Dataset):
     Heatmap targets are built per batch on the training device (common.heatmap.gaussian_targets)."""
 
     def __init__(self, records, input_size, flip_pairs, upper_ids, train=False, scale_factor=0.35,
-                 rot_factor=30.0, flip=True, half_body_prob=0.0, half_body_min_joints=8, seed=0):
+                 rot_factor=30.0, flip=True, half_body_prob=0.0,
+                 half_body_min_joints=HALF_BODY_MIN_JOINTS, seed=0):
         self.records, self.input_size, self.flip_pairs, self.upper_ids = (records, input_size,
                                                                           flip_pairs, upper_ids)
         self.train, self.scale_factor, self.rot_factor, self.flip = (train, scale_factor,
@@ -257,7 +262,7 @@ class TopDownDataset(torch.utils.data.Dataset):
                     center, scale = half
             factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
             scale = scale * factor
-            flip = self.flip and rng.random() <= 0.5
+            flip = self.flip and rng.random() <= P_FLIP
         return center, scale, rot, flip
 
     def labels(self, r, i, m, flip, center, scale):

@@ -23,7 +23,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.datasets import TopDownDataset
-from common.ssl import BLUR_SIGMA, JITTER, P_BLUR, P_GRAY, P_JITTER
+from common.ssl import (BLUR_SIGMA, CROP_RATIO, CROP_SCALE, JITTER, P_BLUR, P_FLIP, P_GRAY,
+                        P_JITTER)
 from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, invert_affine,
                                to_tensor_uint8)
 from common.utils import UserError
@@ -49,14 +50,14 @@ def resolve_aug_device(choice, device):
 # ----------------------------------------------------------------------------------------------
 # Worker half: crop and flip, uint8
 
-def crop_flip(img, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def crop_flip(img, size, scale=CROP_SCALE, ratio=CROP_RATIO):
     """One view's geometry, drawn as torchvision's RandomResizedCrop then RandomHorizontalFlip:
     (uint8 CHW view, tensor [top, left, height, width, flip]). The flip comes before the colour
     here, after it in MoCo v2: every photometric op is per pixel or a mirror-symmetric blur with
     symmetric borders, so the order does not change the view."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=scale, ratio=ratio)
     view = TF.resized_crop(img, top, left, h, w, [size, size])
-    flip = bool(torch.rand(1) < 0.5)
+    flip = bool(torch.rand(1) < P_FLIP)
     if flip:
         view = TF.hflip(view)
     return to_tensor_uint8(view), torch.tensor([top, left, h, w, float(flip)])

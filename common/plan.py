@@ -11,7 +11,9 @@ and `begin` at the start of main().
 import argparse
 import json
 import os
+from fractions import Fraction
 
+from common import datasets, ssl
 from common.dist import is_main, world_size
 from common.utils import UserError, save_json
 
@@ -205,18 +207,22 @@ def begin(args, plan_fn):
 
 def pose_augmentation(args):
     """The top-down training augmentation (common.datasets.TopDownDataset), its law and factors."""
-    return {"law": "half-body with p half_body_prob (more than 8 labeled joints); scale x N(1, sf) "
-                   "clipped to 1 ± sf; with p 0.6 rotation N(0, rf) clipped to ±2rf, else 0; "
-                   "horizontal flip p 0.5",
+    return {"law": f"half-body with p half_body_prob (more than {datasets.HALF_BODY_MIN_JOINTS} "
+                   f"labeled joints); scale x N(1, sf) clipped to 1 ± sf; with p "
+                   f"{datasets.P_ROTATION} rotation N(0, rf) clipped to ±2rf, else 0; horizontal "
+                   f"flip p {datasets.P_FLIP}",
             "scale_factor": args.scale_factor, "rot_factor": args.rot_factor, "flip": args.flip,
             "half_body_prob": args.half_body_prob}
 
 
 def moco_v2_views(args):
     """MoCo v2's two views (common.ssl), the law and its one factor."""
-    return {"law": "MoCo v2 aug-plus: random resized crop (scale 0.2-1, ratio 3/4-4/3), colour "
-                   "jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur σ 0.1-2 p "
-                   "0.5, horizontal flip p 0.5",
+    ratio = "-".join(str(Fraction(r).limit_denominator(10)) for r in ssl.CROP_RATIO)
+    return {"law": f"MoCo v2 aug-plus: random resized crop (scale {ssl.CROP_SCALE[0]:g}-"
+                   f"{ssl.CROP_SCALE[1]:g}, ratio {ratio}), colour jitter {ssl.JITTER} p "
+                   f"{ssl.P_JITTER}, grayscale p {ssl.P_GRAY}, Gaussian blur σ "
+                   f"{ssl.BLUR_SIGMA[0]:g}-{ssl.BLUR_SIGMA[1]:g} p {ssl.P_BLUR}, horizontal flip p "
+                   f"{ssl.P_FLIP}",
             "crop_size": args.crop_size}
 
 
