@@ -1,13 +1,6 @@
-"""The run plan: presets resolved into every setting of a run, shared by the four scripts.
-
-One resolver serves three readers: `--dry-run` (the plan printed as one JSON object, nothing read,
-nothing built), the run's OUT/args.json (the same plan, written when the run starts) and `--help`
-(the preset table in its epilog). A script keeps its PRESETS dict and its get_args with the
-method's flags; `finish_parser` adds the flags that say how a job runs (-j, --seed, --amp,
---compile, --device, --summary, --resume, --out, --print-freq, --dry-run); `add_pose_eval_args`
-adds the evaluation flags of mrpose.py and icon.py. A script calls `apply_presets` after parsing
-and `begin` at the start of main().
-"""
+"""The run plan: presets resolved into every setting of a run, for the four scripts' `--dry-run`
+(one JSON object; nothing read or built), OUT/args.json and `--help`'s preset tables, and the flags
+every script shares (`finish_parser`) or the pose scripts share (`add_pose_eval_args`)."""
 import argparse
 import json
 import os
@@ -41,17 +34,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _cell(v):
-    if isinstance(v, (list, tuple)):
-        return " ".join(str(x) for x in v)
-    return str(v)
-
-
 def preset_table(presets, title):
     """A plain-text table: one row per setting, one column per preset (a missing value: '-')."""
     keys = list(dict.fromkeys(k for preset in presets.values() for k in preset))
+    def cell(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     rows = [[title] + list(presets)] + [["--" + k.replace("_", "-")]
-                                        + [_cell(p.get(k, "-")) for p in presets.values()]
+                                        + [cell(p.get(k, "-")) for p in presets.values()]
                                         for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -186,11 +175,11 @@ def check_paths(args):
             raise UserError(f"{path}: {what} not found (--{key.replace('_', '-')})")
 
 
-def begin(args, plan_fn):
-    """The start of a script's main(): with --dry-run print the plan and return True (the caller
-    exits); otherwise check the paths, cap the workers and, on rank 0, write OUT/args.json (a
-    training run's: --summary and --eval-only leave the args.json of the run that trained OUT's
-    model as it was)."""
+def begin(args, plan_fn, summary_fn=None):
+    """The start of a script's main(): check the paths, cap the workers and, on rank 0, write
+    OUT/args.json (a training run's: --summary and --eval-only leave the args.json of the run that
+    trained OUT's model as it was). Returns True when nothing is left to run: --dry-run printed the
+    plan, or --summary `summary_fn(args)`'s model size."""
     note = cap_workers(args)
     plan = plan_fn(args)
     if args.dry_run:
@@ -202,6 +191,9 @@ def begin(args, plan_fn):
             print(note)
         if not (getattr(args, "summary", False) or getattr(args, "eval_only", False)):
             save_json(os.path.join(args.out, "args.json"), plan)
+    if summary_fn is not None and args.summary:
+        summary_fn(args)
+        return True
     return False
 
 
@@ -238,3 +230,9 @@ def pose_eval(args):
     split = (os.path.basename(args.val_ann).removesuffix(".json").removeprefix("person_keypoints_")
              if args.val_ann else DEFAULT_SPLITS.get(args.data, args.data))
     return {"boxes": boxes, "split": split, "flip_test": args.flip_test}
+
+
+def pose_plan(args):
+    """The plan of mrpose.py and icon.py: Adam's lr is not scaled with the batch."""
+    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args),
+                     eval=pose_eval(args))
