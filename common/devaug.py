@@ -1,18 +1,9 @@
 """The data path split between loader workers and the training device (fewer CPU cores per GPU).
 
-Self-supervised views (MoCo v2's augmentation, common/ssl.py): workers decode, draw the random
-resized crop and the flip, and cut the view (uint8, with its crop box and flip); the photometric
-part (colour jitter in random order, grayscale, blur) then runs a whole batch at a time on
---aug-device. The draws follow torchvision's laws (common/ssl.py's constants); the ops follow
-torchvision's tensor functional, which agrees with the PIL ops of the per-image path within the
-tolerances tests/test_devaug.py states.
-
-Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid + grid_sample from
-the same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels
-repeated inside the image, black outside), so it runs on the CPU or the GPU alike.
-
---data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg,
-decode_crops."""
+Self-supervised views: workers decode and cut the random resized crop and flip (uint8); the
+photometric part of MoCo v2 (common/ssl.py's laws) runs a batch at a time on --aug-device with
+torchvision's tensor ops. Top-down crops (--data-device): workers send the JPEG bytes and the drawn
+matrix (JpegCrops); `warp_crops` cuts them with grid_sample, sampling as PIL does."""
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -18,17 +18,14 @@ from common import dist
 
 
 class UserError(Exception):
-    """Bad input from the user (missing file, corrupt image, wrong checkpoint).
-
-    Scripts catch it at the top level and print its one-line message instead of a traceback."""
+    """Bad input from the user (missing file, corrupt image, wrong checkpoint): run_main prints its
+    one-line message instead of a traceback."""
 
 
 def run_main(main):
-    """Run `main()`, turning a UserError into one line on stderr and exit code 2.
-
-    Under torchrun every rank exits 2, but before the process group starts (argument and path
-    checks, the same on every rank) only rank 0 prints: the user reads the line once. Later errors
-    may be one rank's own (a corrupt image in its shard): every rank prints those, with its rank."""
+    """Run `main()`, turning a UserError into one line on stderr and exit code 2. Before the process
+    group starts (checks the same on every rank) only rank 0 prints it; later, every rank prints its
+    own (a corrupt image in its shard), with its rank."""
     try:
         main()
     except UserError as e:
