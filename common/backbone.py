@@ -47,7 +47,7 @@ class ResNetFeatures(nn.Module):
 def load_backbone(backbone, path):
     """Load a ResNet state_dict in torchvision key names into `backbone` (bare or wrapped; a MoCo
     checkpoint's query encoder; a pose checkpoint's backbone); return a one-line report. Only
-    parameters count as loaded (BN counters would accept a file with no weight): none is an error."""
+    parameters count as loaded (BN counters would accept a file with no weight); none: an error."""
     state = read_state_dict(path, "pretrained backbone")
     # a MoCo query encoder, then a network's backbone part
     for prefix in ("encoder_q.", "backbone."):
