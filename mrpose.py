@@ -1,8 +1,8 @@
 """Simple Multi-Resolution Representation Learning for Human Pose Estimation (Tran et al., 2020).
 
-SimpleBaseline and the four multi-resolution heads of the paper (MRHeatNet1/2, MRFeaNet1/2) on a
-torchvision ResNet, trained top-down with the joints MSE of Eq. (1) and evaluated with COCO OKS AP
-(pycocotools) or MPII PCKh. One file: arguments, data, model, loss, DDP training, evaluation.
+SimpleBaseline and the paper's four multi-resolution heads (MRHeatNet1/2, MRFeaNet1/2) on a
+torchvision ResNet, trained top-down with the joints MSE of Eq. (1), evaluated with COCO OKS AP or
+MPII PCKh.
 
     python mrpose.py --data demo                                   # laptop CPU, minutes
     torchrun --nproc_per_node=4 mrpose.py --data coco --data-root /data/coco --arch mrfeanet2 \
@@ -17,54 +17,44 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+
 from common import dist
 from common.backbone import ResNetFeatures, load_backbone
-from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
-                           resolve_data_device)
+from common.devaug import DATA_DEVICE_HELP, DATA_DEVICES, decode_crops
 from common.heatmap import gaussian_targets, joints_mse_loss
-from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
-                         pose_augmentation, pose_eval, resume_path)
+from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, init_words,
+                         pose_plan, resume_path)
 from common.posenet import PoseNet, SimpleBaseline, deconv
 from common.semi import PairedDataset, build_semi, build_unlabeled
-from common.topdown import (build_data, format_metrics, load_weights, main_metric, parse_labeled,
-                            resumed_epochs, save_outputs, schedule, summary, to_memory_format,
-                            validate)
+from common.topdown import (load_data, load_weights, main_metric, parse_labeled, print_epoch,
+                            resume_run, save_outputs, setup, summary, to_memory_format,
+                            train_loader, validate)
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
-                          compile_model, load_checkpoint, read_log, restore_training, rng_state,
-                          run_main, seed_everything)
-from data.demo import demo_root
+                          compile_model, load_checkpoint, restore_training, rng_state, run_main)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
 
 PRESETS = {
-    # COCO: 256x192, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs. Augmentation: the official
-    # configs that produced Tables I/III (ROT_FACTOR 40, SCALE_FACTOR 0.3,
-    # common.datasets.draw_scale_rotation); the paper's text gives the pair swapped ("rotation ±30°,
-    # scale ±40%")
+    # COCO: 256x192, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs; rf 40, sf 0.3: the official
+    # configs of Tables I/III (the text swaps the pair)
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=170, lr_steps=(120, 150),
                  lr=1e-3, scale_factor=0.3, rot_factor=40.0, batch_size=64, workers=4,
                  head_channels=256, channels_last=False, pretrained="torchvision"),
-    # MPII: 256x256, flip; drops at 90 and 120, 140 epochs; official config ROT_FACTOR 30,
-    # SCALE_FACTOR 0.25
+    # MPII: 256x256, flip; drops at 90 and 120, 140 epochs; the official config's rf 30, sf 0.25
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=140, lr_steps=(90, 120),
                  lr=1e-3, scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4,
                  head_channels=256, channels_last=False, pretrained="torchvision"),
-    # demo: ResNet-18 from scratch within 10 minutes on a 2-core CPU (not a paper setting): a small
-    # input, a 64-channel deconv head (1.5x faster than 256 and, from scratch on 3K persons, it
-    # learns faster), a short schedule with a higher lr, no rotation (the demo people are already
-    # tilted)
+    # demo (not a paper setting): ResNet-18 from scratch in 10 minutes on a 2-core CPU; a 64-channel
+    # head learns faster from scratch; no rotation (the demo people are already tilted)
     "demo": dict(backbone="resnet18", input_size=(96, 128), epochs=5, lr_steps=(3,), lr=2e-3,
                  scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1,
                  head_channels=64, channels_last=True, pretrained="none", amp="auto"),
 }
-# MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50 fine-tuned inside Xie et al.'s dual
-# networks (ESCP), GT boxes, no flip test; `--semi none` is Table 1's supervised-only
-# SimpleBaseline* row. Batch 128 pairs (paper silent: 36K x 128 = 30.8 epochs of COCO's 149,813
-# persons, the official 1K config's 30 epochs with drops at 20/25 = 24K/30K), Xie et al.'s
-# augmentation (scale 0.25, rotation 30), the official first-N-persons subsets; MPII+AIC with Joint
-# Cutout 5 (the only released MPII+AIC config)
+# MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50 inside Xie et al.'s dual networks,
+# GT boxes, no flip test (`--semi none`: Table 1's SimpleBaseline* row); batch 128 pairs for 36K
+# iterations = the official 1K config's 30 epochs; MPII+AIC with Joint Cutout 5 (official config)
 PROTOCOLS = {
     "mscl-coco": dict(data="coco", arch="simplebaseline", backbone="resnet50", iters=36000,
                       lr_steps=(24000, 30000), flip_test=False, semi="dual", batch_size=128,
@@ -79,32 +69,29 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="simplebaseline",
                    choices=["simplebaseline", "mrheatnet1", "mrheatnet2", "mrfeanet1", "mrfeanet2"],
-                   help="pose model: SimpleBaseline (Fig. 2) or a multi-resolution head (Figs. "
-                        "3-4)")
+                   help="SimpleBaseline (Fig. 2) or a multi-resolution head (Figs. 3-4)")
     p.add_argument("-a", "--backbone", default=None,
                    choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
                    help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii "
-                   "presets, as the paper), 'none' (from scratch; the demo preset) or a backbone "
-                   ".pth")
+                   help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii presets, "
+                        "as the paper), 'none' (from scratch; the demo preset) or a backbone .pth")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                    help="MSCL transfer preset (second table below)")
     # data
     p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"],
                    help="dataset and its preset (table below); demo is generated, no download")
     p.add_argument("--data-root", default=None,
-                   help="dataset root: COCO (annotations/, train2017/, val2017/) or "
-                   "MPII (annot/, images/) layout")
+                   help="dataset root: COCO (annotations/, train2017/, val2017/) or MPII (annot/, "
+                        "images/) layout")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
     p.add_argument("--labeled", type=parse_labeled, default=None,
                    help="train on N persons, or P%% of them (few-label; images with "
                         "--labeled-order images)")
     p.add_argument("--labeled-order", default="random", choices=["first", "random", "images"],
-                   help="--labeled takes the first N persons of the annotation file (official "
-                        "subsets), a seeded draw of N persons, or every person of N seeded-drawn "
-                        "images (images: MSCL's text)")
+                   help="--labeled: the file's first N persons (official subsets), N drawn "
+                        "persons, or every person of N drawn images (MSCL's text)")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="network input width and height (default: the --data preset)")
     p.add_argument("--head-channels", type=int, default=None,
@@ -112,21 +99,17 @@ def get_args(argv=None):
     p.add_argument("--sigma", type=float, default=2.0,
                    help="Gaussian σ of the targets (heatmap pixels)")
     p.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
-                   help="feed BGR channels as the official code does (cv2); default: on for "
-                        "--weights in the official SimpleBaseline/SimMRPose names or from a --bgr "
-                        "run, off otherwise")
-    # semi-supervised training (common/semi.py): Xie et al.'s dual networks, one network, or ICON's
-    # pseudo-labels
+                   help="BGR input as the official code (cv2); default: on for --weights of "
+                        "the official SimpleBaseline/SimMRPose or of a --bgr run")
+    # semi-supervised training (common/semi.py)
     p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"],
-                   help="semi-supervised training: Xie et al.'s dual networks, one network's "
-                        "consistency, or ICON's pseudo-labels (default: none; --protocol mscl-*: "
-                        "dual)")
+                   help="Xie et al.'s dual networks, one network's consistency, or ICON's "
+                        "pseudo-labels (default: none; --protocol mscl-*: dual)")
     p.add_argument("--unlabeled", default="all", choices=["all", "rest"],
                    help="unlabeled persons: every training person (official) or those outside "
                         "--labeled")
     p.add_argument("--unlabeled-ann", default=None,
-                   help="unlabeled persons of AI Challenger instead (official or COCO-style json; "
-                        "MPII + AIC)")
+                   help="AI Challenger's persons instead (official or COCO-style json; MPII+AIC)")
     p.add_argument("--unlabeled-images", default=None, help="image folder of --unlabeled-ann")
     p.add_argument("--joint-cutout", type=int, default=0,
                    help="Joint Cutout boxes per hard view (official MPII+AIC: 5)")
@@ -135,27 +118,23 @@ def get_args(argv=None):
     p.add_argument("--weights2", default=None,
                    help="--semi dual: network 2's start (--weights is network 1's)")
     p.add_argument("--hard-rot-factor", type=float, default=None,
-                   help="--semi dual|cons: the hard view's rotation N(0, rf) clipped to ±2rf, p "
-                        "0.8 (default: --rot-factor)")
+                   help="--semi dual|cons: the hard view's rotation rf, p 0.8 (default: "
+                        "--rot-factor)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
                    help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
     p.add_argument("--rot-factor", type=float, default=None,
-                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: the "
-                        "--data preset)")
+                   help="rf: rotation N(0, rf) clipped to ±2rf, p 0.6, degrees (default: preset)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="turn off the horizontal-flip augmentation (on by default)")
     p.add_argument("--half-body-prob", type=float, default=0.0, help="HRNet half-body augmentation")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: the --data preset)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
     p.add_argument("--lr-steps", type=int, nargs="+", default=None,
-                   help="x0.1 at these epochs (or iterations with --iters; "
-                   "default: the --data preset)")
+                   help="x0.1 at these epochs (iterations with --iters; default: preset)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate, not scaled with the batch "
-                   "(paper: 1e-3; default: the --data preset)")
+                   help="Adam's, not scaled with the batch (paper: 1e-3; default: preset)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
                    help="total over all ranks (default: the --data preset)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -186,18 +165,12 @@ def get_args(argv=None):
     return args
 
 
-def run_plan(args):
-    """The --dry-run plan and OUT/args.json (common/plan.py); Adam's lr is not scaled with the
-    batch."""
-    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args),
-                     eval=pose_eval(args))
+run_plan = pose_plan  # the --dry-run plan and OUT/args.json (common/plan.py)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model (Sec. II-III, Figs. 2-4). Deconv = 4x4 transposed conv, stride 2, pad 1, no bias, BN, ReLU.
-# Every combination is an element-wise sum (MRFeaNet: the mean of four maps), as the official code
-# (tqtrunghnvn/SimMRPose) does; the figures leave the operator open. SimpleBaseline (Fig. 2),
-# `deconv` and the head initialisation live in common/posenet.py, shared with icon.py.
+# Model (Sec. II-III, Figs. 2-4) on common/posenet.py's SimpleBaseline (Fig. 2) and `deconv` (4x4
+# transposed conv, stride 2, BN, ReLU). Maps combine by sum, as the official code (README).
 
 def side_conv(cin, k):
     """1x1 conv to k low-resolution heatmaps; BN + ReLU follow it in the official code."""
@@ -235,8 +208,8 @@ class MRHeatNet1(SimpleBaseline):
 class MRHeatNet2(SimpleBaseline):
     """Fig. 3b: heatmaps of each deconv stage go up to 1/4 on their own and all are summed."""
 
+    # official mrheat2_pose_resnet names -> ours
     OFFICIAL_KEYS = {"s_conv1.": "side1.", "s_deconv1.": "side1_up.0.",
-                     # official mrheat2_pose_resnet names -> ours
                      "s_deconv12.": "side1_up.1.", "s_conv2.": "side2.", "s_deconv2.": "side2_up."}
 
     def __init__(self, backbone, k, c=256):
@@ -255,16 +228,11 @@ class MRHeatNet2(SimpleBaseline):
 
 
 class MRFeaNet(PoseNet):
-    """Fig. 4: a deconv branch from each of C3, C4, C5 up to 1/4; the mean of the three and C2
-    goes through a 1x1 conv to k heatmaps.
+    """Fig. 4: deconv branches from C3, C4, C5 up to 1/4, averaged with C2, then a 1x1 conv to k
+    heatmaps. Every deconv has C channels (MRFeaNet1, Fig. 4a) or they halve per step (MRFeaNet2,
+    halve=True: 8C -> 4C -> 2C -> C); C is the width of C2, as Sec. III-B defines it."""
 
-    MRFeaNet1 (Fig. 4a, halve=False): every deconv has C channels. MRFeaNet2 (Fig. 4b, halve=True):
-    channels halve per step (8C -> 4C -> 2C -> C). C is the width of C2, as the paper defines it:
-    256 for ResNet-50/101/152 (the official code's 256), 64 for ResNet-18/34, where the official
-    code's fixed 256 cannot be added to a 64-channel C2 and crashes."""
-
-    # official mrfea1/mrfea2_pose_resnet names -> ours: deconv1x from C5, deconv2x from C4, deconv3
-    # from C3
+    # official mrfea1/mrfea2_pose_resnet names -> ours: deconv1x from C5, 2x from C4, 3 from C3
     OFFICIAL_KEYS = {"deconv11.": "branch5.0.", "deconv12.": "branch5.1.",
                      "deconv13.": "branch5.2.", "deconv21.": "branch4.0.",
                      "deconv22.": "branch4.1.", "deconv3.": "branch3.0."}
@@ -292,12 +260,12 @@ class MRFeaNet(PoseNet):
 
 
 def build_model(args):
+    """(the --arch model, the --pretrained file's loading report or None)."""
     backbone = ResNetFeatures(args.backbone, torchvision_weights=args.pretrained == "torchvision")
     report = None
     if args.pretrained not in (None, "none", "torchvision"):
         report = load_backbone(backbone, args.pretrained)
-    k = args.num_joints
-    c = args.head_channels
+    k, c = args.num_joints, args.head_channels
     model = {"simplebaseline": lambda: SimpleBaseline(backbone, k, c),
              "mrheatnet1": lambda: MRHeatNet1(backbone, k, c),
              "mrheatnet2": lambda: MRHeatNet2(backbone, k, c),
@@ -306,31 +274,21 @@ def build_model(args):
     return model, report
 
 
-# ----------------------------------------------------------------------------------------------
-# Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
-# (common/topdown.py's validate) and saves (save_epoch)
-
-# --resume refuses a change of these (the model and the schedule)
-RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
-               "amp", "bgr", "semi")
-
-
 def print_summary(args):
     model = build_model(args)[0]
     n, gmacs = summary(model, args.input_size)
-    head = (f"{model.final_layer.in_channels}-channel head (C2's width)"
-            if args.arch.startswith("mrfea")
-            else f"{args.head_channels}-channel head" + ("" if args.head_channels == 256
-                                                         else " (the paper's is 256)"))
+    c = model.final_layer.in_channels if args.arch.startswith("mrfea") else args.head_channels
+    head = f"{c}-channel head" + (" (C2's width)" if args.arch.startswith("mrfea") else
+                                  "" if c == 256 else " (the paper's is 256)")
     print(f"{args.arch} {args.backbone} {args.input_size[0]}x{args.input_size[1]}, {head}, "
           f"{args.num_joints} joints (--data {args.data} preset): {n:,} parameters, "
           f"{gmacs:.2f} GFLOPs (multiply-accumulates)")
 
 
 def build_networks(args, device):
-    """(network 1, the --semi wrapper or None), on `device`. Network 1 is the pose network that is
-    evaluated and saved; the wrapper trains it with network 2 (dual) or a frozen teacher (pseudo).
-    --weights (and its BGR input, for official checkpoints) and --weights2 are loaded here."""
+    """(network 1, the --semi wrapper or None) on `device`, with --weights (and --bgr's default)
+    and --weights2. Network 1 is evaluated and saved; the wrapper trains it with network 2 or a
+    teacher."""
     model, report = build_model(args)
     if report and dist.is_main():
         print(report)
@@ -355,12 +313,39 @@ def build_networks(args, device):
     return model, semi_model
 
 
+# ----------------------------------------------------------------------------------------------
+# Train step: Eq. (1), the joints MSE (common/heatmap.py), or under --semi common/semi.py's loss
+
+def train_step(model, semi_model, batch, args, device, it):
+    """(loss, its terms, labeled crops) of one batch; `model` runs the forward (DDP, compiled)."""
+    labeled = batch["labeled"] if semi_model else batch
+    x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True), bgr=args.bgr),
+                         args)
+    target, weight = gaussian_targets(labeled["joints"].to(device), labeled["visible"].to(device),
+                                      args.input_size, args.heatmap_size, args.sigma)
+    if semi_model:
+        xu = batch["unlabeled"]["image"].to(device, non_blocking=True)
+        xu = to_memory_format(normalize(xu, bgr=args.bgr), args)
+        view = semi_model.draw_view(np.random.default_rng([args.seed, dist.rank(), it]),
+                                    xu.shape[0])
+        with autocast(args, device):
+            out = model(x, xu, view)
+        loss, parts = semi_model.loss(out, target, weight)
+    else:
+        with autocast(args, device):
+            output = model(x)
+        loss, parts = joints_mse_loss(output.float(), target, weight), {}  # Eq. (1)
+    return loss, parts, x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, as MoCo's main_moco.py: main() sets up (common/topdown.py), then each epoch trains,
+# evaluates (common/topdown.py's validate) and saves
+
 def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, total_iters, args,
           device, data_device):
-    """One epoch, or up to iteration `total_iters`, of Eq. (1)'s joints MSE; under --semi,
-    common/semi.py's step (Xie et al.'s consistency or the pseudo-label teacher). `model` is what
-    runs the forward (DDP and compiled). Returns the epoch's log entry (losses averaged over
-    iterations and ranks, lr, img/s) and the iteration reached."""
+    """One epoch, or up to iteration `total_iters`. Returns the epoch's log entry (losses averaged
+    over iterations and ranks, lr, img/s) and the iteration reached."""
     world = dist.world_size()
     model.train()
     progress = Progress(min(len(loader), total_iters - it), args.print_freq, dist.is_main(),
@@ -371,24 +356,7 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
             break
         if data_device is not None:  # the workers read bytes: decode and crop the batch here
             batch = decode_crops(batch, data_device, args.input_size)
-        labeled = batch["labeled"] if semi_model else batch
-        x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True),
-                                       bgr=args.bgr), args)
-        target, weight = gaussian_targets(labeled["joints"].to(device),
-                                          labeled["visible"].to(device), args.input_size,
-                                          args.heatmap_size, args.sigma)
-        if semi_model:
-            xu = batch["unlabeled"]["image"].to(device, non_blocking=True)
-            xu = to_memory_format(normalize(xu, bgr=args.bgr), args)
-            view = semi_model.draw_view(np.random.default_rng([args.seed, dist.rank(), it]),
-                                        xu.shape[0])
-            with autocast(args, device):
-                out = model(x, xu, view)
-            loss, parts = semi_model.loss(out, target, weight)
-        else:
-            with autocast(args, device):
-                output = model(x)
-            loss, parts = joints_mse_loss(output.float(), target, weight), {}  # Eq. (1)
+        loss, parts, n = train_step(model, semi_model, batch, args, device, it)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -398,20 +366,24 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
         for k, v in {"loss": loss.detach(), **parts}.items():
             sums[k] = sums.get(k, 0) + v
         n_iters += 1
-        n_seen += x.shape[0] * world
+        n_seen += n * world
         if (i + 1) % args.print_freq == 0:
             # the same on every rank: all stop together
             mean_loss = dist.all_reduce_mean(loss.detach())
             check_finite(mean_loss, it, os.path.join(args.out, "checkpoint.pth"))
-            progress.step(i, args.print_freq * x.shape[0] * world, loss=mean_loss.item(),
+            progress.step(i, args.print_freq * n * world, loss=mean_loss.item(),
                           lr=optimizer.param_groups[0]["lr"])
-    # per-term losses; peakN: the collapse monitor (mean peak of network N's unlabeled easy-view
-    # heatmaps)
+    # per-term losses; peakN: the collapse monitor (network N's mean peak on unlabeled views)
     means = {k: dist.all_reduce_mean(v / max(1, n_iters)) for k, v in sums.items()}
     check_finite(means["loss"], it, os.path.join(args.out, "checkpoint.pth"))
     return dict(epoch=epoch + 1, iteration=it, loss=means.pop("loss").item(),
                 lr=optimizer.param_groups[0]["lr"], img_per_s=n_seen / (time.time() - t0),
                 **{k: v.item() for k, v in means.items()}), it
+
+
+# --resume refuses a change of these (the model and the schedule)
+RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
+               "amp", "bgr", "semi")
 
 
 def resume(path, args, model, semi_model, **states):
@@ -428,82 +400,40 @@ def resume(path, args, model, semi_model, **states):
     return epoch, it, ckpt["best"]
 
 
-def save_epoch(args, state, history, epochs, best_state=None):
-    """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
-    (common/topdown.py) and the epoch line."""
-    save_outputs(args.out, state, history, best_state)
-    log = history[-1]
-    print(f"epoch {log['epoch']}/{epochs}: loss {log['loss']:.6f}, {log['img_per_s']:.1f} img/s"
-          + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
-    if args.semi:  # common/semi.py's terms (supN, consN, peakN), network 2 and the ensemble
-        print("  " + ", ".join([f"{k} {v:.4g}" for k, v in log.items() if isinstance(v, float)
-                                and k not in ("loss", "lr", "img_per_s")]
-                               + [f"{k.removeprefix('metrics_')}: {format_metrics(v)}"
-                                  for k, v in log.items() if k.startswith("metrics_")]),
-              flush=True)
-
-
 def main():
     args = get_args()
-    if begin(args, run_plan):
+    if begin(args, run_plan, print_summary):  # --dry-run, --summary: nothing to train
         return
-    if args.summary:
-        print_summary(args)
-        return
-    rank, world, device = dist.setup(args.device)
-    data_device = resolve_data_device(args.data_device)
-    main_proc = dist.is_main()
-    seed_everything(args.seed + rank)
-
+    device, data_device = setup(args)
     model, semi_model = build_networks(args, device)
     trained = semi_model or model  # what the optimiser trains
-
-    # Data
-    if args.data == "demo":  # generated on first use, then cached under data/cache
-        args.data_root = demo_root(args.seed)
-    train_ds, val_ds, info = build_data(args, train=not args.eval_only)
-    if main_proc:
-        os.makedirs(args.out, exist_ok=True)
+    train_ds, val_ds, info = load_data(args)
     if args.eval_only:
         validate(model, val_ds, args, device, info, oracle=args.oracle)
         dist.cleanup()
         return
     if semi_model:  # an item is a (labeled, unlabeled) pair; an epoch walks the unlabeled set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    per_rank = args.batch_size // world  # --batch-size is the total over ranks
-    if per_rank < 1 or per_rank * world > len(train_ds):
-        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
-                        f"{len(train_ds)} training persons")
-    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
-                                        device=device, collate_fn=collate_jpeg
-                                        if data_device is not None else None)
-    total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
+    loader, sampler, (total_iters, epochs, milestones, eval_every) = train_loader(
+        args, train_ds, device, data_device)
 
-    # Optimisation. BatchNorm over the whole batch under CUDA DDP, as the official runs had it on
-    # one GPU (SyncBatchNorm, as mscl.py); the conversion swaps BN children in place, so `model`
-    # stays network 1 inside `trained`
+    # SyncBatchNorm under CUDA DDP (README); it swaps BN children in place: `model` stays network 1
     trained = dist.convert_sync_bn(trained, device)
     ddp_model = compile_model(dist.ddp(trained, device), args.compile)
     # Adam, no weight decay (Sec. IV); one optimiser over both networks with --semi dual (official)
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, best, history = 0, 0, -1.0, []
-    if args.resume:
-        start_epoch, it, best = resume(args.resume, args, model, semi_model, optimizer=optimizer,
-                                       scheduler=scheduler, scaler=scaler)
-        epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
-        history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
-        if main_proc:
-            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
+    start_epoch, it, best, epochs, history = resume_run(
+        args, lambda path: resume(path, args, model, semi_model, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler),
+        total_iters, epochs, len(loader))
     args.bgr = bool(args.bgr)
-    if main_proc:
-        init = {"torchvision": "ImageNet (torchvision)",
-                "none": "scratch"}.get(args.pretrained, args.pretrained)
-        print(f"{args.arch} {args.backbone} (backbone from {init}): "
+    if dist.is_main():
+        print(f"{args.arch} {args.backbone} (backbone: {init_words(args.pretrained)}): "
               f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_ds)} train / "
               f"{len(val_ds)} val persons; {len(loader)} it/epoch x {epochs} epochs = "
-              f"{total_iters} iterations on {world} x {device}")
+              f"{total_iters} iterations on {dist.world_size()} x {device}")
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -516,19 +446,20 @@ def main():
             dist.broadcast_buffers(trained)
             log.update(validate(model, val_ds, args, device, info,
                                 semi_model.eval_models() if semi_model else None))
-            if main_proc and main_metric(log["metrics"]) > best:
+            if dist.is_main() and main_metric(log["metrics"]) > best:
                 best = main_metric(log["metrics"])
                 best_state = {"model": model.state_dict(), "args": vars(args), "epoch": epoch + 1,
                               "metrics": log["metrics"]}
         history.append(log)
         rngs = dist.gather_objects(rng_state())
-        if main_proc:
+        if dist.is_main():
             extra = {"model2": semi_model.nets[1].state_dict()} if args.semi == "dual" else {}
-            save_epoch(args, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                              "epoch": epoch + 1, "iteration": it, "best": best,
-                              "args": vars(args), "rng": rngs, **extra}, history, epochs,
-                       best_state)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch + 1, "iteration": it, "best": best, "args": vars(args),
+                     "rng": rngs, **extra}
+            save_outputs(args.out, state, history, best_state)
+            print_epoch(log, epochs)
         if last:
             break
     dist.cleanup()

@@ -45,14 +45,9 @@ class ResNetFeatures(nn.Module):
 
 
 def load_backbone(backbone, path):
-    """Load a ResNet state_dict in torchvision key names into `backbone`; return a one-line report.
-
-    Accepts a bare state_dict or one under 'state_dict'/'model'/'backbone', with an optional
-    'module.' (DDP) prefix; of a MoCo checkpoint ('encoder_q.*', 'encoder_k.*', 'queue') the query
-    encoder; of a pose checkpoint of this project ('backbone.*' next to head keys) its backbone.
-    Only parameters count as loaded: BatchNorm's num_batches_tracked buffers are never reported
-    missing, so counting tensors would accept a file that loads no weight. A file that loads no
-    parameter is an error naming it."""
+    """Load a ResNet state_dict in torchvision key names into `backbone` (bare or wrapped; a MoCo
+    checkpoint's query encoder; a pose checkpoint's backbone); return a one-line report. Only
+    parameters count as loaded (BN counters would accept a file with no weight); none: an error."""
     state = read_state_dict(path, "pretrained backbone")
     # a MoCo query encoder, then a network's backbone part
     for prefix in ("encoder_q.", "backbone."):

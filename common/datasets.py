@@ -1,11 +1,6 @@
-"""Dataset readers (COCO keypoints, MPII in the HRNet json layout, unlabeled image folders) and
-the top-down training/evaluation dataset built on them.
-
-A reader returns a list of person records: {image, image_id, center, scale, joints (K, 2),
-visible (K,), area, score}, and from read_coco the raw visibility flag vis_flag (K,) of the file
-(0 unlabeled, 1 occluded, 2 visible). Each reader filters what cannot train and counts what it
-skipped.
-"""
+"""Dataset readers (COCO keypoints, MPII in the HRNet json layout, CrowdPose, AI Challenger, image
+folders) returning person records {image, image_id, center, scale, joints (K, 2), visible (K,),
+area, score} with what they skipped, and the top-down dataset built on them."""
 import contextlib
 import io
 import math
@@ -201,6 +196,10 @@ def read_image(path):
     return load_image(path)[0]
 
 
+# the official law's constants (SimpleBaseline/HRNet JointsDataset); the run plan describes them
+P_ROTATION, P_FLIP, HALF_BODY_MIN_JOINTS = 0.6, 0.5, 8
+
+
 def draw_scale_rotation(rng, scale_factor, rot_factor):
     """The official law (SimpleBaseline/SimMRPose/HRNet JointsDataset, in their order of draws):
     scale factor from N(1, sf) clipped to 1 ± sf; rotation with probability 0.6 from N(0, rf)
@@ -208,21 +207,20 @@ def draw_scale_rotation(rng, scale_factor, rot_factor):
     factor = float(np.clip(rng.standard_normal() * scale_factor + 1, 1 - scale_factor,
                            1 + scale_factor))
     rot = (float(np.clip(rng.standard_normal() * rot_factor, -2 * rot_factor, 2 * rot_factor))
-           if rng.random() <= 0.6 else 0.0)
+           if rng.random() <= P_ROTATION else 0.0)
     return factor, rot
 
 
 class TopDownDataset(torch.utils.data.Dataset):
     """Person crops for top-down pose: one affine per sample moves pixels and joints together.
 
-    Training augmentation (SimpleBaseline/HRNet): half-body, scale, rotation, flip. The random draws
-    of sample `i` in epoch `e` come from a generator seeded with (seed, e, i), so a run is the same
-    whatever the number of workers and after a resume; `dataset[i, key]` draws from (seed, e, *key)
-    instead, for a caller that reads one sample several times an epoch (common.semi.PairedDataset).
-    Heatmap targets are built per batch on the training device (common.heatmap.gaussian_targets)."""
+    Training draws (half-body, scale, rotation, flip) of sample i in epoch e come from (seed, e, i):
+    the same run whatever the workers and after a resume; `dataset[i, key]` draws from (seed, e,
+    *key) for a caller that reads a sample twice an epoch (common.semi.PairedDataset)."""
 
     def __init__(self, records, input_size, flip_pairs, upper_ids, train=False, scale_factor=0.35,
-                 rot_factor=30.0, flip=True, half_body_prob=0.0, half_body_min_joints=8, seed=0):
+                 rot_factor=30.0, flip=True, half_body_prob=0.0,
+                 half_body_min_joints=HALF_BODY_MIN_JOINTS, seed=0):
         self.records, self.input_size, self.flip_pairs, self.upper_ids = (records, input_size,
                                                                           flip_pairs, upper_ids)
         self.train, self.scale_factor, self.rot_factor, self.flip = (train, scale_factor,
@@ -257,7 +255,7 @@ class TopDownDataset(torch.utils.data.Dataset):
                     center, scale = half
             factor, rot = draw_scale_rotation(rng, self.scale_factor, self.rot_factor)
             scale = scale * factor
-            flip = self.flip and rng.random() <= 0.5
+            flip = self.flip and rng.random() <= P_FLIP
         return center, scale, rot, flip
 
     def labels(self, r, i, m, flip, center, scale):
@@ -337,12 +335,8 @@ def check_crowdpose(dataset, name):
 
 
 def load_crowdpose(ann_file):
-    """pycocotools COCO object of an official CrowdPose json
-    (crowdpose_{train,val,trainval,test}.json).
-
-    Images must carry 'crowdIndex' (the easy/medium/hard split); each person gets the OKS area of
-    the official toolkit (see check_crowdpose), which read_coco also puts in the records for
-    OKS-NMS."""
+    """pycocotools COCO object of an official CrowdPose json: images carry 'crowdIndex', persons
+    the official toolkit's OKS area (check_crowdpose)."""
     from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = load_json(os.fspath(ann_file), "annotation file")
@@ -362,23 +356,12 @@ def load_crowdpose(ann_file):
 AIC_JOINTS = ["right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
               "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee",
               "left_ankle", "head_top", "neck"]
-AIC_FLIP_PAIRS = [(0, 3), (1, 4), (2, 5), (6, 9), (7, 10), (8, 11)]
 
 
 def read_aic(ann_file, image_dir, aspect_ratio):
-    """Person records of AI Challenger keypoint annotations, in either format (told apart by
-    content):
-
-    - official `keypoint_{train,validation}_annotations_*.json`: a list of {image_id (file stem),
-      human_annotations {humanN: [x1, y1, x2, y2]}, keypoint_annotations {humanN: 14 x [x, y, v]}},
-      v = 1 visible, 2 occluded, 3 unlabeled; images are `image_dir/<image_id>.jpg`;
-    - COCO-style (mmpose's conversion): images + annotations with bbox [x, y, w, h] and COCO v
-      flags.
-
-    Every person box becomes a crop (center/scale as box_to_center_scale, as SSPose's AIC reader);
-    boxes under 1 px wide or tall are skipped. `joints`/`visible` (labeled = 1) are kept but meant
-    to be unused: AIC serves as unlabeled data. `image_id` is the format's own (stem or COCO id).
-    Returns (records, skipped counts)."""
+    """(records, skipped) of AI Challenger persons, for unlabeled crops: the official list of
+    {image_id, human_annotations, keypoint_annotations} (v 1 visible, 2 occluded, 3 unlabeled) or
+    mmpose's COCO-style json; boxes under 1 px are skipped."""
     data = load_json(ann_file, "AIC annotation file")
     check_image_dir(image_dir)
     k = len(AIC_JOINTS)

@@ -1,18 +1,9 @@
-"""Issue 17: the data path split between loader workers and the training device.
+"""The data path split between loader workers and the training device (fewer CPU cores per GPU).
 
-Self-supervised views (MoCo v2's augmentation, common/ssl.py): workers decode, draw the random
-resized crop and the flip, and cut the view (uint8, with its crop box and flip); the photometric
-part (colour jitter in random order, grayscale, blur) then runs a whole batch at a time on
---aug-device. The draws follow torchvision's laws (common/ssl.py's constants); the ops follow
-torchvision's tensor functional, which agrees with the PIL ops of the per-image path within the
-tolerances tests/test_devaug.py states.
-
-Top-down crops: `warp_crops` cuts the person crops of a batch with affine_grid + grid_sample from
-the same 2x3 matrices as common/transforms.warp_image, and samples like PIL (bilinear, edge pixels
-repeated inside the image, black outside), so it runs on the CPU or the GPU alike.
-
---data-device: JpegCrops (the workers' half: bytes and the drawn geometry), collate_jpeg,
-decode_crops."""
+Self-supervised views: workers decode and cut the random resized crop and flip (uint8); the
+photometric part of MoCo v2 (common/ssl.py's laws) runs a batch at a time on --aug-device with
+torchvision's tensor ops. Top-down crops (--data-device): workers send the JPEG bytes and the drawn
+matrix (JpegCrops); `warp_crops` cuts them with grid_sample, sampling as PIL does."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,7 +14,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.datasets import TopDownDataset
-from common.ssl import BLUR_SIGMA, JITTER, P_BLUR, P_GRAY, P_JITTER
+from common.ssl import (BLUR_SIGMA, CROP_RATIO, CROP_SCALE, JITTER, P_BLUR, P_FLIP, P_GRAY,
+                        P_JITTER)
 from common.transforms import (IMAGENET_MEAN, IMAGENET_STD, affine_matrix, invert_affine,
                                to_tensor_uint8)
 from common.utils import UserError
@@ -49,14 +41,14 @@ def resolve_aug_device(choice, device):
 # ----------------------------------------------------------------------------------------------
 # Worker half: crop and flip, uint8
 
-def crop_flip(img, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def crop_flip(img, size, scale=CROP_SCALE, ratio=CROP_RATIO):
     """One view's geometry, drawn as torchvision's RandomResizedCrop then RandomHorizontalFlip:
     (uint8 CHW view, tensor [top, left, height, width, flip]). The flip comes before the colour
     here, after it in MoCo v2: every photometric op is per pixel or a mirror-symmetric blur with
     symmetric borders, so the order does not change the view."""
     top, left, h, w = T.RandomResizedCrop.get_params(img, scale=scale, ratio=ratio)
     view = TF.resized_crop(img, top, left, h, w, [size, size])
-    flip = bool(torch.rand(1) < 0.5)
+    flip = bool(torch.rand(1) < P_FLIP)
     if flip:
         view = TF.hflip(view)
     return to_tensor_uint8(view), torch.tensor([top, left, h, w, float(flip)])

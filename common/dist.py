@@ -12,16 +12,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 def setup(device_arg="auto"):
     """Return (rank, world_size, device); start the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+    return rank(), world_size(), device
 
 
 def cleanup():
@@ -29,16 +27,19 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank: the process group's, or torchrun's RANK before the group starts."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """The number of ranks: the process group's, or torchrun's WORLD_SIZE before it starts (the
+    plan of --dry-run counts them); 1 for a plain process."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    return rank() == 0
 
 
 def barrier():

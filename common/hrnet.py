@@ -1,12 +1,6 @@
-"""HRNet for pose (pose_hrnet of Sun et al. 2019, "Deep High-Resolution Representation Learning").
-
-Widths W32 / W48 of the official YAMLs (leoxiaobin/deep-high-resolution-net.pytorch): a 64-channel
-stem of two stride-2 3x3 convs, layer1 = 4 Bottlenecks (64 -> 256); then stages 2/3/4 with 2/3/4
-branches of widths C, 2C, 4C, 8C at 1/4 .. 1/32, 1/4/3 modules, 4 BasicBlocks per branch; the last
-module outputs only the 1/4 branch, and a 1x1 conv turns it into heatmaps. Module names, indices and
-empty slots follow the official code, so its pose checkpoints and the ImageNet-pretrained
-`hrnet_w32-36af842e.pth` load by key (`load_hrnet_pretrained`).
-"""
+"""HRNet for pose (pose_hrnet of Sun et al. 2019), widths W32 / W48 of the official YAMLs
+(leoxiaobin/deep-high-resolution-net.pytorch). Module names, indices and empty slots follow the
+official code, so its pose checkpoints and ImageNet `hrnet_w32-36af842e.pth` load by key."""
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,11 +35,9 @@ def make_transition(cins, couts):
 class HighResolutionModule(nn.Module):
     """Parallel branches of BasicBlocks, then every output resolution sums all branches (Sec. 3).
 
-    fuse_layers[i][j] brings branch j to branch i: j > i a 1x1 conv + BN + nearest upsampling,
-    j < i a chain of i - j stride-2 3x3 convs + BN (ReLU between them, not after the last).
-    The upsampling goes to the size of branch i: the official nn.Upsample(scale_factor=2^(j-i)),
-    at index 2 and without parameters, gives the same maps when the input divides by 32 and fails
-    on other sizes."""
+    fuse_layers[i][j] brings branch j to branch i: a 1x1 conv + BN + upsampling to branch i's size
+    (j > i; the official fixed scale factor fails on inputs not divisible by 32), or i - j stride-2
+    3x3 convs + BN (j < i)."""
 
     def __init__(self, channels, num_blocks=4, multi_scale_output=True):
         super().__init__()
@@ -133,13 +125,9 @@ class PoseHighResolutionNet(nn.Module):
 
 
 def load_hrnet_pretrained(model, path):
-    """Load HRNet weights in official key names into `model`; return a one-line report.
-
-    Takes the ImageNet classification checkpoint (hrnet_w32-36af842e.pth) or a pose checkpoint,
-    bare or under 'state_dict'/'model'/'backbone', with an optional 'module.' or 'backbone.' prefix.
-    Keys the pose net lacks (the classifier's incre_modules, downsamp_modules, final_layer.0/1,
-    classifier, stage4's extra outputs) are ignored and reported; a shape mismatch is an error
-    naming the key, except for the heatmap head (below)."""
+    """Load HRNet weights in official key names (ImageNet classifier or pose checkpoint, bare or
+    wrapped) into `model`; return a one-line report. The classifier's extra keys are ignored and
+    reported; a shape mismatch is an error naming the key, except for the heatmap head (below)."""
     state = read_state_dict(path, "pretrained HRNet")
     own = model.state_dict()
     skipped = []

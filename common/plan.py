@@ -1,17 +1,13 @@
-"""The run plan: presets resolved into every setting of a run, shared by the four scripts.
-
-One resolver serves three readers: `--dry-run` (the plan printed as one JSON object, nothing read,
-nothing built), the run's OUT/args.json (the same plan, written when the run starts) and `--help`
-(the preset table in its epilog). A script keeps its PRESETS dict and its get_args with the
-method's flags; `finish_parser` adds the flags that say how a job runs (-j, --seed, --amp,
---compile, --device, --summary, --resume, --out, --print-freq, --dry-run); `add_pose_eval_args`
-adds the evaluation flags of mrpose.py and icon.py. A script calls `apply_presets` after parsing
-and `begin` at the start of main().
-"""
+"""The run plan: presets resolved into every setting of a run, for the four scripts' `--dry-run`
+(one JSON object; nothing read or built), OUT/args.json and `--help`'s preset tables, and the flags
+every script shares (`finish_parser`) or the pose scripts share (`add_pose_eval_args`)."""
 import argparse
 import json
 import os
+from fractions import Fraction
 
+from common import datasets, ssl
+from common.dist import is_main, world_size
 from common.utils import UserError, save_json
 
 # Flags that name a file or folder, and the words that name it in a "not found" error.
@@ -38,17 +34,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _cell(v):
-    if isinstance(v, (list, tuple)):
-        return " ".join(str(x) for x in v)
-    return str(v)
-
-
 def preset_table(presets, title):
     """A plain-text table: one row per setting, one column per preset (a missing value: '-')."""
     keys = list(dict.fromkeys(k for preset in presets.values() for k in preset))
+    def cell(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     rows = [[title] + list(presets)] + [["--" + k.replace("_", "-")]
-                                        + [_cell(p.get(k, "-")) for p in presets.values()]
+                                        + [cell(p.get(k, "-")) for p in presets.values()]
                                         for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -136,15 +128,6 @@ def resume_path(args):
     return args.resume or None
 
 
-def world_size():
-    """The number of ranks torchrun will start (its WORLD_SIZE), 1 for a plain process."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank():
-    return int(os.environ.get("RANK", 0))
-
-
 def init_words(pretrained):
     """Where the backbone's weights come from, in words."""
     if pretrained in (None, "none"):
@@ -192,39 +175,46 @@ def check_paths(args):
             raise UserError(f"{path}: {what} not found (--{key.replace('_', '-')})")
 
 
-def begin(args, plan_fn):
-    """The start of a script's main(): with --dry-run print the plan and return True (the caller
-    exits); otherwise check the paths, cap the workers and, on rank 0, write OUT/args.json (a
-    training run's: --summary and --eval-only leave the args.json of the run that trained OUT's
-    model as it was)."""
+def begin(args, plan_fn, summary_fn=None):
+    """The start of a script's main(): check the paths, cap the workers and, on rank 0, write
+    OUT/args.json (a training run's: --summary and --eval-only leave the args.json of the run that
+    trained OUT's model as it was). Returns True when nothing is left to run: --dry-run printed the
+    plan, or --summary `summary_fn(args)`'s model size."""
     note = cap_workers(args)
     plan = plan_fn(args)
     if args.dry_run:
         print(json.dumps(plan, indent=1, ensure_ascii=False))
         return True
     check_paths(args)
-    if rank() == 0:
+    if is_main():
         if note:
             print(note)
         if not (getattr(args, "summary", False) or getattr(args, "eval_only", False)):
             save_json(os.path.join(args.out, "args.json"), plan)
+    if summary_fn is not None and args.summary:
+        summary_fn(args)
+        return True
     return False
 
 
 def pose_augmentation(args):
     """The top-down training augmentation (common.datasets.TopDownDataset), its law and factors."""
-    return {"law": "half-body with p half_body_prob (more than 8 labeled joints); scale x N(1, sf) "
-                   "clipped to 1 ± sf; with p 0.6 rotation N(0, rf) clipped to ±2rf, else 0; "
-                   "horizontal flip p 0.5",
+    return {"law": f"half-body with p half_body_prob (more than {datasets.HALF_BODY_MIN_JOINTS} "
+                   f"labeled joints); scale x N(1, sf) clipped to 1 ± sf; with p "
+                   f"{datasets.P_ROTATION} rotation N(0, rf) clipped to ±2rf, else 0; horizontal "
+                   f"flip p {datasets.P_FLIP}",
             "scale_factor": args.scale_factor, "rot_factor": args.rot_factor, "flip": args.flip,
             "half_body_prob": args.half_body_prob}
 
 
 def moco_v2_views(args):
     """MoCo v2's two views (common.ssl), the law and its one factor."""
-    return {"law": "MoCo v2 aug-plus: random resized crop (scale 0.2-1, ratio 3/4-4/3), colour "
-                   "jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur σ 0.1-2 p "
-                   "0.5, horizontal flip p 0.5",
+    ratio = "-".join(str(Fraction(r).limit_denominator(10)) for r in ssl.CROP_RATIO)
+    return {"law": f"MoCo v2 aug-plus: random resized crop (scale {ssl.CROP_SCALE[0]:g}-"
+                   f"{ssl.CROP_SCALE[1]:g}, ratio {ratio}), colour jitter {ssl.JITTER} p "
+                   f"{ssl.P_JITTER}, grayscale p {ssl.P_GRAY}, Gaussian blur σ "
+                   f"{ssl.BLUR_SIGMA[0]:g}-{ssl.BLUR_SIGMA[1]:g} p {ssl.P_BLUR}, horizontal flip p "
+                   f"{ssl.P_FLIP}",
             "crop_size": args.crop_size}
 
 
@@ -240,3 +230,9 @@ def pose_eval(args):
     split = (os.path.basename(args.val_ann).removesuffix(".json").removeprefix("person_keypoints_")
              if args.val_ann else DEFAULT_SPLITS.get(args.data, args.data))
     return {"boxes": boxes, "split": split, "flip_test": args.flip_test}
+
+
+def pose_plan(args):
+    """The plan of mrpose.py and icon.py: Adam's lr is not scaled with the batch."""
+    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args),
+                     eval=pose_eval(args))

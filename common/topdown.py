@@ -1,14 +1,7 @@
-"""The top-down pose pipeline that every pose-training script shares: data layout and datasets for
---data demo|coco|mpii|crowdpose, the flip-test prediction loop, COCO results with OKS-NMS, the
-official metrics, the iteration schedule, checkpoint loading and the evaluation outputs. The scripts
-keep their model, loss and training loop.
-
-`args` is the script's argparse namespace; the fields read here are data, data_root, seed,
-input_size, heatmap_size, num_joints, batch_size, workers, amp, channels_last, flip_test, sigma,
-det_json, det_thresh, labeled, labeled_order (optional, default random), augmentation (scale_factor,
-rot_factor, flip, half_body_prob), ann/images/val_ann/val_images/gt_mat, out and oracle; bgr where
-the script has it.
-"""
+"""The top-down pipeline of the pose scripts (mrpose.py, icon.py): data for --data
+demo|coco|mpii|crowdpose, the set-up of main(), the flip-test prediction, COCO results with OKS-NMS
+and the official metrics, the schedule, checkpoint loading and the evaluation outputs. The scripts
+keep their model, loss and training loop; `args` is the script's argparse namespace."""
 import math
 import os
 
@@ -21,14 +14,15 @@ from common.datasets import (COCO_FLIP_PAIRS, COCO_SKELETON, COCO_UPPER, CROWDPO
                              CROWDPOSE_SIGMAS, CROWDPOSE_SKELETON, CROWDPOSE_UPPER, MPII_FLIP_PAIRS,
                              MPII_SKELETON, MPII_UPPER, TopDownDataset, load_coco, load_crowdpose,
                              read_coco, read_mpii)
-from common.devaug import JpegCrops
+from common.devaug import JpegCrops, collate_jpeg, resolve_data_device
 from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.metrics import (coco_keypoint_eval, crowdpose_eval, load_mpii_gt, match_mpii_gt,
                             mpii_pckh, oks_nms)
 from common.plots import plot_predictions
 from common.transforms import heatmap_to_image, normalize
-from common.utils import (UserError, atomic_write, load_checkpoint, load_json, save_checkpoint,
-                          save_json, write_log)
+from common.utils import (UserError, atomic_write, load_checkpoint, load_json, read_log,
+                          save_checkpoint, save_json, seed_everything, write_log)
+from data.demo import demo_root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,11 +88,9 @@ def parse_labeled(text):
 
 
 def split_labeled(records, n, seed, order="random"):
-    """Few-label protocols: N persons (or a fraction of them), the first N in the annotation file's
-    order (`first`: the official subsets of Xie et al., no seed) or drawn with a seeded permutation
-    (`random`); or (`images`) every person of N images (or a fraction of them) drawn with a seeded
-    permutation, MSCL's text ("randomly select 1K, 5K, and 10K samples ... as labeled images").
-    Returns (labeled, the other persons)."""
+    """(labeled, the other persons) of --labeled N (or a fraction): the file's first N persons
+    (`first`: Xie et al.'s official subsets), N seeded-drawn persons (`random`), or every person of
+    N seeded-drawn images (`images`: MSCL's "randomly select 1K ... samples as labeled images")."""
     rng = np.random.default_rng(seed)
     if order == "images":  # an image is its file: MPII's records carry one image_id per person
         images = list(dict.fromkeys(r["image"] for r in records))
@@ -288,6 +280,57 @@ def validate(pose, val_ds, args, device, info, others=None, oracle=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# The set-up of a pose script's main() (mrpose.py, icon.py): process group, data, loader, resume
+
+def setup(args):
+    """The process group (under torchrun), this rank's seeds and --data-device: (device, the
+    device that decodes the crops or None)."""
+    rank, _, device = dist.setup(args.device)
+    data_device = resolve_data_device(args.data_device)
+    seed_everything(args.seed + rank)
+    return device, data_device
+
+
+def load_data(args):
+    """build_data's (train or None, val, info), the demo set generated on first use (then cached
+    under data/cache); rank 0 makes OUT."""
+    if args.data == "demo":
+        args.data_root = demo_root(args.seed)
+    train_ds, val_ds, info = build_data(args, train=not args.eval_only)
+    if dist.is_main():
+        os.makedirs(args.out, exist_ok=True)
+    return train_ds, val_ds, info
+
+
+def train_loader(args, train_ds, device, data_device):
+    """(loader, sampler, schedule(...)) of this rank's share: --batch-size is the total over
+    ranks."""
+    world = dist.world_size()
+    per_rank = args.batch_size // world
+    if per_rank < 1 or per_rank * world > len(train_ds):
+        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
+                        f"{len(train_ds)} training persons")
+    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
+                                        device=device, collate_fn=collate_jpeg
+                                        if data_device is not None else None)
+    return loader, sampler, schedule(args, len(loader))
+
+
+def resume_run(args, load, total_iters, epochs, iters_per_epoch):
+    """Where training starts: (epoch, iteration, best score, epochs, log entries so far). Under
+    --resume, `load(path)` restores the networks and training state and returns (epoch, iteration,
+    best score)."""
+    if not args.resume:
+        return 0, 0, -1.0, epochs, []
+    epoch, it, best = load(args.resume)
+    epochs = resumed_epochs(args.resume, epoch, it, total_iters, epochs, iters_per_epoch)
+    history = read_log(os.path.join(args.out, "log.jsonl"), epoch)
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
+    return epoch, it, best, epochs, history
+
+
+# ----------------------------------------------------------------------------------------------
 # Schedule: --epochs or --iters, the lr steps counted in iterations
 
 def schedule(args, iters_per_epoch):
@@ -320,11 +363,9 @@ RESNET_KEYS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def from_official_names(model, state):
-    """A state_dict of a released model -> our names, or None if `state` is already in the model's
-    own names. Each model class knows its released names: `OFFICIAL_KEYS` maps head prefixes, and
-    `OFFICIAL_RESNET_PREFIX` (default "backbone.", SimpleBaseline/SimMRPose's pose_resnet) is where
-    their top-level ResNet keys go; HRNet's is "" (common/hrnet.py copies pose_hrnet's tree, its
-    names are ours)."""
+    """A released model's state_dict in our names, or None if it has them already. The model class
+    maps head prefixes (`OFFICIAL_KEYS`) and says where the released top-level ResNet keys go
+    (`OFFICIAL_RESNET_PREFIX`: "backbone.", pose_resnet's; HRNet's "", its names are ours)."""
     own = model.state_dict()
     table = getattr(type(model), "OFFICIAL_KEYS", {})
     prefix = getattr(type(model), "OFFICIAL_RESNET_PREFIX", "backbone.")
@@ -341,20 +382,11 @@ def from_official_names(model, state):
     return renamed
 
 
-def fill_bn_counters(model, state):
-    """`state` with the BatchNorm counters it lacks taken from `model` (saved by PyTorch <
-    0.4.1)."""
-    return {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
-            **state}
-
-
 def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channels/--data"):
-    """Model weights from a checkpoint (ours, a bare state_dict, or a released
-    SimpleBaseline/SimMRPose/HRNet model; `state` if already loaded from `path`); a clear error if
-    they don't fit. Returns True when the names had to be renamed from the official ones:
-    SimpleBaseline/SimMRPose models, trained on BGR input (see --bgr); the released HRNet models
-    load under our names and were trained on RGB (COLOR_RGB in their configs). `flags`: the script's
-    model flags, named in the error."""
+    """Model weights from a checkpoint (ours, a bare state_dict, or a released SimpleBaseline/
+    SimMRPose/HRNet model; `state` if already loaded from `path`), or one line naming `flags` if
+    they don't fit. Returns True when they had official names: SimpleBaseline/SimMRPose models,
+    trained on BGR (--bgr); released HRNets load under our names and took RGB."""
     state = load_checkpoint(path) if state is None else state
     # ours, the official checkpoint.pth.tar (whose 'model' is a name)
     for key in ("model", "state_dict"):
@@ -365,8 +397,10 @@ def load_weights(model, path, state=None, flags="--arch/--backbone/--head-channe
         raise UserError(f"{path}: not a model checkpoint (no state_dict of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     official = from_official_names(model, state)
-    state = fill_bn_counters(model, state if official is None else official)
     own = model.state_dict()
+    # the BatchNorm counters that files saved by PyTorch < 0.4.1 lack
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")},
+             **(state if official is None else official)}
     wrong = ([k for k in own if k not in state
               or state[k].shape != own[k].shape] + [k for k in state if k not in own])
     if wrong:
@@ -386,6 +420,18 @@ def save_outputs(out, state, history, best_state=None):
         save_checkpoint(os.path.join(out, "best.pth"), best_state)
     save_checkpoint(os.path.join(out, "checkpoint.pth"), state)
     write_log(os.path.join(out, "log.jsonl"), history)
+
+
+def print_epoch(log, epochs):
+    """The epoch's line: its losses, img/s and metrics; then network 2's and the ensemble's."""
+    print(f"epoch {log['epoch']}/{epochs}: "
+          + "".join(f"{k} {v:.6f}, " for k, v in log.items()
+                    if isinstance(v, float) and k not in ("lr", "img_per_s"))
+          + f"{log['img_per_s']:.1f} img/s"
+          + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
+    for k, v in log.items():
+        if k.startswith("metrics_"):
+            print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
 
 
 def main_metric(metrics):

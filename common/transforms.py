@@ -77,12 +77,8 @@ def to_tensor_uint8(img):
 
 
 def normalize(x, bgr=False):
-    """uint8 RGB images (N, 3, H, W) -> float32, ImageNet-normalised (what torchvision's ResNets
-    expect).
-
-    With `bgr`, the channels are reversed first and normalised with the same per-position mean and
-    std, as the official SimpleBaseline/SimMRPose code feeds cv2's BGR images through the RGB
-    Normalize."""
+    """uint8 RGB images (N, 3, H, W) -> float32, ImageNet-normalised. With `bgr`, the channels
+    are reversed first, as the official SimpleBaseline/SimMRPose code feeds cv2's BGR images."""
     if bgr:
         x = x.flip(1)
     mean = torch.tensor(IMAGENET_MEAN * 255, device=x.device).view(1, 3, 1, 1)

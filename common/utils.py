@@ -14,29 +14,26 @@ import time
 import numpy as np
 import torch
 
+from common import dist
+
 
 class UserError(Exception):
-    """Bad input from the user (missing file, corrupt image, wrong checkpoint).
-
-    Scripts catch it at the top level and print its one-line message instead of a traceback."""
+    """Bad input from the user (missing file, corrupt image, wrong checkpoint): run_main prints its
+    one-line message instead of a traceback."""
 
 
 def run_main(main):
-    """Run `main()`, turning a UserError into one line on stderr and exit code 2.
-
-    Under torchrun every rank exits 2, but before the process group starts (argument and path
-    checks, the same on every rank) only rank 0 prints: the user reads the line once. Later errors
-    may be one rank's own (a corrupt image in its shard): every rank prints those, with its rank."""
+    """Run `main()`, turning a UserError into one line on stderr and exit code 2. Before the process
+    group starts (checks the same on every rank) only rank 0 prints it; later, every rank prints its
+    own (a corrupt image in its shard), with its rank."""
     try:
         main()
     except UserError as e:
-        import torch.distributed as torch_dist
         # a DataLoader worker re-raises with the worker's traceback in the message: keep its last
         # line
         msg = str(e).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
-        rank = int(os.environ.get("RANK", 0))
-        started = torch_dist.is_available() and torch_dist.is_initialized()
-        if rank == 0 or started:
+        rank = dist.rank()
+        if rank == 0 or torch.distributed.is_initialized():
             print(f"error: {msg}" if rank == 0 else f"error (rank {rank}): {msg}", file=sys.stderr)
         sys.exit(2)
 

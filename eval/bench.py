@@ -39,7 +39,7 @@ from torch.utils.data import default_collate
 
 import mrpose
 from common.datasets import COCO_FLIP_PAIRS, COCO_UPPER, TopDownDataset, load_coco, read_coco
-from common.heatmap import decode_heatmaps, flip_back, gaussian_targets, joints_mse_loss
+from common.heatmap import decode_heatmaps, flip_back, gaussian_targets
 from common.topdown import to_memory_format
 from common.transforms import heatmap_to_image, normalize
 from common.utils import UserError, autocast, compile_model, native_bf16, run_main, save_json
@@ -216,13 +216,8 @@ def forward_flops(model, x):
 # 1. Training throughput
 
 def train_step(model, optimizer, scheduler, scaler, batch, args, device):
-    """One iteration of mrpose.main's training loop, line for line."""
-    x = to_memory_format(normalize(batch["image"].to(device, non_blocking=True)), args)
-    target, weight = gaussian_targets(batch["joints"].to(device), batch["visible"].to(device),
-                                      args.input_size, args.heatmap_size, args.sigma)
-    with autocast(args, device):
-        output = model(x)
-    loss = joints_mse_loss(output.float(), target, weight)
+    """One iteration of mrpose.train: mrpose.train_step, then its optimiser step line for line."""
+    loss = mrpose.train_step(model, None, batch, args, device, 0)[0]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -502,7 +497,7 @@ def bench_liftedcl(args):
 # ----------------------------------------------------------------------------------------------
 # 6. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling,
 # 256 queries and 512 negatives per class) against the same step at λp = 0 (the baseline), 256x192,
-# batch 8 as the issue asks
+# batch 8
 
 ICON_BATCH = 8
 
@@ -577,7 +572,7 @@ def semi_config(cfg):
         plain.append((opt, torch.optim.lr_scheduler.MultiStepLR(opt, [10 ** 9], gamma=0.1)))
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
 
-    def dual_step():  # mrpose.main's --semi branch, line for line
+    def dual_step():  # mrpose.train_step's --semi branch, line for line
         x = to_memory_format(normalize(labeled["image"].to(device, non_blocking=True)), args)
         xu = to_memory_format(normalize(unlabeled["image"].to(device, non_blocking=True)), args)
         target, weight = gaussian_targets(labeled["joints"].to(device),

@@ -1,4 +1,4 @@
-"""Views per second per CPU core of MoCo v2's augmentation (issue 17), before and after the split of
+"""Views per second per CPU core of MoCo v2's augmentation, before and after the split of
 common/devaug.py, side by side in one process on one thread: the stages alternate in rounds, so a
 load that comes and goes weighs on all of them alike.
 

@@ -1,4 +1,4 @@
-"""One line for every bad input and fault a new user meets (issue 15's last section): each test
+"""One line for every bad input and fault a new user meets: each test
 feeds the bad input and checks the line names the file and the cause, with no traceback."""
 import errno
 import io

@@ -213,6 +213,50 @@ def test_flip_back_with_shift_reproduces_unflipped_heatmaps():
     assert torch.allclose(back[..., 1:], ref[..., 1:], atol=1e-6)
 
 
+class MirrorStub(nn.Module):
+    """Heatmaps that mirror as a trained model's do: joint k's map is P shifted d_k columns, with
+    P[c] = mean of input columns 4c-1 and 4c of channel 0 (the background's value subtracted) and
+    d of a left joint = -d of its right partner. So the map of the mirrored crop is the mirrored
+    map one column off, left and right swapped, which the flip test must undo exactly."""
+
+    def __init__(self, flip_pairs, k):
+        super().__init__()
+        self.shifts = [0] * k
+        for n, (a, b) in enumerate(flip_pairs):
+            self.shifts[a], self.shifts[b] = n + 2, -(n + 2)
+
+    def forward(self, x):
+        g = nn.functional.pad(x[:, 0, ::4] - x[:, :1, 0, :1], (1, 0))  # column -1: background
+        w = x.shape[-1] // 4
+        p = (g[..., 0::4][..., :w] + g[..., 1::4]) / 2
+        return torch.stack([p.roll(d, -1) for d in self.shifts], 1)
+
+
+def test_flip_test_of_predict_agrees_with_the_unflipped_prediction():
+    """predict with --flip-test: the mirrored crop's heatmaps are flipped back, left and right
+    joints swapped and shifted one pixel; on MirrorStub every joint then lands where the unflipped
+    crop puts it, exactly."""
+    from types import SimpleNamespace
+
+    from common.topdown import predict
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(4, 3, 256, 192, dtype=torch.uint8)  # the joints' columns: 12 to 36 of 48
+    images[:, 0, 64:192, 80:112] = torch.randint(1, 256, (4, 128, 32), generator=g,
+                                                 dtype=torch.uint8)
+    samples = [dict(image=images[i], center=torch.tensor([96.0, 128.0]),
+                    scale=torch.tensor([192.0, 256.0]), index=i) for i in range(4)]
+    model = MirrorStub(COCO_FLIP_PAIRS, 17)
+    args = SimpleNamespace(batch_size=2, workers=0, flip_test=False, channels_last=False,
+                           input_size=(192, 256), heatmap_size=(48, 64), num_joints=17)
+    info = dict(flip_pairs=COCO_FLIP_PAIRS)
+    plain = predict(model, samples, args, torch.device("cpu"), info)
+    args.flip_test = True
+    flipped = predict(model, samples, args, torch.device("cpu"), info)
+    assert (plain[1] > 0).all()
+    np.testing.assert_array_equal(flipped[0], plain[0])
+    np.testing.assert_array_equal(flipped[1], plain[1])
+
+
 def test_heatmap_to_image_inverts_the_test_crop():
     center, scale = np.array([300.0, 200.0]), np.array([150.0, 200.0])
     m = affine_matrix(center, scale, 0.0, (48, 64))

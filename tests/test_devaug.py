@@ -1,4 +1,4 @@
-"""Tests of common/devaug.py (issue 17): the batched photometric ops against the per-image PIL ones,
+"""Tests of common/devaug.py: the batched photometric ops against the per-image PIL ones,
 the laws of their draws against MoCo v2's torchvision pipeline, the worker half's crops, the
 scripts' --aug-device, and the affine_grid top-down crops against common/transforms.warp_image on
 real COCO images."""

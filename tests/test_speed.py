@@ -1,4 +1,4 @@
-"""--amp auto/none, --compile and `python -m eval.gpu_check --device cpu` (issue 19)."""
+"""--amp auto/none, --compile and `python -m eval.gpu_check --device cpu`."""
 import copy
 import json
 from types import SimpleNamespace
