@@ -133,7 +133,8 @@ def get_args(argv=None):
     p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: boxes per hard view")
     p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
                    help="--semi: the contrast's persons, labeled and unlabeled or labeled only")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"))
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="network input width and height (default: the --data preset)")
     p.add_argument("--sigma", type=float, default=2.0, help="targets' σ (heatmap pixels)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
@@ -144,13 +145,14 @@ def get_args(argv=None):
                    help="turn off the horizontal-flip augmentation (on by default)")
     p.add_argument("--half-body-prob", type=float, default=None, help="HRNet's half-body")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
     p.add_argument("--iters", type=int, default=None, help="iteration budget (overrides --epochs)")
     p.add_argument("--lr-steps", type=int, nargs="+", default=None,
                    help="x0.1 at these epochs (or iterations with --iters)")
     p.add_argument("--lr", type=float, default=None, help="Adam's, not scaled with the batch")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="total over all ranks")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the --data preset)")
     p.add_argument("--data-device", default="workers", choices=DATA_DEVICES, help=DATA_DEVICE_HELP)
     evaluation = add_pose_eval_args(p)  # the val set, its boxes, --eval-only, --weights
     evaluation.add_argument("--recall", action="store_true", help="Table 6's keypoint recall")
