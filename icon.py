@@ -27,24 +27,22 @@ import torch.nn.functional as F
 from common import dist
 from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import COCO_JOINTS, CROWDPOSE_JOINTS, MPII_JOINTS, TopDownDataset, read_coco
-from common.devaug import (DATA_DEVICE_HELP, DATA_DEVICES, collate_jpeg, decode_crops,
-                           resolve_data_device)
+from common.devaug import DATA_DEVICE_HELP, DATA_DEVICES, decode_crops
 from common.heatmap import gaussian_targets, joints_mse_loss
 from common.hrnet import PoseHighResolutionNet, load_hrnet_pretrained
 from common.metrics import keypoint_recall
-from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, make_plan,
-                         pose_augmentation, pose_eval, resume_path)
+from common.plan import (add_pose_eval_args, apply_presets, begin, finish_parser, pose_plan,
+                         resume_path)
 from common.posenet import SimpleBaseline
 from common.semi import (Ensemble, PairedDataset, argmax_joints, build_semi, build_unlabeled,
                          heatmaps_of, pseudo_label_mask)
-from common.topdown import (build_data, data_paths, format_metrics, load_weights, main_metric,
-                            parse_labeled, predict, resumed_epochs, save_outputs, schedule,
-                            summary, to_memory_format, validate)
+from common.topdown import (data_paths, load_data, load_weights, main_metric, parse_labeled,
+                            predict, print_epoch, resume_run, save_outputs, setup, summary,
+                            to_memory_format, train_loader, validate)
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
-                          compile_model, load_checkpoint, read_log, restore_training, rng_state,
-                          run_main, save_json, seed_everything)
-from data.demo import demo_root
+                          compile_model, load_checkpoint, restore_training, rng_state, run_main,
+                          save_json)
 
 # ----------------------------------------------------------------------------------------------
 # Arguments: the paper's defaults (§Implementation Details) per dataset; None: --data's preset
@@ -193,11 +191,7 @@ def get_args(argv=None):
     return args
 
 
-def run_plan(args):
-    """The --dry-run plan and OUT/args.json (common/plan.py); Adam's lr is not scaled with the
-    batch."""
-    return make_plan(args, lr_effective=args.lr, augmentation=pose_augmentation(args),
-                     eval=pose_eval(args))
+run_plan = pose_plan  # the --dry-run plan and OUT/args.json (common/plan.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +273,15 @@ def build_head(args, pose):
     channels = (sum(pose.stage3_channels) if isinstance(pose, PoseHighResolutionNet)
                 else pose.backbone.channels[2])
     return ProjectionHead(channels, args.embed_dim, args.heatmap_size)
+
+
+def print_summary(args):
+    pose, head, _ = build_model(args)
+    n, gmacs = summary(pose, args.input_size)
+    extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
+             f"parameters" if head else "")
+    print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} joints: "
+          f"{n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at inference{extra}")
 
 
 def build_networks(args, device):
@@ -582,7 +585,7 @@ def train_step(model, semi, batch, args, device, rng):
 
 # ----------------------------------------------------------------------------------------------
 # Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
-# (validate) and saves (save_epoch)
+# (validate) and saves (common/topdown.py's save_outputs)
 
 # --resume refuses a change of these (the model, the loss and the schedule)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp",
@@ -661,47 +664,14 @@ def validate_recall(pose, val_ds, args, device, info):
     return {"recall": recall}
 
 
-def save_epoch(args, state, history, epochs, best_state=None):
-    """Rank 0's outputs of an epoch: best.pth when the score improved, checkpoint.pth, log.jsonl
-    (common/topdown.py) and the epoch line."""
-    save_outputs(args.out, state, history, best_state)
-    log = history[-1]
-    terms = [k for k, v in log.items() if isinstance(v, float) and k not in ("lr", "img_per_s")]
-    print(f"epoch {log['epoch']}/{epochs}: " + ", ".join(f"{k} {log[k]:.6f}" for k in terms)
-          + f", {log['img_per_s']:.1f} img/s"
-          + (f", {format_metrics(log['metrics'])}" if "metrics" in log else ""), flush=True)
-    for k, v in log.items():  # network 2, the ensemble
-        if k.startswith("metrics_"):
-            print(f"  {k.removeprefix('metrics_')}: {format_metrics(v)}", flush=True)
-
-
 def main():
     args = get_args()
-    if begin(args, run_plan):
+    if begin(args, run_plan, print_summary):  # --dry-run, --summary: nothing to train
         return
-    if args.summary:
-        pose, head, _ = build_model(args)
-        n, gmacs = summary(pose, args.input_size)
-        extra = (f"; training-only projection head {sum(p.numel() for p in head.parameters()):,} "
-                 f"parameters" if head else "")
-        print(f"{args.backbone} {args.input_size[0]}x{args.input_size[1]}, {args.num_joints} "
-              f"joints: {n:,} parameters, {gmacs:.2f} GFLOPs (multiply-accumulates) at "
-              f"inference{extra}")
-        return
-    rank, world, device = dist.setup(args.device)
-    data_device = resolve_data_device(args.data_device)
-    main_proc = dist.is_main()
-    seed_everything(args.seed + rank)
-
+    device, data_device = setup(args)
     poses, heads, trained, semi = build_networks(args, device)
     pose = poses[0]
-
-    # Data
-    if args.data == "demo":  # generated on first use, then cached under data/cache
-        args.data_root = demo_root(args.seed)
-    train_ds, val_ds, info = build_data(args, train=not args.eval_only)
-    if main_proc:
-        os.makedirs(args.out, exist_ok=True)
+    train_ds, val_ds, info = load_data(args)
     if args.eval_only:
         validate(pose, val_ds, args, device, info, oracle=args.oracle)
         if args.recall and not args.oracle:
@@ -710,15 +680,9 @@ def main():
         return
     if semi:  # an item is a (labeled, unlabeled) pair; an epoch walks the larger set
         train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    # --batch-size is the total over ranks; the contrast runs over each rank's own batch
-    per_rank = args.batch_size // world
-    if per_rank < 1 or per_rank * world > len(train_ds):
-        raise UserError(f"--batch-size {args.batch_size} does not fit {world} ranks and "
-                        f"{len(train_ds)} training persons")
-    loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
-                                        device=device, collate_fn=collate_jpeg
-                                        if data_device is not None else None)
-    total_iters, epochs, milestones, eval_every = schedule(args, len(loader))
+    # the contrast runs over each rank's own batch
+    loader, sampler, (total_iters, epochs, milestones, eval_every) = train_loader(
+        args, train_ds, device, data_device)
 
     # Optimisation: BatchNorm per rank, as HRNet's DataParallel; Adam, no weight decay (HRNet),
     # over the pose network(s) then the projection head(s), never a frozen teacher
@@ -726,21 +690,17 @@ def main():
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, best, history = 0, 0, -1.0, []
-    if args.resume:
-        start_epoch, it, best = resume(args.resume, args, poses, heads, optimizer=optimizer,
-                                       scheduler=scheduler, scaler=scaler)
-        epochs = resumed_epochs(args.resume, start_epoch, it, total_iters, epochs, len(loader))
-        history = read_log(os.path.join(args.out, "log.jsonl"), start_epoch)
-        if main_proc:
-            print(f"resumed from {args.resume} at epoch {start_epoch}, iteration {it}")
-    if main_proc:
+    start_epoch, it, best, epochs, history = resume_run(
+        args, lambda path: resume(path, args, poses, heads, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler),
+        total_iters, epochs, len(loader))
+    if dist.is_main():
         print(f"{args.backbone}: {sum(p.numel() for p in pose.parameters()):,} parameters; "
               f"{len(train_ds)} train {'pairs' if semi else 'persons'} / {len(val_ds)} val "
               f"persons; {len(loader)} it/epoch x {epochs} epochs = {total_iters} iterations on "
-              f"{world} x {device}; " + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 "
-                                         f"{args.lambda_2}), {args.sampling} sampling, "
-                                         f"{args.contrast}-image" if heads else "baseline")
+              f"{dist.world_size()} x {device}; "
+              + (f"ICON λp {args.lambda_p} (λ1 {args.lambda_1}, λ2 {args.lambda_2}), "
+                 f"{args.sampling} sampling, {args.contrast}-image" if heads else "baseline")
               + (f"; --semi {args.semi}" if semi else ""))
     # besides network 1: network 2 and the mean of both heatmaps (--semi dual, the official three)
     others = ({"net2": poses[1], "ensemble": Ensemble(nn.ModuleList(poses))} if len(poses) == 2
@@ -758,20 +718,21 @@ def main():
             log.update(validate(pose, val_ds, args, device, info, others))
             if args.recall and last:
                 log.update(validate_recall(pose, val_ds, args, device, info))
-            if main_proc and main_metric(log["metrics"]) > best:
+            if dist.is_main() and main_metric(log["metrics"]) > best:
                 best = main_metric(log["metrics"])
                 # the inference model: the pose network alone, without the projection head
                 best_state = {"model": pose.state_dict(), "args": vars(args), "epoch": epoch + 1,
                               "metrics": log["metrics"]}
         history.append(log)
         rngs = dist.gather_objects(rng_state())
-        if main_proc:  # network 1 under "model" (it evaluates as a pose network), the rest apart
+        if dist.is_main():  # network 1 under "model" (it evaluates as a pose network), others apart
             state = dict(model=pose.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          epoch=epoch + 1, iteration=it, best=best, args=vars(args), rng=rngs)
             state.update({k: m.state_dict() for k, m in zip(("proj", "proj2"), heads)})
             state.update({"model2": f.state_dict() for f in poses[1:]})
-            save_epoch(args, state, history, epochs, best_state)
+            save_outputs(args.out, state, history, best_state)
+            print_epoch(log, epochs)
         if last:
             break
     dist.cleanup()
