@@ -280,7 +280,8 @@ def validate(pose, val_ds, args, device, info, others=None, oracle=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The set-up of a pose script's main() (mrpose.py, icon.py): process group, data, loader, resume
+# The set-up of a pose script's main() (mrpose.py, icon.py): process group, data, loader and
+# schedule, resume
 
 def setup(args):
     """The process group (under torchrun), this rank's seeds and --data-device: (device, the
@@ -303,8 +304,10 @@ def load_data(args):
 
 
 def train_loader(args, train_ds, device, data_device):
-    """(loader, sampler, schedule(...)) of this rank's share: --batch-size is the total over
-    ranks."""
+    """(loader, sampler, schedule) of this rank's share: --batch-size is the total over ranks. The
+    schedule is (total iterations, epochs, lr milestones in iterations, evaluate every N epochs):
+    --lr-steps are epochs unless --iters is given; without --eval-every, evaluation is every epoch,
+    or about every 2,000 iterations under --iters."""
     world = dist.world_size()
     per_rank = args.batch_size // world
     if per_rank < 1 or per_rank * world > len(train_ds):
@@ -313,7 +316,11 @@ def train_loader(args, train_ds, device, data_device):
     loader, sampler = dist.train_loader(train_ds, per_rank, workers=args.workers, seed=args.seed,
                                         device=device, collate_fn=collate_jpeg
                                         if data_device is not None else None)
-    return loader, sampler, schedule(args, len(loader))
+    n = len(loader)
+    total = args.iters or args.epochs * n
+    milestones = [s if args.iters else s * n for s in args.lr_steps]
+    eval_every = args.eval_every or (max(1, 2000 // n) if args.iters else 1)
+    return loader, sampler, (total, math.ceil(total / n), milestones, eval_every)
 
 
 def resume_run(args, load, total_iters, epochs, iters_per_epoch):
@@ -323,33 +330,15 @@ def resume_run(args, load, total_iters, epochs, iters_per_epoch):
     if not args.resume:
         return 0, 0, -1.0, epochs, []
     epoch, it, best = load(args.resume)
-    epochs = resumed_epochs(args.resume, epoch, it, total_iters, epochs, iters_per_epoch)
+    if it >= total_iters:
+        raise UserError(f"{args.resume}: the run is complete ({it} of {total_iters} iterations); "
+                        f"raise --iters or --epochs to train on")
+    # a run stopped inside an epoch (--iters) counts that epoch as done: loop on to the new total
+    epochs = max(epochs, epoch + math.ceil((total_iters - it) / iters_per_epoch))
     history = read_log(os.path.join(args.out, "log.jsonl"), epoch)
     if dist.is_main():
         print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
     return epoch, it, best, epochs, history
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedule: --epochs or --iters, the lr steps counted in iterations
-
-def schedule(args, iters_per_epoch):
-    """(total iterations, epochs, lr milestones in iterations, evaluate every N epochs). --lr-steps
-    are epochs unless --iters is given; without --eval-every, evaluation is every epoch, or about
-    every 2,000 iterations under --iters."""
-    total = args.iters or args.epochs * iters_per_epoch
-    milestones = [s if args.iters else s * iters_per_epoch for s in args.lr_steps]
-    eval_every = args.eval_every or (max(1, 2000 // iters_per_epoch) if args.iters else 1)
-    return total, math.ceil(total / iters_per_epoch), milestones, eval_every
-
-
-def resumed_epochs(path, epoch, it, total_iters, epochs, iters_per_epoch):
-    """The epochs a run resumed at (epoch, it) loops to. A run stopped inside an epoch (--iters)
-    counts that epoch as done, so the loop goes on to the new total."""
-    if it >= total_iters:
-        raise UserError(f"{path}: the run is complete ({it} of {total_iters} iterations); raise "
-                        f"--iters or --epochs to train on")
-    return max(epochs, epoch + math.ceil((total_iters - it) / iters_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------------
