@@ -495,9 +495,9 @@ def bench_liftedcl(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. ICON: icon.py's training step (icon_losses + Adam) with the contrast (λp = 1, hard sampling,
-# 256 queries and 512 negatives per class) against the same step at λp = 0 (the baseline), 256x192,
-# batch 8
+# 6. ICON: icon.py's training step (icon.train_step + Adam) with the contrast (λp = 1, hard
+# sampling, 256 queries and 512 negatives per class) against the same step at λp = 0 (the baseline),
+# 256x192, batch 8
 
 ICON_BATCH = 8
 
@@ -509,18 +509,16 @@ def icon_config(cfg):
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
     args = icon.get_args(["--data", "coco", "--backbone", cfg["backbone"], "--batch-size",
-                          str(ICON_BATCH), "--lambda-p", str(cfg["lambda_p"])] + cfg["flags"])
-    pose, head, _ = icon.build_model(args)
-    model = (pose if head is None else icon.ICON(pose, head)).to(device).train()
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+                          str(ICON_BATCH), "--lambda-p", str(cfg["lambda_p"]), "--pretrained",
+                          "none"] + cfg["flags"])
+    model = icon.build_networks(args, device)[2].train()  # the pose network (+ projection head)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     batch = synthetic_batch(ICON_BATCH, args, device)
     batch["vis_flag"] = 2 * batch["visible"]
-    offsets = icon.region_offsets(args.sigma, args.region_thresh)
+    batch["pid"] = torch.arange(ICON_BATCH)  # one person per crop
 
-    def step():
-        loss, _ = icon.icon_losses(model, batch, args, device, offsets)
+    def step():  # one iteration of icon.train: its train_step, then Adam
+        loss, _ = icon.train_step(model, None, batch, args, device, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

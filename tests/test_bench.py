@@ -24,3 +24,13 @@ def test_bench_quick_prints_and_writes_every_section(tmp_path):
     rows = {r["mode"]: r for r in result["train"]}
     assert rows["fp32+compile"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=1e-4)
     assert result["eval"] and result["eval"][0]["img_per_s"] > 0
+
+
+@pytest.mark.parametrize("lambda_p", [0, 1])
+def test_bench_icon_times_icons_train_step(lambda_p):
+    # the ICON section (off under --quick) times icon.train_step itself, baseline and contrast
+    from eval.bench import icon_config
+    row = icon_config(dict(backbone="resnet18", lambda_p=lambda_p, flags=[], device="cpu",
+                           threads=1, iters=1, warmup=0))
+    assert row["model"] == "resnet18" + (" + ICON" if lambda_p else "")
+    assert row["img_per_s"] > 0 and row["ms_per_iter"] > 0
