@@ -129,6 +129,8 @@ def get_args(argv=None):
                    help="unlabeled persons: those outside --labeled (ICON's) or all (Xie et al.'s)")
     p.add_argument("--teacher", default=None, help="--semi pseudo: a labeled-only checkpoint")
     p.add_argument("--joint-cutout", type=int, default=0, help="--semi dual: boxes per hard view")
+    p.add_argument("--hard-rot-factor", type=float, default=None,
+                   help="--semi dual: the hard view's rotation rf, p 0.8 (default: --rot-factor)")
     p.add_argument("--contrast-crops", default="all", choices=["all", "labeled"],
                    help="--semi: the contrast's persons, labeled and unlabeled or labeled only")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),

@@ -78,6 +78,26 @@ def test_dual_step_is_the_dual_loss_plus_each_networks_contrast_on_labeled_crops
     assert not any(k.startswith(("skcc", "prcc")) for k in terms0)
 
 
+def test_hard_rot_factor_rotates_the_hard_view_alone(tiny):
+    """--hard-rot-factor reaches --semi dual's hard view (p 0.8); by default it is --rot-factor."""
+    def rotations(flags):
+        args = icon.get_args(tiny + ["--semi", "dual"] + flags)
+        semi = icon.build_networks(args, CPU)[3]
+        theta = semi.draw_view(np.random.default_rng(0), 4000)["theta"]
+        return args, torch.rad2deg(torch.atan2(theta[:, 0, 1], theta[:, 0, 0]))
+
+    def assert_rotated(r, rf):
+        assert abs((r.abs() > 1e-6).float().mean() - 0.8) < 0.03 and r.abs().max() <= 2 * rf + 1e-4
+        assert abs(r[r.abs() > 1e-6].abs().median() - rf * 0.6745) < 1.5  # the median of |N(0, rf)|
+
+    args, r = rotations(["--rot-factor", "0"])
+    assert args.hard_rot_factor is None and r.abs().max() == 0
+    args, r = rotations(["--rot-factor", "0", "--hard-rot-factor", "30"])
+    assert args.rot_factor == 0  # the easy view (the dataset's augmentation) stays unrotated
+    assert_rotated(r, 30)
+    assert_rotated(rotations(["--rot-factor", "30"])[1], 30)
+
+
 @pytest.mark.parametrize("mode", ["dual", "pseudo"])
 def test_unlabeled_crops_join_the_contrast_at_confident_pseudo_joints(tiny, tmp_path, monkeypatch,
                                                                       mode):
