@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from common import dist
 
@@ -184,19 +185,36 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def misfit(own, saved):
+    """The first tensor of state_dict `own` that `saved` lacks or holds in another shape, or that
+    `saved` holds and `own` lacks, in words ("w: expected (2, 4), found (2, 3)"); None: it fits."""
+    def shape(state, k):
+        return tuple(state[k].shape) if k in state else "nothing"
+    wrong = ([k for k in own if shape(saved, k) != shape(own, k)]
+             + [k for k in saved if k not in own])
+    if not wrong:
+        return None
+    k = wrong[0]
+    more = f"; {len(wrong)} tensors differ" if len(wrong) > 1 else ""
+    return f"{k}: expected {shape(own, k)}, found {shape(saved, k)}{more}"
+
+
 def restore_training(path, ckpt, rank, **states):
     """Resume the training state saved in `ckpt` (read from `path`): each keyword's object
     (model=..., optimizer=..., scaler=...) loads ckpt[keyword], and this rank's RNGs are restored
     (rank 0's where the saved run had fewer ranks). Returns (epoch, iteration) reached. A missing
-    or ill-fitting entry is a UserError naming it."""
+    or ill-fitting entry is a UserError naming it (for a module, its first ill-fitting tensor)."""
     for key, obj in states.items():
         if not isinstance(ckpt.get(key), dict):
             raise UserError(f"{path}: no {key} in this checkpoint")
         try:
-            obj.load_state_dict(ckpt[key])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: the {key} does not fit this run "
-                            f"({str(e).splitlines()[0][:200]})") from None
+            wrong = misfit(obj.state_dict(), ckpt[key]) if isinstance(obj, nn.Module) else None
+            if wrong is None:
+                obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            wrong = str(e).splitlines()[0][:200]
+        if wrong is not None:
+            raise UserError(f"{path}: the {key} does not fit this run ({wrong})") from None
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["epoch"], ckpt["iteration"]
 

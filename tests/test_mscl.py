@@ -411,10 +411,12 @@ def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
     assert resume_from(model.state_dict()) == (1, 2, [])  # a checkpoint that fits loads
     pool_conv = mscl.build_model(mscl.get_args(flags + ["--fusion", "pool-conv"])).state_dict()
     missing = {k: v for k, v in model.state_dict().items() if k != "neck.conv2.3.bias"}
-    for state in (pool_conv, missing):
+    for state, named in ((pool_conv, "neck.conv2.0.weight: expected (512, 256, 3, 3), found "
+                                      "(512, 256, 1, 1); 4 tensors differ"),
+                         (missing, "neck.conv2.3.bias: expected (512,), found nothing")):
         with pytest.raises(UserError, match=r"old\.pth: the model does not fit this run") as e:
             resume_from(state)
-        assert len(str(e.value).splitlines()) == 1
+        assert len(str(e.value).splitlines()) == 1 and f"({named})" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------
