@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -240,6 +241,38 @@ def write_log(path, entries):
     """log.jsonl, one JSON object per epoch, written whole through a temp file."""
     atomic_write(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in entries)),
                  mode="w")
+
+
+def resume_pretraining(args, keys, total_iters, negated=(), **states):
+    """--resume of mscl.py and liftedcl.py: the saved settings named by `keys` checked against this
+    run's (check_resume_args), each of `states` loaded in place, this rank's RNGs restored. Returns
+    (epoch, iteration, log.jsonl's entries up to that epoch); (0, 0, []) without --resume."""
+    if not args.resume:
+        return 0, 0, []
+    ckpt = load_checkpoint(args.resume)
+    check_resume_args(args.resume, ckpt.get("args", {}), args, keys, negated)
+    epoch, it = restore_training(args.resume, ckpt, dist.rank(), **states)
+    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
+    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
+
+
+def finish_pretraining(out, *modules):
+    """The end of mscl.py's and liftedcl.py's main. Under DDP each rank prints the sha1 of the
+    `modules`' parameters and buffers, BN statistics aside (each rank updates its own): the same on
+    every rank when DDP keeps them in step. Then rank 0 names the exported backbone."""
+    if dist.world_size() > 1:
+        h = hashlib.sha1()
+        for module in modules:
+            for name, t in module.state_dict().items():
+                if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        print(f"rank {dist.rank()}/{dist.world_size()}: parameters sha1 {h.hexdigest()}",
+              flush=True)
+    if dist.is_main():
+        print(f"backbone for mrpose.py --pretrained: {os.path.join(out, 'backbone.pth')}")
+    dist.cleanup()
 
 
 def cpu_flags():
