@@ -13,7 +13,6 @@ of a kinematic prior (App. B). The encoder minimises Eq. (1). The ResNet is expo
         # MoCo v2's builder, exactly, in one process
 """
 import argparse
-import hashlib
 import math
 import os
 import time
@@ -30,15 +29,13 @@ from common.backbone import RESNETS, ResNetFeatures, load_backbone
 from common.datasets import list_images, load_coco, read_coco, read_image
 from common.devaug import (AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlipPairs,
                            resolve_aug_device)
-from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path,
-                         world_size)
+from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path
 from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
-from common.utils import (Progress, UserError, autocast, check_finite, check_epochs_left,
-                          check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
-                          write_log)
+from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
+                          finish_pretraining, load_checkpoint, resume_pretraining, rng_state,
+                          run_main, save_checkpoint, seed_everything, write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +137,7 @@ def run_plan(args):
     """The --dry-run plan and OUT/args.json (common/plan.py), with App. C's lr scaling."""
     plan = make_plan(args, lr_effective=args.lr * args.batch_size / 128,
                      augmentation=dict(moco_v2_views(args), person_size=args.person_size))
-    plan["bn_groups"] = args.bn_groups or max(1, 4 // world_size())  # as main() resolves it
+    plan["bn_groups"] = args.bn_groups or max(1, 4 // dist.world_size())  # as main() resolves it
     return plan
 
 
@@ -742,21 +739,6 @@ RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_
                "d_lr", "momentum", "wd", "batch_size", "amp")
 
 
-def resume(args, total_iters, model, discriminator, optimizer, d_optimizer, scaler):
-    """--resume: the saved settings checked against this run's, every state loaded in place, this
-    rank's RNGs restored. Returns (epoch, iteration, log.jsonl entries up to that epoch)."""
-    ckpt = load_checkpoint(args.resume)
-    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS,
-                      negated=("normalize_lifted",))
-    epoch, it = restore_training(args.resume, ckpt, dist.rank(), model=model,
-                                 discriminator=discriminator, optimizer=optimizer,
-                                 d_optimizer=d_optimizer, scaler=scaler)
-    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
-    if dist.is_main():
-        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
-    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
-
-
 def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted, real):
     """Rank 0's outputs after an epoch (history[-1]): checkpoint.pth (all --resume needs, `rngs`
     every rank's RNGs), backbone.pth, log.jsonl, loss.png, lifted.png and the epoch line."""
@@ -784,27 +766,13 @@ def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, histo
           f"{log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
 
 
-def state_digest(*modules):
-    """sha1 of every parameter and queue (not BN statistics, which each rank updates on its own
-    batch): equal on all ranks when DDP keeps them in step."""
-    h = hashlib.sha1()
-    for module in modules:
-        for name, t in module.state_dict().items():
-            if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main():
     args = get_args()
     if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
         raise UserError(f"--data {args.data} needs --data-root DIR ("
                         + ("annotations/, train2017/" if args.data == "coco"
                            else "train/<class>/*") + ") or --images DIR")
-    if begin(args, run_plan):
-        return
-    if args.summary:
-        print_summary(args)
+    if begin(args, run_plan, print_summary):  # --dry-run, --summary: nothing to train
         return
     rank, world, device = dist.setup(args.device)
     aug_device = resolve_aug_device(args.aug_device, device)
@@ -840,8 +808,9 @@ def main():
     d_optimizer = torch.optim.SGD(discriminator.parameters(), args.d_lr, momentum=args.momentum,
                                   weight_decay=args.wd)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, history = (resume(args, total_iters, model, discriminator, optimizer,
-                                       d_optimizer, scaler) if args.resume else (0, 0, []))
+    start_epoch, it, history = resume_pretraining(
+        args, RESUME_KEYS, total_iters, ("normalize_lifted",), model=model,
+        discriminator=discriminator, optimizer=optimizer, d_optimizer=d_optimizer, scaler=scaler)
     if main_proc:
         os.makedirs(args.out, exist_ok=True)
         n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
@@ -867,12 +836,7 @@ def main():
         if main_proc:
             save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted,
                  real)
-    if world > 1:  # DDP keeps every rank's encoder, key encoder, queues and D identical; show it
-        print(f"rank {rank}/{world}: parameters sha1 {state_digest(model, discriminator)}",
-              flush=True)
-    if main_proc:
-        print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
-    dist.cleanup()
+    finish_pretraining(args.out, model, discriminator)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ The ResNet is exported as `backbone.pth` in torchvision key names for `mrpose.py
     torchrun --nproc_per_node=4 mscl.py --data imagenet --data-root /data/imagenet   # Sec. 4.1
 """
 import argparse
-import hashlib
 import math
 import os
 import time
@@ -24,14 +23,12 @@ from common.backbone import RESNETS, ResNetFeatures
 from common.datasets import list_images, read_image
 from common.devaug import (AUG_DEVICE_HELP, AUG_DEVICES, BatchAppearance, CropFlip,
                            resolve_aug_device)
-from common.plan import (apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path,
-                         world_size)
+from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_views, resume_path
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
-from common.utils import (Progress, UserError, autocast, check_epochs_left, check_finite,
-                          check_resume_args, compile_model, load_checkpoint, read_log,
-                          restore_training, rng_state, run_main, save_checkpoint, seed_everything,
-                          write_log)
+from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
+                          finish_pretraining, resume_pretraining, rng_state, run_main,
+                          save_checkpoint, seed_everything, write_log)
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +111,7 @@ def get_args(argv=None):
 
 def run_plan(args):
     """The --dry-run plan and OUT/args.json, with the lr after the batch scaling."""
-    return make_plan(args, lr_effective=batch_and_lr(args, world_size())[2],
+    return make_plan(args, lr_effective=batch_and_lr(args, dist.world_size())[2],
                      augmentation=moco_v2_views(args))
 
 
@@ -384,19 +381,6 @@ RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_head
                "fix_pred_lr", "momentum", "wd", "epochs", "amp")
 
 
-def resume(args, model, optimizer, scaler, rank, total_iters):
-    """--resume: the saved model, optimizer, scaler and this rank's RNGs; returns the (epoch,
-    iteration) reached and log.jsonl's entries up to that epoch."""
-    ckpt = load_checkpoint(args.resume)
-    check_resume_args(args.resume, ckpt.get("args", {}), args, RESUME_KEYS, negated=("fpn",))
-    epoch, it = restore_training(args.resume, ckpt, rank, model=model, optimizer=optimizer,
-                                 scaler=scaler)
-    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
-    if dist.is_main():
-        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
-    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
-
-
 def save(args, model, optimizer, scaler, history, rngs):
     """Rank 0's outputs after each epoch: checkpoint.pth (to resume), backbone.pth (to transfer),
     log.jsonl and loss.png over `history`, and the epoch's line."""
@@ -437,10 +421,7 @@ def print_summary(args):
 
 def main():
     args = get_args()
-    if begin(args, run_plan):
-        return
-    if args.summary:
-        print_summary(args)
+    if begin(args, run_plan, print_summary):  # --dry-run, --summary: nothing to train
         return
     rank, world, device = dist.setup(args.device)
     aug_device = resolve_aug_device(args.aug_device, device)
@@ -463,9 +444,8 @@ def main():
     ddp_model = compile_model(dist.ddp(model, device), args.compile)
     optimizer = build_optimizer(model, init_lr, args)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    start_epoch, it, history = 0, 0, []
-    if args.resume:
-        start_epoch, it, history = resume(args, model, optimizer, scaler, rank, total_iters)
+    start_epoch, it, history = resume_pretraining(args, RESUME_KEYS, total_iters, ("fpn",),
+                                                  model=model, optimizer=optimizer, scaler=scaler)
     if dist.is_main():
         os.makedirs(args.out, exist_ok=True)
         rounded = (f" (--batch-size {args.batch_size} rounded down to {per_rank} x {world} ranks)"
@@ -486,13 +466,7 @@ def main():
         rngs = dist.gather_objects(rng_state())  # a collective: every rank takes part
         if dist.is_main():
             save(args, model, optimizer, scaler, history, rngs)
-    if world > 1:  # DDP keeps every rank's parameters identical: show it
-        sha1 = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes()
-                                     for p in model.parameters()))
-        print(f"rank {rank}/{world}: parameters sha1 {sha1.hexdigest()}", flush=True)
-    if dist.is_main():
-        print(f"backbone for mrpose.py --pretrained: {os.path.join(args.out, 'backbone.pth')}")
-    dist.cleanup()
+    finish_pretraining(args.out, model)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from common import dist
 
@@ -184,19 +186,36 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def misfit(own, saved):
+    """The first tensor of state_dict `own` that `saved` lacks or holds in another shape, or that
+    `saved` holds and `own` lacks, in words ("w: expected (2, 4), found (2, 3)"); None: it fits."""
+    def shape(state, k):
+        return tuple(state[k].shape) if k in state else "nothing"
+    wrong = ([k for k in own if shape(saved, k) != shape(own, k)]
+             + [k for k in saved if k not in own])
+    if not wrong:
+        return None
+    k = wrong[0]
+    more = f"; {len(wrong)} tensors differ" if len(wrong) > 1 else ""
+    return f"{k}: expected {shape(own, k)}, found {shape(saved, k)}{more}"
+
+
 def restore_training(path, ckpt, rank, **states):
     """Resume the training state saved in `ckpt` (read from `path`): each keyword's object
     (model=..., optimizer=..., scaler=...) loads ckpt[keyword], and this rank's RNGs are restored
     (rank 0's where the saved run had fewer ranks). Returns (epoch, iteration) reached. A missing
-    or ill-fitting entry is a UserError naming it."""
+    or ill-fitting entry is a UserError naming it (for a module, its first ill-fitting tensor)."""
     for key, obj in states.items():
         if not isinstance(ckpt.get(key), dict):
             raise UserError(f"{path}: no {key} in this checkpoint")
         try:
-            obj.load_state_dict(ckpt[key])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: the {key} does not fit this run "
-                            f"({str(e).splitlines()[0][:200]})") from None
+            wrong = misfit(obj.state_dict(), ckpt[key]) if isinstance(obj, nn.Module) else None
+            if wrong is None:
+                obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            wrong = str(e).splitlines()[0][:200]
+        if wrong is not None:
+            raise UserError(f"{path}: the {key} does not fit this run ({wrong})") from None
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["epoch"], ckpt["iteration"]
 
@@ -222,6 +241,38 @@ def write_log(path, entries):
     """log.jsonl, one JSON object per epoch, written whole through a temp file."""
     atomic_write(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in entries)),
                  mode="w")
+
+
+def resume_pretraining(args, keys, total_iters, negated=(), **states):
+    """--resume of mscl.py and liftedcl.py: the saved settings named by `keys` checked against this
+    run's (check_resume_args), each of `states` loaded in place, this rank's RNGs restored. Returns
+    (epoch, iteration, log.jsonl's entries up to that epoch); (0, 0, []) without --resume."""
+    if not args.resume:
+        return 0, 0, []
+    ckpt = load_checkpoint(args.resume)
+    check_resume_args(args.resume, ckpt.get("args", {}), args, keys, negated)
+    epoch, it = restore_training(args.resume, ckpt, dist.rank(), **states)
+    check_epochs_left(args.resume, epoch, it, args.epochs, total_iters)
+    if dist.is_main():
+        print(f"resumed from {args.resume} at epoch {epoch}, iteration {it}")
+    return epoch, it, read_log(os.path.join(args.out, "log.jsonl"), epoch)
+
+
+def finish_pretraining(out, *modules):
+    """The end of mscl.py's and liftedcl.py's main. Under DDP each rank prints the sha1 of the
+    `modules`' parameters and buffers, BN statistics aside (each rank updates its own): the same on
+    every rank when DDP keeps them in step. Then rank 0 names the exported backbone."""
+    if dist.world_size() > 1:
+        h = hashlib.sha1()
+        for module in modules:
+            for name, t in module.state_dict().items():
+                if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        print(f"rank {dist.rank()}/{dist.world_size()}: parameters sha1 {h.hexdigest()}",
+              flush=True)
+    if dist.is_main():
+        print(f"backbone for mrpose.py --pretrained: {os.path.join(out, 'backbone.pth')}")
+    dist.cleanup()
 
 
 def cpu_flags():

@@ -561,6 +561,16 @@ def test_restore_training_loads_each_state_and_names_what_is_missing_or_wrong():
         restore_training("c.pth", ckpt, 0, discriminator=nn.Linear(3, 2))
     with pytest.raises(UserError, match=r"^c\.pth: the model does not fit this run \("):
         restore_training("c.pth", ckpt, 0, model=nn.Linear(4, 2))
+    # the one line names the first tensor that is mis-shaped, missing or unexpected
+    bias_free = dict(ckpt, model={"weight": net.weight.detach()})
+    for saved, model, named in (
+            (ckpt, nn.Linear(4, 2), r"weight: expected \(2, 4\), found \(2, 3\)"),
+            (bias_free, nn.Linear(3, 2), r"bias: expected \(2,\), found nothing"),
+            (ckpt, nn.Linear(3, 2, bias=False), r"bias: expected nothing, found \(2,\)")):
+        with pytest.raises(UserError, match=r"^c\.pth: the model does not fit this run \("
+                                            + named + r"\)$") as e:
+            restore_training("c.pth", saved, 0, model=model)
+        assert len(str(e.value).splitlines()) == 1
     # a resumed pretraining run needs an epoch and an iteration left (mscl.py, liftedcl.py)
     from common.utils import check_epochs_left
     check_epochs_left("c.pth", 1, 10, 2, 100)

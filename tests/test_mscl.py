@@ -396,7 +396,7 @@ def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
     """A checkpoint saved before a setting existed (its args lack the key, so the settings check
     lets it through) whose tensors do not fit the model is refused with one line: other shapes
     (pool-conv's 1x1 Conv2 under conv-pool) or a tensor missing."""
-    from common.utils import rng_state
+    from common.utils import resume_pretraining, rng_state
     flags = ["--backbone", "resnet18", "--epochs", "2", "--out", str(tmp_path)]
     args = mscl.get_args(flags + ["--resume", str(tmp_path / "old.pth")])
     model = mscl.build_model(args)
@@ -407,14 +407,17 @@ def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
         torch.save({"model": state, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "epoch": 1, "iteration": 2, "args": saved,
                     "rng": [rng_state()]}, tmp_path / "old.pth")
-        return mscl.resume(args, mscl.build_model(args), optimizer, scaler, 0, 4)
+        return resume_pretraining(args, mscl.RESUME_KEYS, 4, ("fpn",),
+                                  model=mscl.build_model(args), optimizer=optimizer, scaler=scaler)
     assert resume_from(model.state_dict()) == (1, 2, [])  # a checkpoint that fits loads
     pool_conv = mscl.build_model(mscl.get_args(flags + ["--fusion", "pool-conv"])).state_dict()
     missing = {k: v for k, v in model.state_dict().items() if k != "neck.conv2.3.bias"}
-    for state in (pool_conv, missing):
+    for state, named in ((pool_conv, "neck.conv2.0.weight: expected (512, 256, 3, 3), found "
+                                      "(512, 256, 1, 1); 4 tensors differ"),
+                         (missing, "neck.conv2.3.bias: expected (512,), found nothing")):
         with pytest.raises(UserError, match=r"old\.pth: the model does not fit this run") as e:
             resume_from(state)
-        assert len(str(e.value).splitlines()) == 1
+        assert len(str(e.value).splitlines()) == 1 and f"({named})" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------
