@@ -44,6 +44,7 @@ from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
                           compile_model, load_checkpoint, read_log, restore_training, rng_state,
                           run_main, save_json, seed_everything)
+from data import dataset_root
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +121,9 @@ def get_args(argv=None):
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="dataset and its preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None, help="dataset root, in its official layout")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root, in its official layout (default: data/DATA in the "
+                        "repository)")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
     p.add_argument("--labeled", type=parse_labeled, default=None, help="N persons or P%% of them")
@@ -157,6 +160,7 @@ def get_args(argv=None):
     finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     args.input_size = tuple(args.input_size)
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])

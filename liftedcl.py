@@ -39,6 +39,7 @@ from common.utils import (Progress, UserError, autocast, check_finite, check_epo
                           check_resume_args, compile_model, load_checkpoint, read_log,
                           restore_training, rng_state, run_main, save_checkpoint, seed_everything,
                           write_log)
+from data import dataset_root
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="training images and their preset (table below); demo is generated")
     p.add_argument("--data-root", default=None,
-                   help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
+                   help="COCO root (annotations/, train2017/) or ImageNet root (train/) (default: "
+                        "data/DATA in the repository)")
     p.add_argument("--images", default=None,
                    help="a folder of images, used whole (any layout; overrides --data-root)")
     p.add_argument("--crop-size", type=int, default=None, help="side of each view" + preset)
@@ -121,6 +123,7 @@ def get_args(argv=None):
     finish_parser(p, PRESETS, out="runs/liftedcl-DATA-BACKBONE")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
     if args.data in ("coco", "imagenet") and args.pretrained is None:  # the paper's stage II
@@ -207,14 +210,7 @@ def training_items(args):
     """Person records (--data coco/demo) or image files (--data imagenet/folder, --images DIR)."""
     if args.images:
         return list_images(args.images)
-    if args.data == "folder":
-        raise UserError("--data folder needs --images DIR")
-    if args.data == "demo":
-        root = demo_root(args.seed)
-    else:
-        root = args.data_root
-        if root is None or not os.path.isdir(root):
-            raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
+    root = demo_root(args.seed) if args.data == "demo" else args.data_root  # data.dataset_root
     if args.data == "imagenet":
         if not os.path.isdir(os.path.join(root, "train")):
             raise UserError(f"{root}: no train folder inside (give --images DIR for another "
@@ -797,10 +793,6 @@ def state_digest(*modules):
 
 def main():
     args = get_args()
-    if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
-        raise UserError(f"--data {args.data} needs --data-root DIR ("
-                        + ("annotations/, train2017/" if args.data == "coco"
-                           else "train/<class>/*") + ") or --images DIR")
     if begin(args, run_plan):
         return
     if args.summary:

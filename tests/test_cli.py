@@ -12,6 +12,7 @@ import pytest
 import scipy.io
 import torch
 
+import data
 import icon
 import liftedcl
 import mscl
@@ -80,11 +81,13 @@ def test_icon_checkpoint_error_names_icons_flags(tmp_path, monkeypatch):
             and "--arch" not in str(e.value))
 
 
-def test_liftedcl_data_without_root_says_which_flag(monkeypatch):
-    for data in ("imagenet", "coco"):
-        with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images "
-                                            f"DIR$"):
-            run_main_of(liftedcl, ["--data", data, "--pretrained", "none"], monkeypatch)
+def test_liftedcl_data_without_root_names_the_default_root_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    for name in ("imagenet", "coco"):
+        with pytest.raises(UserError, match=f"^{tmp_path / name}: data root not found "
+                                            f"\\(--data-root\\)$"):
+            run_main_of(liftedcl, ["--data", name, "--pretrained", "none", "--out",
+                                   tmp_path / "o"], monkeypatch)
 
 
 def test_empty_image_folder(tmp_path):
