@@ -1,21 +1,24 @@
-"""A run reads the data its command names, or stops with one line: a dataset path flag that --data
-does not read, and each dataset preset's default root data/<name> in the repository (git-ignored,
-usually a link)."""
+"""A run reads the data and the device its command names, or stops with one line: --device cuda
+without CUDA, a dataset path flag that --data does not read, and each dataset preset's default
+root data/<name> in the repository (git-ignored, usually a link)."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
 import data
 import icon
 import liftedcl
 import mrpose
 import mscl
-from common import plan
+from common import dist, plan
 from common.topdown import data_paths
 from common.utils import UserError
-from helpers import REPO
+from data.demo import make_demo
+from helpers import REPO, assert_one_line_error, run_script
 
 SCRIPTS = {"mrpose.py": mrpose, "icon.py": icon, "mscl.py": mscl, "liftedcl.py": liftedcl}
 POSE = ("mrpose.py", "icon.py")
@@ -36,6 +39,28 @@ def no_links(tmp_path, monkeypatch):
 def get_args(script, argv):
     argv = list(argv) + (["--pretrained", "none"] if script == "liftedcl.py" else [])
     return SCRIPTS[script].get_args([str(a) for a in argv])
+
+
+# ----------------------------------------------------------------------------------------------
+# --device
+
+def test_device_cuda_without_cuda_is_refused_and_auto_says_it_falls_back(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^--device cuda: no CUDA device available \(.*\); "
+                                        r"--device cpu runs on the CPU$"):
+        dist.setup("cuda")
+    assert dist.setup("auto")[2] == torch.device("cpu")
+    assert capsys.readouterr().out == "--device auto: no CUDA device, running on the CPU\n"
+    assert dist.setup("cpu")[2] == torch.device("cpu") and capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_run_stops_with_one_line(tmp_path):
+    demo = make_demo(str(tmp_path / "demo"), seed=1, n_train=8, n_val=2)
+    p = run_script("mscl.py", ["--data", "folder", "--images", f"{demo}/train2017", "-a",
+                               "resnet18", "-j", "0", "--device", "cuda", "--out",
+                               tmp_path / "o"], expect=2)
+    assert_one_line_error(p, "--device cuda: no CUDA device available")
 
 
 # ----------------------------------------------------------------------------------------------
