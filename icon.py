@@ -586,11 +586,11 @@ def train_step(model, semi, batch, args, device, rng):
 # Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
 # (validate) and saves (save_epoch)
 
-# --resume refuses a change of these (the model, the loss and the schedule)
+# --resume refuses a change of these (the model, the loss, the schedule and the data)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp",
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
-               "semi", "contrast_crops")
+               "semi", "contrast_crops", "data", "seed", "ann", "images", "labeled")
 
 
 def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,

@@ -735,7 +735,7 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
 RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv",
                "lambda_equiv", "lambda_adv", "align_size", "cell_centres", "normalize_lifted",
                "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
-               "d_lr", "momentum", "wd", "batch_size", "amp")
+               "d_lr", "momentum", "wd", "batch_size", "amp", "seed", "images")
 
 
 def resume(args, total_iters, model, discriminator, optimizer, d_optimizer, scaler):

@@ -383,9 +383,9 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
                 **{k: v.item() for k, v in means.items()}), it
 
 
-# --resume refuses a change of these (the model and the schedule)
+# --resume refuses a change of these (the model, the schedule and the data)
 RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
-               "amp", "bgr", "semi")
+               "amp", "bgr", "semi", "data", "seed", "ann", "images", "labeled")
 
 
 def resume(path, args, model, semi_model, **states):

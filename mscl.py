@@ -376,10 +376,10 @@ def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, de
                 pairs_per_s=n_pairs / (time.time() - t0)), it
 
 
-# what a resumed run must keep: the model and the schedule (--iters only says where to stop)
+# what a resumed run must keep: model, schedule and data (--iters only says where to stop)
 RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
                "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
-               "fix_pred_lr", "momentum", "wd", "epochs", "amp")
+               "fix_pred_lr", "momentum", "wd", "epochs", "amp", "seed", "images")
 
 
 def resume(args, model, optimizer, scaler, rank, total_iters):
