@@ -43,6 +43,7 @@ from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
                           compile_model, load_checkpoint, restore_training, rng_state, run_main,
                           save_json)
+from data import dataset_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments: the paper's defaults (§Implementation Details) per dataset; None: --data's preset
@@ -118,7 +119,9 @@ def get_args(argv=None):
     # data
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="dataset and its preset (table below); demo is generated, no download")
-    p.add_argument("--data-root", default=None, help="dataset root, in its official layout")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root, in its official layout (default: data/DATA in the "
+                        "repository)")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
     p.add_argument("--labeled", type=parse_labeled, default=None, help="N persons or P%% of them")
@@ -159,6 +162,7 @@ def get_args(argv=None):
     finish_parser(p, PRESETS, out="runs/icon-DATA-BACKBONE[-SEMI][-baseline]")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     args.input_size = tuple(args.input_size)
     args.heatmap_size = (args.input_size[0] // 4, args.input_size[1] // 4)
     args.num_joints = len(JOINT_NAMES[args.data])
@@ -589,11 +593,11 @@ def train_step(model, semi, batch, args, device, rng):
 # Training, as MoCo's main_moco.py: main() sets up, then each epoch trains (train), evaluates
 # (validate) and saves (common/topdown.py's save_outputs)
 
-# --resume refuses a change of these (the model, the loss and the schedule)
+# --resume refuses a change of these (the model, the loss, the schedule and the data)
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp",
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
-               "semi", "contrast_crops")
+               "semi", "contrast_crops", "data", "seed", "ann", "images", "labeled")
 
 
 def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,

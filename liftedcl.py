@@ -36,6 +36,7 @@ from common.transforms import affine_matrix, warp_image
 from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
                           finish_pretraining, load_checkpoint, resume_pretraining, rng_state,
                           run_main, save_checkpoint, seed_everything, write_log)
+from data import dataset_root
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="training images and their preset (table below); demo is generated")
     p.add_argument("--data-root", default=None,
-                   help="COCO root (annotations/, train2017/) or ImageNet root (train/)")
+                   help="COCO root (annotations/, train2017/) or ImageNet root (train/) (default: "
+                        "data/DATA in the repository)")
     p.add_argument("--images", default=None,
                    help="a folder of images, used whole (any layout; overrides --data-root)")
     p.add_argument("--crop-size", type=int, default=None, help="side of each view" + preset)
@@ -118,6 +120,7 @@ def get_args(argv=None):
     finish_parser(p, PRESETS, out="runs/liftedcl-DATA-BACKBONE")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     if min(args.lambda_inv, args.lambda_equiv, args.lambda_adv) < 0:
         raise UserError("--lambda-inv/--lambda-equiv/--lambda-adv must not be negative")
     if args.data in ("coco", "imagenet") and args.pretrained is None:  # the paper's stage II
@@ -204,14 +207,7 @@ def training_items(args):
     """Person records (--data coco/demo) or image files (--data imagenet/folder, --images DIR)."""
     if args.images:
         return list_images(args.images)
-    if args.data == "folder":
-        raise UserError("--data folder needs --images DIR")
-    if args.data == "demo":
-        root = demo_root(args.seed)
-    else:
-        root = args.data_root
-        if root is None or not os.path.isdir(root):
-            raise UserError(f"{root}: data root not found (give --data-root, or --images DIR)")
+    root = demo_root(args.seed) if args.data == "demo" else args.data_root  # data.dataset_root
     if args.data == "imagenet":
         if not os.path.isdir(os.path.join(root, "train")):
             raise UserError(f"{root}: no train folder inside (give --images DIR for another "
@@ -736,7 +732,7 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
 RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv",
                "lambda_equiv", "lambda_adv", "align_size", "cell_centres", "normalize_lifted",
                "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
-               "d_lr", "momentum", "wd", "batch_size", "amp")
+               "d_lr", "momentum", "wd", "batch_size", "amp", "seed", "images")
 
 
 def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted, real):
@@ -768,10 +764,6 @@ def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, histo
 
 def main():
     args = get_args()
-    if args.data in ("coco", "imagenet") and not (args.data_root or args.images or args.summary):
-        raise UserError(f"--data {args.data} needs --data-root DIR ("
-                        + ("annotations/, train2017/" if args.data == "coco"
-                           else "train/<class>/*") + ") or --images DIR")
     if begin(args, run_plan, print_summary):  # --dry-run, --summary: nothing to train
         return
     rank, world, device = dist.setup(args.device)

@@ -32,6 +32,7 @@ from common.topdown import (load_data, load_weights, main_metric, parse_labeled,
 from common.transforms import normalize
 from common.utils import (Progress, UserError, autocast, check_finite, check_resume_args,
                           compile_model, load_checkpoint, restore_training, rng_state, run_main)
+from data import dataset_root
 
 # ----------------------------------------------------------------------------------------------
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
@@ -83,7 +84,7 @@ def get_args(argv=None):
                    help="dataset and its preset (table below); demo is generated, no download")
     p.add_argument("--data-root", default=None,
                    help="dataset root: COCO (annotations/, train2017/, val2017/) or MPII (annot/, "
-                        "images/) layout")
+                        "images/) layout (default: data/DATA in the repository)")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
     p.add_argument("--labeled", type=parse_labeled, default=None,
@@ -150,6 +151,7 @@ def get_args(argv=None):
         # the weights come from a checkpoint (or are not needed): nothing to download
         args.pretrained = "none"
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     args.semi = None if args.semi == "none" else args.semi
     if args.weights2 and args.semi != "dual":
         raise UserError("--weights2: network 2 exists only under --semi dual")
@@ -381,9 +383,9 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
                 **{k: v.item() for k, v in means.items()}), it
 
 
-# --resume refuses a change of these (the model and the schedule)
+# --resume refuses a change of these (the model, the schedule and the data)
 RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
-               "amp", "bgr", "semi")
+               "amp", "bgr", "semi", "data", "seed", "ann", "images", "labeled")
 
 
 def resume(path, args, model, semi_model, **states):

@@ -29,6 +29,7 @@ from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
                           finish_pretraining, resume_pretraining, rng_state, run_main,
                           save_checkpoint, seed_everything, write_log)
+from data import dataset_root
 from data.demo import demo_root
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +74,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="demo", choices=list(PRESETS),
                    help="training images and their preset (table below); demo is generated")
     p.add_argument("--data-root", default=None,
-                   help="ImageNet root (train/<class>/*) or COCO root (train2017/)")
+                   help="ImageNet root (train/<class>/*) or COCO root (train2017/) (default: "
+                        "data/DATA in the repository)")
     p.add_argument("--images", default=None,
                    help="a folder of images (any layout; overrides --data-root)")
     p.add_argument("--crop-size", type=int, default=None,
@@ -97,6 +99,7 @@ def get_args(argv=None):
     finish_parser(p, PRESETS, out="runs/mscl-DATA-RUN-BACKBONE")
     args = p.parse_args(argv)
     apply_presets(args, PRESETS[args.data])
+    args.data_root = dataset_root(args, PRESETS)
     if args.shared_heads and not args.fpn and not args.single_scale:
         raise UserError("--shared-heads needs the FPN: without it the four scales have different "
                         "widths")
@@ -158,17 +161,12 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 def image_folder(args):
-    """The folder of --data's training images (labels and annotations are never read)."""
+    """The folder of --data's training images (labels and annotations are never read): --images,
+    the demo's, or the one inside the root (get_args resolves it: data.dataset_root)."""
     if args.images:
         return args.images
     if args.data == "demo":
         return os.path.join(demo_root(args.seed), "train2017")
-    if args.data == "folder":
-        raise UserError("--data folder needs --images DIR")
-    layout = "train/<class>/*.JPEG" if args.data == "imagenet" else "train2017/*.jpg"
-    if args.data_root is None:
-        raise UserError(f"--data {args.data} needs --data-root DIR (a folder holding {layout}) or "
-                        f"--images DIR")
     candidates = (["train"] if args.data == "imagenet"
                   else ["train2017", os.path.join("images", "train2017")])
     for c in candidates:
@@ -375,10 +373,10 @@ def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, de
                 pairs_per_s=n_pairs / (time.time() - t0)), it
 
 
-# what a resumed run must keep: the model and the schedule (--iters only says where to stop)
+# what a resumed run must keep: model, schedule and data (--iters only says where to stop)
 RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
                "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
-               "fix_pred_lr", "momentum", "wd", "epochs", "amp")
+               "fix_pred_lr", "momentum", "wd", "epochs", "amp", "seed", "images")
 
 
 def save(args, model, optimizer, scaler, history, rngs):

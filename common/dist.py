@@ -11,9 +11,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def setup(device_arg="auto"):
-    """Return (rank, world_size, device); start the process group under torchrun."""
+    """Return (rank, world_size, device); start the process group under torchrun. --device cuda
+    without CUDA is refused (a paper run would grind on the CPU unnoticed); auto says it falls
+    back."""
+    from common.utils import UserError  # common.utils imports this module
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if device_arg == "cuda" and not use_cuda:
+        why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None
+               else "check the driver and CUDA_VISIBLE_DEVICES")
+        raise UserError(f"--device cuda: no CUDA device available ({why}); --device cpu runs on "
+                        f"the CPU")
+    if device_arg == "auto" and not use_cuda and rank() == 0:
+        print("--device auto: no CUDA device, running on the CPU", flush=True)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)

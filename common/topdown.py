@@ -42,8 +42,9 @@ def summary(model, input_size):
 # Data
 
 def data_paths(args):
-    """Annotation files and image folders of --data under --data-root; --ann/--images/--val-ann/
-    --val-images/--gt-mat override any of them."""
+    """Annotation files and image folders of --data: --ann/--images/--val-ann/--val-images/--gt-mat
+    where given, the others in --data-root's layout (data/README.md; get_args resolved the root,
+    data.dataset_root)."""
     # --data demo: the generated root the script puts here (data.demo.demo_root)
     root = args.data_root
     if root is not None and not os.path.isdir(root):

@@ -12,13 +12,16 @@ import pytest
 import scipy.io
 import torch
 
+import data
 import icon
 import liftedcl
+import mrpose
 import mscl
 from common import backbone as backbone_module
 from common.datasets import read_mpii
 from common.metrics import coco_keypoint_eval
-from common.utils import UserError, atomic_write, load_checkpoint, save_checkpoint
+from common.utils import (UserError, atomic_write, check_resume_args, load_checkpoint,
+                          save_checkpoint)
 from data.demo import make_demo
 from helpers import assert_one_line_error, run_script
 
@@ -80,11 +83,13 @@ def test_icon_checkpoint_error_names_icons_flags(tmp_path, monkeypatch):
             and "--arch" not in str(e.value))
 
 
-def test_liftedcl_data_without_root_says_which_flag(monkeypatch):
-    for data in ("imagenet", "coco"):
-        with pytest.raises(UserError, match=f"^--data {data} needs --data-root DIR .* or --images "
-                                            f"DIR$"):
-            run_main_of(liftedcl, ["--data", data, "--pretrained", "none"], monkeypatch)
+def test_liftedcl_data_without_root_names_the_default_root_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    for name in ("imagenet", "coco"):
+        with pytest.raises(UserError, match=f"^{tmp_path / name}: data root not found "
+                                            f"\\(--data-root\\)$"):
+            run_main_of(liftedcl, ["--data", name, "--pretrained", "none", "--out",
+                                   tmp_path / "o"], monkeypatch)
 
 
 def test_empty_image_folder(tmp_path):
@@ -181,3 +186,32 @@ def test_resume_with_larger_iters_continues_inside_an_epoch(tmp_path):
     assert [e["iteration"] for e in log] == [1, 3]
     p = run_script("mrpose.py", flags + ["--iters", "3", "--resume"], expect=2)
     assert_one_line_error(p, "checkpoint.pth", "the run is complete (3 of 3 iterations)")
+
+
+@pytest.mark.parametrize("module", [mrpose, icon, mscl, liftedcl])
+def test_resume_refuses_another_dataset_seed_or_labeled_set(module, tmp_path):
+    """A `--seed 1` demo run resumed without --seed would go on with another generated dataset;
+    another --data, --ann, --images or --labeled trains on other persons."""
+    init = ["--pretrained", "none"] if module is liftedcl else []
+
+    def check(saved_argv, argv, message):
+        saved = vars(module.get_args(init + [str(a) for a in saved_argv]))
+        args = module.get_args(init + [str(a) for a in argv])
+        with pytest.raises(UserError, match=f"^ckpt: saved with {message}; resume with the same "
+                                            f"settings or use another --out$"):
+            check_resume_args("ckpt", saved, args, module.RESUME_KEYS)
+        check_resume_args("ckpt", saved, module.get_args(init + [str(a) for a in saved_argv]),
+                          module.RESUME_KEYS)  # the same command resumes
+
+    check(["--seed", "1"], [], "--seed 1, this run has 0")
+    if module in (mrpose, icon):
+        args = module.get_args(["--data", "coco"])
+        with pytest.raises(UserError, match="^ckpt: saved with --data demo, this run has coco;"):
+            check_resume_args("ckpt", dict(vars(args), data="demo"), args, module.RESUME_KEYS)
+        check(["--labeled", "8"], [], "--labeled 8, this run has None")
+        coco = ["--data", "coco", "--data-root", tmp_path]
+        check(coco + ["--ann", "a.json"], coco, "--ann a.json, this run has None")
+        check(coco + ["--images", "a"], coco + ["--images", "b"], "--images a, this run has b")
+    else:
+        check(["--data", "folder", "--images", "a"], ["--data", "folder", "--images", "b"],
+              "--images a, this run has b")

@@ -183,7 +183,8 @@ def test_hrnet_run_resumes_and_trains_on(tmp_path):
     training goes on from its iteration."""
     root = make_demo(str(tmp_path / "demo"), seed=1, n_train=8, n_val=2)
     out = tmp_path / "run"
-    flags = ["--data", "demo", "--ann", f"{root}/annotations/person_keypoints_train2017.json",
+    flags = ["--data", "coco", "--pretrained", "none", "--ann",
+             f"{root}/annotations/person_keypoints_train2017.json",
              "--images", f"{root}/train2017", "--val-ann",
              f"{root}/annotations/person_keypoints_val2017.json", "--val-images", f"{root}/val2017",
              "--backbone", "hrnet_w32", "--input-size", "32", "64", "--batch-size", "4",

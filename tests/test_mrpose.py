@@ -179,7 +179,7 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path):
     (tmp_path / "a.json").write_text("{}")
     p = run(["--data", "coco", "--pretrained", "none", "--ann", tmp_path / "a.json", "--out",
              tmp_path / "o"], expect=2)
-    assert_one_line_error(p, "needs --data-root (or --val-ann/--val-images/--ann/--images)")
+    assert_one_line_error(p, "/data/coco: data root not found (--data-root)")
     missing = tmp_path / "missing.json"
     p = run(["--data", "coco", "--val-ann", missing, "--val-images", root, "--eval-only", "--out",
              tmp_path / "o"],

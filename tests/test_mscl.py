@@ -553,8 +553,7 @@ def test_bad_inputs_and_nonfinite_loss(images, tmp_path):
             expect=2)
     assert_one_line_error(p, tmp_path / "nowhere", "not found")
     p = run(["--data", "imagenet", "--out", tmp_path / "o"], expect=2)
-    assert_one_line_error(p, "--data imagenet needs --data-root DIR", "train/<class>/",
-                          "--images DIR")
+    assert_one_line_error(p, "/data/imagenet: data root not found (--data-root)")
     p = run(["--data", "folder", "--out", tmp_path / "o"], expect=2)
     assert_one_line_error(p, "--images")
     empty = tmp_path / "empty"
