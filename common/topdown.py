@@ -47,8 +47,6 @@ def data_paths(args):
     data.dataset_root)."""
     # --data demo: the generated root the script puts here (data.demo.demo_root)
     root = args.data_root
-    if root is not None and not os.path.isdir(root):
-        raise UserError(f"{root}: data root not found")
     paths = dict.fromkeys(["train_ann", "train_images", "val_ann", "val_images", "gt_mat"])
     if root and args.data == "mpii":  # the HRNet layout
         paths.update(train_ann=os.path.join(root, "annot", "train.json"),
@@ -73,6 +71,15 @@ def data_paths(args):
                       ("val_images", "val_images"), ("gt_mat", "gt_mat")]:
         paths[key] = getattr(args, flag) or paths[key]
     return paths
+
+
+def missing_root(args, paths, needed):
+    """The one-line error for a root that a needed path comes from but that does not exist."""
+    root = args.data_root
+    if root and not os.path.isdir(root) and any(
+            paths[k] and paths[k].startswith(os.path.join(root, "")) for k in needed):
+        return UserError(f"{root}: data root not found (--data-root)")  # as plan.check_paths
+    return None
 
 
 def parse_labeled(text):
@@ -118,6 +125,9 @@ def build_data(args, train):
     paths = data_paths(args)
     needed = ["val_ann", "val_images"] + (["train_ann", "train_images"] if train else []) + \
         (["gt_mat"] if args.data == "mpii" else [])
+    error = missing_root(args, paths, needed)
+    if error:
+        raise error
     if any(paths[k] is None for k in needed):
         flags = dict(train_ann="--ann", train_images="--images", val_ann="--val-ann",
                      val_images="--val-images", gt_mat="--gt-mat")

@@ -233,7 +233,7 @@ def test_run_start_writes_args_json_and_checks_paths_first(tmp_path, monkeypatch
     assert plan.begin(args, mrpose.run_plan) is False
     assert (json.loads((out / "args.json").read_text())
             == json.loads(json.dumps(mrpose.run_plan(args))))
-    args = mrpose.get_args(["--eval-only", "--data-root", str(tmp_path), "--out",
+    args = mrpose.get_args(["--data", "coco", "--eval-only", "--data-root", str(tmp_path), "--out",
                             str(tmp_path / "e"), "-j", "0"])
     plan.begin(args, mrpose.run_plan)
     # evaluating leaves the trained run's plan alone
@@ -244,8 +244,8 @@ def test_run_start_writes_args_json_and_checks_paths_first(tmp_path, monkeypatch
         plan.begin(args, mrpose.run_plan)
     assert not (tmp_path / "x").exists()
     # more workers than CPUs: capped, said once
-    args = mrpose.get_args(["--data-root", str(tmp_path), "--out", str(out), "-j",
-                            str(plan.cpus() + 3)])
+    args = mrpose.get_args(["--data", "coco", "--data-root", str(tmp_path), "--out", str(out),
+                            "-j", str(plan.cpus() + 3)])
     capsys.readouterr()
     plan.begin(args, mrpose.run_plan)
     assert args.workers == plan.cpus()
