@@ -597,7 +597,8 @@ def train_step(model, semi, batch, args, device, rng):
 RESUME_KEYS = ("backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps", "amp",
                "lambda_p", "lambda_1", "lambda_2", "tau", "sampling", "contrast", "num_queries",
                "num_negatives", "hard_q", "hard_h", "embed_dim", "region_thresh", "visible_flag",
-               "semi", "contrast_crops", "data", "seed", "ann", "images", "labeled")
+               "semi", "contrast_crops", "data", "seed", "data_seed", "ann", "images",
+               "labeled")
 
 
 def train(loader, model, semi, optimizer, scheduler, scaler, epoch, it, total_iters, args, device,

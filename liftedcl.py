@@ -207,7 +207,7 @@ def training_items(args):
     """Person records (--data coco/demo) or image files (--data imagenet/folder, --images DIR)."""
     if args.images:
         return list_images(args.images)
-    root = demo_root(args.seed) if args.data == "demo" else args.data_root  # data.dataset_root
+    root = demo_root(args.data_seed) if args.data == "demo" else args.data_root  # data.dataset_root
     if args.data == "imagenet":
         if not os.path.isdir(os.path.join(root, "train")):
             raise UserError(f"{root}: no train folder inside (give --images DIR for another "
@@ -732,7 +732,7 @@ def train(loader, model, discriminator, ddp_disc, optimizer, d_optimizer, scaler
 RESUME_KEYS = ("data", "backbone", "dim", "moco_k", "moco_m", "moco_t", "lambda_inv",
                "lambda_equiv", "lambda_adv", "align_size", "cell_centres", "normalize_lifted",
                "bn_groups", "skeletons", "prior_size", "crop_size", "person_size", "epochs", "lr",
-               "d_lr", "momentum", "wd", "batch_size", "amp", "seed", "images")
+               "d_lr", "momentum", "wd", "batch_size", "amp", "seed", "data_seed", "images")
 
 
 def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, history, lifted, real):

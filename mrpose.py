@@ -385,7 +385,8 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
 
 # --resume refuses a change of these (the model, the schedule and the data)
 RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", "lr", "lr_steps",
-               "amp", "bgr", "semi", "data", "seed", "ann", "images", "labeled")
+               "amp", "bgr", "semi", "data", "seed", "data_seed", "ann", "images",
+               "labeled")
 
 
 def resume(path, args, model, semi_model, **states):

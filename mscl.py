@@ -166,7 +166,7 @@ def image_folder(args):
     if args.images:
         return args.images
     if args.data == "demo":
-        return os.path.join(demo_root(args.seed), "train2017")
+        return os.path.join(demo_root(args.data_seed), "train2017")
     candidates = (["train"] if args.data == "imagenet"
                   else ["train2017", os.path.join("images", "train2017")])
     for c in candidates:
@@ -376,7 +376,7 @@ def train(loader, model, optimizer, scaler, epoch, lr, it, total_iters, args, de
 # what a resumed run must keep: model, schedule and data (--iters only says where to stop)
 RESUME_KEYS = ("data", "backbone", "fusion", "single_scale", "fpn", "shared_heads", "dim",
                "pred_dim", "fpn_width", "scale_weights", "crop_size", "batch_size", "lr",
-               "fix_pred_lr", "momentum", "wd", "epochs", "amp", "seed", "images")
+               "fix_pred_lr", "momentum", "wd", "epochs", "amp", "seed", "data_seed", "images")
 
 
 def save(args, model, optimizer, scaler, history, rngs):

@@ -55,7 +55,11 @@ def finish_parser(p, presets, protocols=None, *, out):
     g.add_argument("-j", "--workers", type=int, default=None,
                    help="data loader processes per rank, at most the CPUs available (default: the "
                         "--data preset)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the run's random draws: initialisation, sampling, augmentation")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data: the generated demo set and --labeled's draw (fixed "
+                        "while --seed varies a run)")
     g.add_argument("--amp", nargs="?", const="bf16", default=None,
                    choices=["auto", "none", "bf16", "fp16"],
                    help="autocast: auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else "

@@ -177,8 +177,8 @@ def build_data(args, train):
     info["unlabeled"] = []
     if train and args.labeled:
         order = getattr(args, "labeled_order", "random")
-        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled, args.seed,
-                                                         order)
+        train_records, info["unlabeled"] = split_labeled(train_records, args.labeled,
+                                                         args.data_seed, order)
         if dist.is_main():
             images = len({r["image"] for r in train_records})
             print(f"--labeled {args.labeled} ({order}): {len(train_records)} persons of {images} "
@@ -307,7 +307,7 @@ def load_data(args):
     """build_data's (train or None, val, info), the demo set generated on first use (then cached
     under data/cache); rank 0 makes OUT."""
     if args.data == "demo":
-        args.data_root = demo_root(args.seed)
+        args.data_root = demo_root(args.data_seed)
     train_ds, val_ds, info = build_data(args, train=not args.eval_only)
     if dist.is_main():
         os.makedirs(args.out, exist_ok=True)

@@ -81,7 +81,7 @@ def main(argv=None):
         raise UserError(f"{opts.checkpoint}: not an icon.py checkpoint (no icon.py arguments)")
     args = Namespace(**dict(ckpt["args"], pretrained="none", det_json=None))
     if args.data == "demo":
-        args.data_root = demo_root(args.seed)
+        args.data_root = demo_root(getattr(args, "data_seed", args.seed))
     device = torch.device(opts.device)
     pose = icon.build_model(args)[0]
     load_weights(pose, opts.checkpoint, ckpt, flags=icon.MODEL_FLAGS)

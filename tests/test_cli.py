@@ -190,8 +190,9 @@ def test_resume_with_larger_iters_continues_inside_an_epoch(tmp_path):
 
 @pytest.mark.parametrize("module", [mrpose, icon, mscl, liftedcl])
 def test_resume_refuses_another_dataset_seed_or_labeled_set(module, tmp_path):
-    """A `--seed 1` demo run resumed without --seed would go on with another generated dataset;
-    another --data, --ann, --images or --labeled trains on other persons."""
+    """A `--data-seed 1` demo run resumed without it would go on with another generated dataset, a
+    `--seed 1` run with other draws; another --data, --ann, --images or --labeled trains on other
+    persons."""
     init = ["--pretrained", "none"] if module is liftedcl else []
 
     def check(saved_argv, argv, message):
@@ -204,6 +205,7 @@ def test_resume_refuses_another_dataset_seed_or_labeled_set(module, tmp_path):
                           module.RESUME_KEYS)  # the same command resumes
 
     check(["--seed", "1"], [], "--seed 1, this run has 0")
+    check(["--data-seed", "1"], [], "--data-seed 1, this run has 0")
     if module in (mrpose, icon):
         args = module.get_args(["--data", "coco"])
         with pytest.raises(UserError, match="^ckpt: saved with --data demo, this run has coco;"):

@@ -549,7 +549,7 @@ def test_first_n_persons_in_file_order(unsorted_json):
     assert annotation_keys(info["unlabeled"]) == [(10, 84.5), (20, 24.5), (20, 74.5)]
     # the MSCL protocol defaults to this order; --labeled-order random is a seeded draw of persons
     assert mrpose.get_args(flags + ["--protocol", "mscl-coco"]).labeled_order == "first"
-    args = mrpose.get_args(flags + ["--labeled", "50%", "--seed", "3"])
+    args = mrpose.get_args(flags + ["--labeled", "50%", "--data-seed", "3"])
     random_train, _, info = build_data(args, train=True)
     assert len(random_train.records) == 3 and len(info["unlabeled"]) == 3
     assert (annotation_keys(build_data(args,
@@ -575,7 +575,7 @@ def test_labeled_images_label_every_person_of_n_random_images(unsorted_json):
     per_image = {30: 2, 10: 2, 20: 2}  # trainable persons per image (unsorted_json)
     seen = set()
     for seed in range(6):
-        args = mrpose.get_args(flags + ["--labeled", "2", "--seed", str(seed)])
+        args = mrpose.get_args(flags + ["--labeled", "2", "--data-seed", str(seed)])
         train, _, info = build_data(args, train=True)
         labeled = {r["image_id"] for r in train.records}
         assert len(labeled) == 2 and len(train.records) == sum(per_image[i] for i in labeled)
@@ -584,6 +584,11 @@ def test_labeled_images_label_every_person_of_n_random_images(unsorted_json):
         assert len(build_unlabeled(args, train, info)) == 2
         seen.add(frozenset(labeled))
     assert len(seen) > 1  # drawn, not the first images of the file
+    # the run's --seed leaves the data alone: the same labeled images whatever it is
+    runs = [mrpose.get_args(flags + ["--labeled", "2", "--data-seed", "1", "--seed", str(seed)])
+            for seed in range(6)]
+    assert len({frozenset(r["image_id"] for r in build_data(a, train=True)[0].records)
+                for a in runs}) == 1
     args = mrpose.get_args(flags + ["--labeled", "34%"])  # a share of the images: 1 of 3
     assert len({r["image_id"] for r in build_data(args, train=True)[0].records}) == 1
     with pytest.raises(UserError, match="only 3 training images"):
