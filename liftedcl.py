@@ -34,8 +34,8 @@ from common.plots import plot_curves, plot_skeletons_3d
 from common.ssl import IMAGENET_NORMALIZE, moco_v2_appearance
 from common.transforms import affine_matrix, warp_image
 from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
-                          finish_pretraining, load_checkpoint, resume_pretraining, rng_state,
-                          run_main, save_checkpoint, seed_everything, write_log)
+                          finish_pretraining, gmacs, load_checkpoint, resume_pretraining,
+                          rng_state, run_main, save_checkpoint, seed_everything, write_log)
 from data import dataset_root
 from data.demo import demo_root
 
@@ -64,8 +64,7 @@ def get_args(argv=None):
     p.add_argument("-a", "--backbone", default=None, choices=list(RESNETS),
                    help="the ResNet" + preset)
     p.add_argument("--pretrained", default=None,
-                   help="stage I: a file (a MoCo checkpoint, as the paper's MoCo v2 200-epoch "
-                        "weights, or a backbone.pth), 'torchvision' (ImageNet, downloads) or "
+                   help="stage I: a MoCo checkpoint or backbone.pth, 'torchvision' (ImageNet) or "
                         "'none' (scratch, Table 7); required by --data coco/imagenet")
     # model and losses (Sec. 3, App. C)
     p.add_argument("--dim", type=int, default=128, help="output width of both projection heads")
@@ -80,16 +79,13 @@ def get_args(argv=None):
     p.add_argument("--align-size", type=int, default=16,
                    help="side of the aligned shared area (App. C: 16)")
     p.add_argument("--cell-centres", default="resnet", choices=["resnet", "official"],
-                   help="where a C5 cell sits in its view: the centre of its receptive field "
-                        "(pixel 32 j) or of its 32-pixel tile (README)")
+                   help="a C5 cell's centre: its receptive field's or its tile's (README)")
     p.add_argument("--normalize-lifted", action=argparse.BooleanOptionalAction, default=True,
                    help="root-centre and Frobenius-normalise lifted skeletons like the real ones")
     p.add_argument("--bn-groups", type=int, default=None,
-                   help="BatchNorm groups per rank for shuffle BN (default 4 / world size, at "
-                        "least 1: the paper's 4 GPUs)")
+                   help="shuffle BN's BatchNorm groups per rank (default: 4 / world size, >= 1)")
     p.add_argument("--skeletons", default=None,
-                   help="real skeletons: a torch file of an (N, 17, 3) tensor (e.g. the official "
-                        "norm_joints.pt) instead of the App. B prior")
+                   help="real skeletons: an (N, 17, 3) tensor's file (official: norm_joints.pt)")
     p.add_argument("--prior-size", type=int, default=10000,
                    help="skeletons sampled from the prior (App. B: ~10K)")
     # data (App. A)
@@ -147,15 +143,12 @@ def run_plan(args):
 def print_summary(args):
     """--summary: parameters of the query encoder and lifting network, of D, and the
     multiply-accumulates of one view through the ResNet."""
-    from torch.utils.flop_counter import FlopCounterMode
     model = build_model(args).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.encoder_q.backbone(torch.zeros(1, 3, args.crop_size, args.crop_size))
+    macs = gmacs(model.encoder_q.backbone, (args.crop_size, args.crop_size))
     n = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
     print(f"LiftedCL {args.backbone} at {args.crop_size} px: {n:,} encoder + lifting parameters "
           f"(the key encoder copies them), {sum(p.numel() for p in Discriminator().parameters()):,}"
-          f" in D; {counter.get_total_flops() / 2 / 1e9:.2f} GFLOPs (multiply-accumulates) per "
-          f"view in the ResNet")
+          f" in D; {macs:.2f} GFLOPs (multiply-accumulates) per view in the ResNet")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,12 +747,10 @@ def save(args, model, discriminator, optimizer, d_optimizer, scaler, rngs, histo
     plot_skeletons_3d(os.path.join(args.out, "lifted.png"),
                       {"lifted": normalize_skeletons(lifted).numpy(),
                        "prior": real[:4].cpu().numpy()}, BONES)
-    print(f"epoch {log['epoch']}/{args.epochs}: loss {log['loss']:.4f} (L_inv {log['l_inv']:.4f} "
-          f"L_equiv {log['l_equiv']:.4f} L_adv {log['l_adv']:.4f}), D loss {log['d_loss']:.4f} "
-          f"acc real {log['d_acc_real']:.2f} lifted {log['d_acc_lifted']:.2f}, overlap "
-          f"{log['overlap']:.2f}, z std {log['z_std']:.4f} (healthy "
-          f"~{log['z_std_healthy']:.4f}), lifted bone error {log['bone_error']:.3f}; lr "
-          f"{log['lr']:.4g}, {log['pairs_per_s']:.1f} pairs/s", flush=True)
+    print(f"epoch {log['epoch']}/{args.epochs}: "
+          + ", ".join(f"{k} {log[k]:.4f}" for k in EPOCH_MEANS)
+          + f" (z std healthy ~{log['z_std_healthy']:.4f}); lr {log['lr']:.4g}, "
+          f"{log['pairs_per_s']:.1f} pairs/s", flush=True)
 
 
 def main():
@@ -803,17 +794,13 @@ def main():
     start_epoch, it, history = resume_pretraining(
         args, RESUME_KEYS, total_iters, ("normalize_lifted",), model=model,
         discriminator=discriminator, optimizer=optimizer, d_optimizer=d_optimizer, scaler=scaler)
-    if main_proc:
+    if main_proc:  # the settings are in OUT/args.json, the model's size in --summary
         os.makedirs(args.out, exist_ok=True)
-        n_params = sum(p.numel() for m in (model.encoder_q, model.lifting) for p in m.parameters())
-        print(f"{report}\nLiftedCL {args.backbone}: {n_params:,} encoder + lifting parameters, "
-              f"{sum(p.numel() for p in discriminator.parameters()):,} in D; λ inv "
-              f"{args.lambda_inv} equiv {args.lambda_equiv} adv {args.lambda_adv}; K "
-              f"{args.moco_k}, m {args.moco_m}, τ {args.moco_t}; {len(loader.dataset)} images, "
-              f"{args.crop_size} px views; {len(loader)} it/epoch x {args.epochs} epochs on "
-              f"{world} x {device}, {args.bn_groups} BN group(s) per rank; lr {args.lr} x "
-              f"{args.batch_size}/128 = {init_lr:.5g}, D lr {args.d_lr}; {len(real)} real "
-              f"skeletons ({args.skeletons or 'App. B prior'})", flush=True)
+        print(f"{report}\nLiftedCL {args.backbone}: {len(loader.dataset)} images, {args.crop_size} "
+              f"px views; {len(loader)} it/epoch x {args.epochs} epochs on {world} x {device}, "
+              f"{args.bn_groups} BN group(s) per rank; lr {args.lr} x {args.batch_size}/128 = "
+              f"{init_lr:.5g}, D lr {args.d_lr}; {len(real)} real skeletons "
+              f"({args.skeletons or 'App. B prior'})", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         if it >= total_iters:

@@ -38,12 +38,10 @@ from data import dataset_root
 # Arguments. Paper defaults (Sec. IV) per dataset; `None` means "take the preset of --data".
 
 PRESETS = {
-    # COCO: 256x192, flip; Adam 1e-3, x0.1 at 120 and 150, 170 epochs; rf 40, sf 0.3: the official
-    # configs of Tables I/III (the text swaps the pair)
+    # COCO and MPII: the official configs of Tables I/III (the text swaps COCO's rf and sf)
     "coco": dict(backbone="resnet50", input_size=(192, 256), epochs=170, lr_steps=(120, 150),
                  lr=1e-3, scale_factor=0.3, rot_factor=40.0, batch_size=64, workers=4,
                  head_channels=256, channels_last=False, pretrained="torchvision"),
-    # MPII: 256x256, flip; drops at 90 and 120, 140 epochs; the official config's rf 30, sf 0.25
     "mpii": dict(backbone="resnet50", input_size=(256, 256), epochs=140, lr_steps=(90, 120),
                  lr=1e-3, scale_factor=0.25, rot_factor=30.0, batch_size=64, workers=4,
                  head_channels=256, channels_last=False, pretrained="torchvision"),
@@ -53,9 +51,8 @@ PRESETS = {
                  scale_factor=0.25, rot_factor=0.0, batch_size=16, eval_every=2, workers=1,
                  head_channels=64, channels_last=True, pretrained="none", amp="auto"),
 }
-# MSCL's transfer protocol (MSCL Sec. 4.3): SimpleBaseline-R50 inside Xie et al.'s dual networks,
-# GT boxes, no flip test (`--semi none`: Table 1's SimpleBaseline* row); batch 128 pairs for 36K
-# iterations = the official 1K config's 30 epochs; MPII+AIC with Joint Cutout 5 (official config)
+# MSCL's transfer protocol (its Sec. 4.3): SimpleBaseline-R50 in Xie et al.'s dual networks, GT
+# boxes, no flip test; 36K iterations of 128 pairs = the official 1K config's 30 epochs
 PROTOCOLS = {
     "mscl-coco": dict(data="coco", arch="simplebaseline", backbone="resnet50", iters=36000,
                       lr_steps=(24000, 30000), flip_test=False, semi="dual", batch_size=128,
@@ -75,24 +72,22 @@ def get_args(argv=None):
                    choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
                    help="the ResNet (default: the --data preset)")
     p.add_argument("--pretrained", default=None,
-                   help="backbone init: 'torchvision' (ImageNet, downloads; the coco/mpii presets, "
-                        "as the paper), 'none' (from scratch; the demo preset) or a backbone .pth")
+                   help="backbone init: 'torchvision' (ImageNet), 'none' (scratch) or a backbone "
+                        ".pth (default: the --data preset)")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                    help="MSCL transfer preset (second table below)")
     # data
     p.add_argument("--data", default="demo", choices=["demo", "coco", "mpii"],
                    help="dataset and its preset (table below); demo is generated, no download")
     p.add_argument("--data-root", default=None,
-                   help="dataset root: COCO (annotations/, train2017/, val2017/) or MPII (annot/, "
-                        "images/) layout (default: data/DATA in the repository)")
+                   help="COCO (annotations/, train2017/, val2017/) or MPII (annot/, images/) root "
+                        "(default: data/DATA in the repository)")
     p.add_argument("--ann", default=None, help="training annotation file (overrides --data-root)")
     p.add_argument("--images", default=None, help="training image folder (overrides --data-root)")
     p.add_argument("--labeled", type=parse_labeled, default=None,
-                   help="train on N persons, or P%% of them (few-label; images with "
-                        "--labeled-order images)")
+                   help="train on N persons, or P%% of them (few-label)")
     p.add_argument("--labeled-order", default="random", choices=["first", "random", "images"],
-                   help="--labeled: the file's first N persons (official subsets), N drawn "
-                        "persons, or every person of N drawn images (MSCL's text)")
+                   help="--labeled: the file's first N persons, N drawn ones, or those of N images")
     p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                    help="network input width and height (default: the --data preset)")
     p.add_argument("--head-channels", type=int, default=None,
@@ -100,15 +95,13 @@ def get_args(argv=None):
     p.add_argument("--sigma", type=float, default=2.0,
                    help="Gaussian σ of the targets (heatmap pixels)")
     p.add_argument("--bgr", action=argparse.BooleanOptionalAction, default=None,
-                   help="BGR input as the official code (cv2); default: on for --weights of "
-                        "the official SimpleBaseline/SimMRPose or of a --bgr run")
+                   help="BGR input (cv2's); default: on for --weights saved so (official, --bgr)")
     # semi-supervised training (common/semi.py)
     p.add_argument("--semi", default=None, choices=["none", "dual", "cons", "pseudo"],
-                   help="Xie et al.'s dual networks, one network's consistency, or ICON's "
-                        "pseudo-labels (default: none; --protocol mscl-*: dual)")
+                   help="Xie et al.'s dual networks or one network's consistency, or ICON's "
+                        "pseudo-labels (default: none)")
     p.add_argument("--unlabeled", default="all", choices=["all", "rest"],
-                   help="unlabeled persons: every training person (official) or those outside "
-                        "--labeled")
+                   help="unlabeled persons: every training person or those outside --labeled")
     p.add_argument("--unlabeled-ann", default=None,
                    help="AI Challenger's persons instead (official or COCO-style json; MPII+AIC)")
     p.add_argument("--unlabeled-images", default=None, help="image folder of --unlabeled-ann")
@@ -119,8 +112,7 @@ def get_args(argv=None):
     p.add_argument("--weights2", default=None,
                    help="--semi dual: network 2's start (--weights is network 1's)")
     p.add_argument("--hard-rot-factor", type=float, default=None,
-                   help="--semi dual|cons: the hard view's rotation rf, p 0.8 (default: "
-                        "--rot-factor)")
+                   help="--semi dual|cons: the hard view's rf, p 0.8 (default: --rot-factor)")
     # augmentation
     p.add_argument("--scale-factor", type=float, default=None,
                    help="sf: scale x N(1, sf) clipped to 1 ± sf (default: the --data preset)")
@@ -289,8 +281,7 @@ def print_summary(args):
 
 def build_networks(args, device):
     """(network 1, the --semi wrapper or None) on `device`, with --weights (and --bgr's default)
-    and --weights2. Network 1 is evaluated and saved; the wrapper trains it with network 2 or a
-    teacher."""
+    and --weights2. Network 1 is evaluated and saved; the wrapper trains it."""
     model, report = build_model(args)
     if report and dist.is_main():
         print(report)
@@ -364,13 +355,10 @@ def train(loader, model, semi_model, optimizer, scheduler, scaler, epoch, it, to
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        it += 1
+        it, n_iters, n_seen = it + 1, n_iters + 1, n_seen + n * world
         for k, v in {"loss": loss.detach(), **parts}.items():
             sums[k] = sums.get(k, 0) + v
-        n_iters += 1
-        n_seen += n * world
-        if (i + 1) % args.print_freq == 0:
-            # the same on every rank: all stop together
+        if (i + 1) % args.print_freq == 0:  # the same on every rank: all stop together
             mean_loss = dist.all_reduce_mean(loss.detach())
             check_finite(mean_loss, it, os.path.join(args.out, "checkpoint.pth"))
             progress.step(i, args.print_freq * n * world, loss=mean_loss.item(),
@@ -390,8 +378,7 @@ RESUME_KEYS = ("arch", "backbone", "head_channels", "input_size", "batch_size", 
 
 
 def resume(path, args, model, semi_model, **states):
-    """Load the run saved in `path`: the networks, then each of `states` (optimizer=...).
-    Returns (epoch, iteration, best score)."""
+    """The run saved in `path`: the networks, then each of `states`; (epoch, iteration, best)."""
     ckpt = load_checkpoint(path)
     if args.bgr is None:
         args.bgr = bool(ckpt.get("args", {}).get("bgr", False))

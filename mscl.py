@@ -27,7 +27,7 @@ from common.plan import apply_presets, begin, finish_parser, make_plan, moco_v2_
 from common.plots import plot_curves
 from common.ssl import moco_v2_augmentation
 from common.utils import (Progress, UserError, autocast, check_finite, compile_model,
-                          finish_pretraining, resume_pretraining, rng_state, run_main,
+                          finish_pretraining, gmacs, resume_pretraining, rng_state, run_main,
                           save_checkpoint, seed_everything, write_log)
 from data import dataset_root
 from data.demo import demo_root
@@ -404,13 +404,8 @@ def save(args, model, optimizer, scaler, history, rngs):
 def print_summary(args):
     """--summary: parameters and multiply-accumulates of one view through the encoder (ResNet, FPN,
     projectors) and through the ResNet alone, the part that transfers."""
-    from torch.utils.flop_counter import FlopCounterMode
     model = build_model(args).eval()
-    macs = []
-    for fn in (model.encode, model.backbone):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            fn(torch.zeros(1, 3, args.crop_size, args.crop_size))
-        macs.append(counter.get_total_flops() / 2 / 1e9)
+    macs = [gmacs(fn, (args.crop_size, args.crop_size)) for fn in (model.encode, model.backbone)]
     n, n_backbone = (sum(p.numel() for p in m.parameters()) for m in (model, model.backbone))
     print(f"MSCL {args.backbone} ({run_name(args)}) at {args.crop_size} px: {n:,} parameters "
           f"({n_backbone:,} in the ResNet); {macs[0]:.2f} GFLOPs (multiply-accumulates) per view "

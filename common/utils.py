@@ -325,6 +325,15 @@ def compile_model(model, enabled):
     return model
 
 
+def gmacs(fn, size):
+    """Multiply-accumulates, in billions (papers' "GFLOPs"), of `fn` on one zero image of `size`
+    (H, W): --summary's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(torch.zeros(1, 3, *size))
+    return counter.get_total_flops() / 2 / 1e9
+
+
 def check_finite(loss, it, ckpt_path):
     """Stop on a NaN/inf loss before anything is written; the last checkpoint stays as it was."""
     if not torch.isfinite(loss).all():

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 
 import liftedcl
 from common.ssl import IMAGENET_NORMALIZE
-from common.utils import UserError, load_checkpoint, run_main
+from common.utils import UserError, load_checkpoint, misfit, run_main
 
 # (left, right) indices in liftedcl.BONES: hip..forearm
 LR_BONES = [(3, 0), (4, 1), (5, 2), (10, 13), (11, 14), (12, 15)]
@@ -64,11 +64,10 @@ def lift(checkpoint, n=256, images=None):
     args.images = images or args.images
     args.person_size = tuple(args.person_size) if args.person_size else None
     model = liftedcl.build_model(args)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{checkpoint}: does not fit liftedcl.py's model "
-                        f"({str(e).splitlines()[0]})") from None
+    wrong = misfit(model.state_dict(), ckpt["model"])
+    if wrong:
+        raise UserError(f"{checkpoint}: does not fit liftedcl.py's model ({wrong})")
+    model.load_state_dict(ckpt["model"])
     model.eval()
     data = liftedcl.TwoViews(liftedcl.training_items(args)[:n], args.crop_size, args.person_size)
     views = torch.stack([IMAGENET_NORMALIZE(TF.to_tensor(TF.resize(data.source(i),

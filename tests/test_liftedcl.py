@@ -499,6 +499,28 @@ def images(tmp_path_factory):
     return ["--data", "folder", "--images", f"{root}/train2017"]
 
 
+def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
+    """A checkpoint whose model lacks a tensor of this run (the equivariant queue) is refused with
+    one line naming that tensor, before anything is loaded."""
+    from common.utils import resume_pretraining, rng_state
+    args = liftedcl.get_args(SMALL + ["--epochs", "2", "--out", str(tmp_path), "--resume",
+                                      str(tmp_path / "old.pth")])
+    model, discriminator = liftedcl.build_model(args), liftedcl.Discriminator()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    d_optimizer = torch.optim.SGD(discriminator.parameters(), 0.1)
+    scaler = torch.amp.GradScaler(enabled=False)
+    states = dict(model=model, discriminator=discriminator, optimizer=optimizer,
+                  d_optimizer=d_optimizer, scaler=scaler)
+    saved = {k: v.state_dict() for k, v in states.items()}
+    saved["model"].pop("queue_equiv")
+    torch.save(dict(saved, epoch=1, iteration=2, args=vars(args), rng=[rng_state()]),
+               tmp_path / "old.pth")
+    with pytest.raises(UserError, match=r"old\.pth: the model does not fit this run \(queue_equiv: "
+                                        r"expected \(128, 16\), found nothing\)$") as e:
+        resume_pretraining(args, liftedcl.RESUME_KEYS, 4, ("normalize_lifted",), **states)
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_run_outputs_export_and_exact_resume_with_discriminator(images, tmp_path):
     common = images + SMALL + ["--epochs", "2"]  # 16 images / batch 8: 2 iterations per epoch
     run(common + ["--out", tmp_path / "straight"])
@@ -559,6 +581,12 @@ def check_report(path, ckpt, images):
     assert json.loads(printed.getvalue()) == report
     with pytest.raises(UserError, match="backbone.pth: not a liftedcl.py checkpoint.pth"):
         liftedcl_report.lift(str(path.parent / "backbone.pth"))
+    # a model that no longer fits: one line naming the tensor
+    old = {k: v for k, v in ckpt["model"].items() if k != "queue_equiv"}
+    torch.save(dict(ckpt, model=old), path.parent / "old.pth")
+    with pytest.raises(UserError, match=r"old\.pth: does not fit liftedcl.py's model "
+                                        r"\(queue_equiv: expected \(128, 16\), found nothing\)$"):
+        liftedcl_report.lift(str(path.parent / "old.pth"))
 
 
 def test_torchrun_two_ranks_shuffle_bn_hold_identical_state(images, tmp_path):

@@ -89,6 +89,23 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert losses("resumed") == losses("straight") and len(losses("straight")) == 2
 
 
+def test_resume_refuses_a_checkpoint_that_no_longer_fits(tmp_path):
+    """--resume of a checkpoint whose model has another shape is one line naming the tensor."""
+    from common.utils import UserError, rng_state
+    args = mrpose.get_args(SMALL + ["--out", str(tmp_path)])
+    model = mrpose.build_model(args)[0]
+    optimizer = torch.optim.Adam(model.parameters())
+    state = dict(model.state_dict(), **{"final_layer.weight": torch.zeros(16, 64, 1, 1)})
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "epoch": 1, "iteration": 2,
+                "best": 0.0, "args": dict(vars(args), bgr=False), "rng": [rng_state()]},
+               tmp_path / "old.pth")
+    with pytest.raises(UserError, match=r"old\.pth: does not fit this model \(1 tensors differ, "
+                                        r"e\.g\. final_layer\.weight: expected \(17, 64, 1, 1\), "
+                                        r"found \(16, 64, 1, 1\)") as e:
+        mrpose.resume(str(tmp_path / "old.pth"), args, model, None, optimizer=optimizer)
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_torchrun_two_ranks_trains_and_evaluates_like_one_process(tiny, tmp_path):
     _, flags = tiny
     out = tmp_path / "ddp"
