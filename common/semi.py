@@ -1,39 +1,7 @@
-"""Semi-supervised top-down pose training, shared by the pose scripts (`mrpose.py --semi`, `icon.py
---semi`).
-
-Xie et al., "An Empirical Study of the Collapsing Problem in Semi-Supervised 2D Human Pose
-Estimation" (ICCV 2021; MSCL calls it ESCP, ICON calls it SSPose; official code
-xierc/Semi_Human_Pose), and the pseudo-label baseline of ICON (Xu et al., AAAI 2023, Eq. (6)):
-
-- `PairedDataset`: every item is one labeled and one unlabeled person crop (1:1 per step).
-- `ConsistencyTraining`: two networks (`dual`, the official pose_dual) or one (`cons`, pose_cons).
-  Each network predicts the unlabeled easy view without gradient; a random affine (`hard_affine`)
-  warps the batch into a hard view, on the training device and batched, and warps the teacher's
-  heatmaps with it (`warp_heatmaps`, exact under this project's heatmap convention); optional Joint
-  Cutout (`joint_cutout`). Network i regresses its hard view onto the other network's warped
-  heatmaps.
-- `PseudoLabelTraining`: a frozen teacher trained on the labeled set only; its heatmaps on the
-  unlabeled crops supervise the joints whose peak reaches γ (`pseudo_label_mask`), weight λu.
-- `mean_peak`: mean peak of the teachers' heatmaps on the unlabeled crops; it falls toward 0 when
-  the networks collapse to all-background maps, the failure Xie et al. study.
-
-A training script uses it in a few lines (see mrpose.py):
-
-    semi_model = build_semi(args.semi, model, make_net, args, args.teacher)  # wraps `model`
-    train_ds = PairedDataset(train_ds, build_unlabeled(args, train_ds, info), args.seed)
-    ...  # each step, x / xu: normalised labeled / unlabeled crops; target, weight: gaussian_targets
-    view = semi_model.draw_view(np.random.default_rng([seed, rank, it]), len(xu))
-    out = ddp(semi_model)(x, xu, view)
-    loss, parts = semi_model.loss(out, target, weight)
-
-`out` holds per network its outputs on the labeled crops (`sup`) and on the hard views (`cons`;
-pseudo: the unlabeled crops), passed through untouched (heatmaps, or (heatmaps, features) for a
-network that returns both), the unlabeled easy-view heatmaps (`easy`), the consistency targets
-(`targets`, no gradient) and the hard-view inputs (`hard`), so a method can add its own terms.
-
-Coordinates: a joint at input pixel x sits at heatmap pixel x / stride (common.heatmap's
-convention); input pixel i has its centre at i. `F.affine_grid`'s normalised coordinates
-(align_corners=False) put pixel i of a size-n axis at (2i + 1)/n - 1.
+"""Xie et al.'s semi-supervised pose framework (ICCV 2021, code xierc/Semi_Human_Pose): `--semi
+dual|cons`, and ICON's pseudo-label baseline (Eq. (6)): `--semi pseudo`. Each network runs once
+per input and its output is passed through untouched, so a method can add its own terms.
+Choices: README.md and eval/README.md#choices-in-detail.
 """
 import numpy as np
 import torch
@@ -50,13 +18,8 @@ from common.utils import UserError
 
 
 class PairedDataset(torch.utils.data.Dataset):
-    """Item i = {"labeled": crop, "unlabeled": crop}. An epoch walks the larger set once (the
-    unlabeled one in the papers' settings) and pairs each of its crops with one of the other set
-    drawn uniformly with replacement, redrawn every epoch (official: mix_coco_coco.py's
-    np.random.choice(|L|, |U|)). Each crop's augmentation is drawn from its own key (epoch, pair
-    index i, side), so a person drawn several times in an epoch gets a fresh crop each time, as the
-    official code's fresh draw at every __getitem__, while a run stays deterministic and
-    resumable."""
+    """Item i = {"labeled": crop, "unlabeled": crop}: an epoch walks the larger set once, each crop
+    paired with one of the other set drawn with replacement (official mix_coco_coco.py)."""
 
     def __init__(self, labeled, unlabeled, seed=0):
         self.labeled, self.unlabeled, self.seed = labeled, unlabeled, seed
@@ -78,27 +41,16 @@ class PairedDataset(torch.utils.data.Dataset):
                 "unlabeled": self.unlabeled[i if walk_unlabeled else j, (i, 1)]}
 
 
-def read_unlabeled(ann_file, image_dir, aspect_ratio):
-    """Person boxes of another set for the unlabeled crops: AI Challenger (MPII + AIC, the papers'
-    only cross-set unlabeled data), its official json or the COCO-style one
-    (common.datasets.read_aic)."""
-    if not image_dir:
-        raise UserError(f"{ann_file}: --unlabeled-ann needs --unlabeled-images (its image folder)")
-    return read_aic(ann_file, image_dir, aspect_ratio)[0]
-
-
 def build_unlabeled(args, train_ds, info):
-    """The unlabeled person crops: --unlabeled all (every training person, the official default: the
-    unlabeled set of its subsets includes the labeled persons), rest (the persons outside
-    --labeled), or the persons of --unlabeled-ann (another set, e.g. AI Challenger for MPII+AIC).
-    Keypoints are dropped: nothing of an unlabeled person but its box reaches the training step.
-    Same easy-view augmentation as the labeled crops, with their own random draws (seed + 1)."""
-    # person ids ("pid"), as TopDownDataset's: a training person keeps its own (its index in the
-    # training list, labeled persons first, unless the record carries one); another set's persons
-    # come after them
+    """The unlabeled person crops (--unlabeled all|rest, or AI Challenger's via --unlabeled-ann),
+    without keypoints, augmented as the labeled crops with their own draws (seed + 1)."""
+    # a training person keeps its person id; another set's persons come after them
     n, rest = len(train_ds.records), info["unlabeled"]
     if args.unlabeled_ann:
-        records = read_unlabeled(args.unlabeled_ann, args.unlabeled_images, train_ds.aspect_ratio)
+        if not args.unlabeled_images:
+            raise UserError(f"{args.unlabeled_ann}: --unlabeled-ann needs --unlabeled-images (its "
+                            "image folder)")
+        records = read_aic(args.unlabeled_ann, args.unlabeled_images, train_ds.aspect_ratio)[0]
         pids = range(n + len(rest), n + len(rest) + len(records))
         where = args.unlabeled_ann
     else:
@@ -122,11 +74,8 @@ def build_unlabeled(args, train_ds, info):
 
 
 def hard_affine(rng, n, scale_factor=0.25, rot_factor=30.0, rot_prob=0.8):
-    """(n, 2, 3) affine_grid matrices θ = [M | 0] of the official law (pose_dual.py
-    get_batch_affine_transform): s ~ N(1, sf) clipped to 1 ± sf; r ~ N(0, rf) clipped to ±2rf with
-    probability `rot_prob`, else 0; M = cv2.getRotationMatrix2D((0, 0), r, s), which acts on
-    affine_grid's normalised coordinates (anisotropic in pixels for a non-square input, as
-    official)."""
+    """(n, 2, 3) affine_grid matrices [M | 0] of the official pose_dual.py law: scale s ~ N(1, sf),
+    rotation r ~ N(0, rf) with probability `rot_prob`, both clipped; M = getRotationMatrix2D."""
     s = np.clip(rng.standard_normal(n) * scale_factor + 1, 1 - scale_factor, 1 + scale_factor)
     r = np.where(rng.random(n) <= rot_prob,
                  np.clip(rng.standard_normal(n) * rot_factor, -2 * rot_factor, 2 * rot_factor), 0.0)
@@ -136,19 +85,14 @@ def hard_affine(rng, n, scale_factor=0.25, rot_factor=30.0, rot_prob=0.8):
 
 
 def warp_images(x, theta):
-    """The hard view of a batch: output pixel at normalised u samples the input at θ·(u, 1)
-    (bilinear, zero padding = the mean colour of normalised images, as the official warp)."""
+    """The hard view of a batch (bilinear; zero padding is the mean colour, as official)."""
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def heatmap_theta(theta, input_size, heatmap_size):
-    """θ for heatmaps that moves each heatmap point exactly with the image point it stands for.
-
-    Heatmap pixel j stands for input pixel stride·j, so in normalised coordinates v = u + d with
-    d = (stride - 1) / W_in per axis. The image warp u_easy = M u_hard + t becomes v_easy = M v_hard
-    + t + (I - M) d. (The official code reuses θ as is, which misplaces the targets by a fraction of
-    a heatmap pixel: up to 0.7 px at 192x256, a quarter of a pixel on average.)"""
+    """θ for heatmaps: heatmap pixel j stands for input pixel stride·j, i.e. v = u + d with
+    d = (stride - 1) / W_in, so the translation gains (I - M) d (the official code reuses θ)."""
     d = theta.new_tensor([(input_size[0] / heatmap_size[0] - 1) / input_size[0],
                           (input_size[1] / heatmap_size[1] - 1) / input_size[1]])
     m = theta[:, :, :2]
@@ -163,22 +107,16 @@ def warp_heatmaps(h, theta, input_size):
 
 
 def argmax_joints(heatmaps):
-    """Integer argmax (x, y) per channel in heatmap pixels, whatever the peak's value: the official
-    get_max_preds_tensor that Joint Cutout uses (no quarter offset, and unlike HRNet's get_max_preds
-    no zeroing of non-positive peaks)."""
+    """Integer argmax (x, y) per channel, whatever the peak's value (official
+    get_max_preds_tensor, which Joint Cutout uses)."""
     b, k, h, w = heatmaps.shape
     idx = heatmaps.reshape(b, k, -1).argmax(-1)
     return torch.stack([idx % w, torch.div(idx, w, rounding_mode="floor")], -1).to(heatmaps.dtype)
 
 
 def cutout_draw(rng, n, boxes, num_joints, input_height):
-    """Random part of Joint Cutout (pose_dual.py mask_joint): N(0, 10²) px jitter of each joint's
-    centre and half-sizes uniform in {10..19} px per axis, one box per joint, then `boxes` joints
-    per image drawn with replacement (a joint drawn twice is one box, as official). Pixel sizes are
-    the official ones for 256-row inputs, scaled with the input height otherwise.
-    Deviation (a fix): the official draws from the 24 channels of its joint union, several of which
-    do not exist for the dataset (their argmax is (0, 0), so those boxes land in the corner); we
-    draw from the dataset's own joints."""
+    """Random part of Joint Cutout (official pose_dual.py mask_joint), its pixel sizes scaled from
+    256-row inputs; joints drawn from the dataset's own, not the official 24-channel union."""
     f = input_height / 256
     return {"jitter": torch.from_numpy(rng.standard_normal((n, num_joints, 2)) * 10 * f).float(),
             "half": torch.from_numpy(np.round(rng.integers(10, 20,
@@ -187,10 +125,8 @@ def cutout_draw(rng, n, boxes, num_joints, input_height):
 
 
 def joint_cutout(x, joints, draw):
-    """Joint Cutout: zero (the mean colour of normalised images) a box around each drawn joint.
-    joints (B, K, 2) in input pixels. Boxes [c - half, c + half) per axis, c the truncated jittered
-    centre (official `.int()`), clipped to the image. Deviation (a fix): the official clamp swaps
-    width and height, so no box reached the bottom rows of a 192x256 crop (y clamped to 192)."""
+    """Zero (the mean colour) a box around each drawn joint; joints (B, K, 2) in input pixels.
+    Boxes are clipped to the image's own width and height (the official clamp swaps them)."""
     b, _, h, w = x.shape
     centre = torch.trunc(joints + draw["jitter"].to(x.device))
     lo, hi = centre - draw["half"].to(x.device), centre + draw["half"].to(x.device)
@@ -209,8 +145,7 @@ def heatmaps_of(output):
 
 
 def mean_peak(heatmaps):
-    """Mean over samples and joints of each heatmap's peak (teachers on unlabeled crops): about the
-    Gaussian's peak when healthy, toward 0 when the networks collapse to background."""
+    """Mean heatmap peak: falls toward 0 when the networks collapse to background."""
     return heatmaps.detach().flatten(2).amax(-1).mean()
 
 
@@ -219,10 +154,8 @@ def mean_peak(heatmaps):
 
 
 class ConsistencyTraining(nn.Module):
-    """Two networks of the same architecture teach each other (`net2` given: dual) or one network
-    teaches itself (`net2` None: the official pose_cons). Every pass is separate (own BatchNorm
-    batch statistics), as official: per network the labeled crops with gradient, the unlabeled easy
-    view without, the hard view with."""
+    """Two networks teach each other on the hard view (dual, official pose_dual) or one teaches
+    itself (`net2` None: pose_cons); each pass has its own BatchNorm statistics, as official."""
 
     def __init__(self, net1, net2, input_size, heatmap_size, num_joints, scale_factor=0.25,
                  rot_factor=30.0, cutout=0, channels_last=False):
@@ -234,9 +167,7 @@ class ConsistencyTraining(nn.Module):
          self.channels_last) = scale_factor, rot_factor, cutout, channels_last
 
     def draw_view(self, rng, n):
-        """The random part of a step, drawn on the host so a run is reproducible: θ of the hard view
-        (rotation with probability 0.8, the official law) and, with Joint Cutout, one draw per
-        network."""
+        """The step's random part, drawn on the host so a run is reproducible."""
         view = {"theta": hard_affine(rng, n, self.scale_factor, self.rot_factor, rot_prob=0.8)}
         if self.cutout:
             view["cutout"] = [cutout_draw(rng, n, self.cutout, self.num_joints, self.input_size[1])
@@ -265,10 +196,8 @@ class ConsistencyTraining(nn.Module):
         return {"sup": sup, "easy": easy, "targets": targets, "hard": hard, "cons": cons}
 
     def loss(self, out, target, weight):
-        """Official loss (loss.py PoseCoLoss): 0.5·MSE(sup1, G) + 0.5·MSE(sup2, G) + MSE(c1, T1) +
-        MSE(c2, T2), T_i the other network's warped easy heatmaps (no gradient); every joint of an
-        unlabeled crop counts (weight 1, no confidence threshold). Single network (PoseDisLoss):
-        MSE(sup, G) + MSE(c, T)."""
+        """Official PoseCoLoss (dual: supervised terms averaged) or PoseDisLoss (one network);
+        every joint of an unlabeled crop counts."""
         ones = torch.ones_like(weight)
         sup = [joints_mse_loss(heatmaps_of(s).float(), target, weight) for s in out["sup"]]
         cons = [joints_mse_loss(heatmaps_of(c).float(), t, ones)
@@ -280,8 +209,7 @@ class ConsistencyTraining(nn.Module):
         return loss, parts
 
     def eval_models(self):
-        """Besides network 1 (the reported model, official): network 2 and the mean of both
-        heatmaps."""
+        """Evaluated besides network 1 (the reported model)."""
         return ({"net2": self.nets[1], "ensemble": Ensemble(self.nets)} if len(self.nets) == 2
                 else {})
 
@@ -302,15 +230,12 @@ class Ensemble(nn.Module):
 
 
 def pseudo_label_mask(heatmaps, gamma=0.75):
-    """(B, K) weights: 1 where the teacher's heatmap peak is at least γ (a reliable pseudo-label),
-    else 0."""
+    """(B, K) weights: 1 where the teacher's heatmap peak reaches γ, else 0."""
     return (heatmaps.flatten(2).amax(-1) >= gamma).float()
 
 
 class PseudoLabelTraining(nn.Module):
-    """A frozen teacher (trained on the labeled set only, kept in eval mode) labels the student's
-    unlabeled crops online; the student's labeled and unlabeled passes are separate, as in the dual
-    step."""
+    """A frozen teacher, trained on the labeled set only, labels the unlabeled crops online."""
 
     def __init__(self, student, teacher, gamma=0.75, lambda_u=0.1):
         super().__init__()
@@ -333,8 +258,6 @@ class PseudoLabelTraining(nn.Module):
         return {"sup": sup, "easy": [pseudo], "targets": [pseudo], "cons": cons}
 
     def loss(self, out, target, weight):
-        """Eq. (6): MSE(P*, f(I)) on labeled crops + λu·MSE(f_t(I), f(I)) on the unlabeled joints
-        whose teacher peak reaches γ (ICON: γ = 0.75, λu = 0.1)."""
         mask = pseudo_label_mask(out["targets"][0], self.gamma)
         sup = joints_mse_loss(heatmaps_of(out["sup"][0]).float(), target, weight)
         unsup = joints_mse_loss(heatmaps_of(out["cons"][0]).float(), out["targets"][0], mask)
@@ -347,12 +270,8 @@ class PseudoLabelTraining(nn.Module):
 
 
 def build_semi(mode, net1, make_net, args, teacher_path=None):
-    """The training wrapper of `--semi dual|cons|pseudo` around the reported network `net1`.
-    make_net() builds another network of the same architecture (network 2, or the teacher, whose
-    weights come from the checkpoint `teacher_path`). Reads args.input_size, heatmap_size,
-    num_joints, scale_factor, rot_factor, hard_rot_factor (optional: the hard view's rotation
-    factor; default rot_factor, as the official configs' one ROT_FACTOR for both views),
-    joint_cutout and channels_last."""
+    """The `--semi` wrapper around the reported network `net1`; make_net() builds network 2 or the
+    teacher (weights from `teacher_path`)."""
     hard_rot = getattr(args, "hard_rot_factor", None)
     if mode in ("dual", "cons"):
         return ConsistencyTraining(net1, make_net() if mode == "dual" else None, args.input_size,
